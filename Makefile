@@ -1,0 +1,33 @@
+# `make demo`, `make test` and `make bench` each create or update .venv first.
+# torch==2.13.0 is installed before the package so that pip never resolves
+# another torch build (that would pull GB of CUDA packages).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.prunekit-installed
+EXTRAS := data,onnx,plot,dev
+OUT ?= runs
+
+.PHONY: demo test bench clean venv
+
+venv: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/prunekit demo --out $(OUT)/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m bench --out $(OUT)/bench
+
+clean:
+	rm -rf $(VENV) $(OUT) build src/*.egg-info .pytest_cache

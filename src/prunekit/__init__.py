@@ -1,0 +1,39 @@
+"""prunekit: prune PyTorch models during training, one-shot or structurally; ship them small and fast.
+
+Example:
+    >>> import torch, prunekit
+    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> pruner = prunekit.Pruner(model, prunekit.PolynomialDecay(0.5, 0.8, 0, 1000), optimizer=opt)
+    >>> # ... the usual training loop; masks follow every opt.step() ...
+    >>> model = prunekit.strip(model)
+"""
+
+from .criteria import Criterion, Magnitude, Random, ScoreContext
+from .granularity import Granularity, Unstructured
+from .pruner import Pruner, strip
+from .report import LayerSparsity, SparsityReport, sparsity_report
+from .schedules import ConstantSparsity, PolynomialDecay, Schedule, schedule_from_dict
+from .scope import prunable_parameter_names, register_prunable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConstantSparsity",
+    "Criterion",
+    "Granularity",
+    "LayerSparsity",
+    "Magnitude",
+    "PolynomialDecay",
+    "Pruner",
+    "Random",
+    "Schedule",
+    "ScoreContext",
+    "SparsityReport",
+    "Unstructured",
+    "prunable_parameter_names",
+    "register_prunable",
+    "schedule_from_dict",
+    "sparsity_report",
+    "strip",
+]

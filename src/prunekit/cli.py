@@ -1,0 +1,57 @@
+"""The ``prunekit`` command line: a thin layer over the library.
+
+Each subcommand lives in its own module, which exposes
+``register(subparsers) -> None``; the parser it adds sets ``func`` (a callable
+taking the parsed namespace and returning an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from . import __version__
+
+# Modules providing subcommands, in the order `--help` lists them.
+COMMAND_MODULES: tuple[str, ...] = (
+    "prunekit.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="prunekit",
+        description="Prune PyTorch models during training, one-shot or structurally; ship them small and fast.",
+    )
+    parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="<command>")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``prunekit`` console script; returns the exit code.
+
+    Invalid input exits with code 2 and a one-line message on stderr.
+
+    Example:
+        >>> main(["--version"])  # doctest: +SKIP
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"prunekit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

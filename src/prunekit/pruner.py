@@ -1,0 +1,400 @@
+"""The Pruner: schedule + criterion + granularity + scope, with masks kept outside the model.
+
+No wrapper layers and no renamed parameters: masks live in the Pruner and are
+re-applied in place after every optimizer step (``register_step_post_hook``).
+Gradients of pruned weights are zeroed as soon as they are accumulated, and the
+optimizer's per-parameter state (momentum, Adam moments) is zeroed where a
+weight is pruned, so no optimizer can revive a pruned weight.
+"""
+
+from __future__ import annotations
+
+import weakref
+from functools import partial
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ._validate import check_choice, check_int, check_sparsity
+from .criteria import Criterion, Magnitude, ScoreContext
+from .granularity import Granularity, Unstructured, rank_units
+from .schedules import ConstantSparsity, Schedule, schedule_from_dict
+from .scope import Selector, Target, resolve_scope
+
+__all__ = ["Pruner", "strip"]
+
+_STATE_FORMAT = "prunekit.Pruner"
+_STATE_VERSION = 1
+_LIVE: "weakref.WeakSet[Pruner]" = weakref.WeakSet()
+
+
+class _Slot:
+    """Mask state of one pruned parameter."""
+
+    __slots__ = ("target", "param", "schedule", "pruned", "active", "target_sparsity")
+
+    def __init__(self, target: Target, schedule: Schedule) -> None:
+        self.target = target
+        self.param = target.param
+        self.schedule = schedule
+        self.pruned = torch.zeros_like(self.param, dtype=torch.bool)
+        self.active = False  # any entry pruned: skip all-ones masks on the hot path
+        self.target_sparsity = 0.0
+
+    def set_keep(self, keep: torch.Tensor) -> None:
+        torch.logical_not(keep, out=self.pruned)
+        self.active = bool(self.pruned.any())
+
+
+class Pruner:
+    """Prune a model during training, on a schedule, without changing the model or the loop.
+
+    Args:
+        model: the model; its parameters are pruned in place.
+        schedule: a :class:`~prunekit.schedules.Schedule`, or a float ``s`` for
+            one-shot pruning to ``s`` at step 0 (``ConstantSparsity(s, 0, 0, 1)``).
+        criterion: saliency criterion (default :class:`~prunekit.criteria.Magnitude`).
+        granularity: unit of pruning (default :class:`~prunekit.granularity.Unstructured`).
+        layers: ``None`` for the whole model, or selectors (glob patterns on
+            module/parameter names, module types, predicates ``(name, module) -> bool``).
+        exclude: selectors to leave unpruned.
+        overrides: ``{pattern: sparsity or Schedule}``; a float follows the main
+            schedule's timing at a constant target.
+        ranking: ``"layerwise"`` (each tensor reaches the target) or ``"global"``
+            (one ranking across all tensors without an override).
+        optimizer: optional optimizer to :meth:`attach` right away.
+
+    After each ``optimizer.step()`` of an attached optimizer (or each manual
+    :meth:`step`), the step counter advances, masks are recomputed when the
+    schedule says so, and masks are re-applied. The first masks are computed
+    at construction if the schedule updates at step 0.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> pruner = Pruner(model, PolynomialDecay(0.5, 0.8, 0, 100, frequency=10), optimizer=opt)
+        >>> float((model[0].weight == 0).float().mean())
+        0.5
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: Schedule | float,
+        *,
+        criterion: Criterion | None = None,
+        granularity: Granularity | None = None,
+        layers: Sequence[Selector] | None = None,
+        exclude: Sequence[Selector] | None = None,
+        overrides: Mapping[str, float | Schedule] | None = None,
+        ranking: str = "layerwise",
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        self.schedule = _as_schedule("schedule", schedule)
+        self.criterion = criterion if criterion is not None else Magnitude()
+        self.granularity = granularity if granularity is not None else Unstructured()
+        _check_kind("criterion", self.criterion, Criterion)
+        _check_kind("granularity", self.granularity, Granularity)
+        self.ranking = check_choice("Pruner", "ranking", ranking, ("layerwise", "global"))
+        if ranking == "global" and not self.granularity.supports_global:
+            raise ValueError(f"Pruner: ranking='global' is not possible with {self.granularity!r}; use 'layerwise'")
+        scope = resolve_scope(model, layers, exclude, overrides)
+        if not scope.targets:
+            raise ValueError("Pruner: no prunable parameter in scope (check layers/exclude)")
+        self.model = model
+        self.skipped = scope.skipped
+        self._slots = [_Slot(t, self._override_schedule(t)) for t in scope.targets]
+        self._groups = self._make_groups()
+        self._step = 0
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._handles = [s.param.register_post_accumulate_grad_hook(partial(_mask_grad, self, s)) for s in self._slots]
+        self._removed = False
+        _LIVE.add(self)
+        if optimizer is not None:
+            self.attach(optimizer)
+        self._update(force=False)
+
+    # -- construction helpers -------------------------------------------------------------
+
+    def _override_schedule(self, target: Target) -> Schedule:
+        if target.override is None:
+            return self.schedule
+        if isinstance(target.override, Schedule):
+            return target.override
+        value = check_sparsity("Pruner", f"overrides[{target.name!r}]", target.override)
+        s = self.schedule
+        return ConstantSparsity(value, getattr(s, "begin_step", 0), getattr(s, "end_step", -1), getattr(s, "frequency", 1))
+
+    def _make_groups(self) -> list[list[_Slot]]:
+        if self.ranking == "layerwise":
+            return [[s] for s in self._slots]
+        shared = [s for s in self._slots if s.target.override is None]
+        alone = [[s] for s in self._slots if s.target.override is not None]
+        return ([shared] if shared else []) + alone
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def current_step(self) -> int:
+        """Number of steps taken (optimizer steps of attached optimizers plus manual :meth:`step` calls)."""
+        return self._step
+
+    @property
+    def names(self) -> list[str]:
+        """Full names of the pruned parameters, in model order."""
+        return [s.target.name for s in self._slots]
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Copies of the boolean keep-masks (``True`` = kept), by parameter name."""
+        return {s.target.name: ~s.pruned for s in self._slots}
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> "Pruner":
+        """Advance this pruner after every ``optimizer.step()``; returns ``self``.
+
+        Raises:
+            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            ValueError: it updates none of the pruned parameters.
+        """
+        self._check_live()
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"attach: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if not any(id(s.param) in owned for s in self._slots):
+            raise ValueError("attach: the optimizer updates none of the pruned parameters")
+        self._optimizers.append(optimizer)
+        self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        self._clear_optimizer_state()
+        return self
+
+    def step(self) -> None:
+        """Advance one step: recompute masks if the schedule says so, then re-apply them.
+
+        Called automatically after ``optimizer.step()`` of attached optimizers;
+        call it yourself after each update if you attach none.
+        """
+        self._check_live()
+        self._step += 1
+        self._update(force=False)
+
+    def update_masks(self, sparsity: float | None = None) -> None:
+        """Recompute every mask now, at ``sparsity`` or at each schedule's current target.
+
+        Example:
+            >>> pruner.update_masks(0.9)  # doctest: +SKIP
+        """
+        self._check_live()
+        if sparsity is not None:
+            sparsity = check_sparsity("update_masks", "sparsity", sparsity)
+        self._update(force=True, sparsity=sparsity)
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Write zeros into every pruned weight (in place; storage and identity unchanged)."""
+        for slot in self._slots:
+            if slot.active:
+                slot.param.masked_fill_(slot.pruned, 0)
+
+    def remove(self) -> nn.Module:
+        """Apply masks one last time, remove every hook and return the plain model.
+
+        Example:
+            >>> model = pruner.remove()  # doctest: +SKIP
+        """
+        if not self._removed:
+            self.apply_masks()
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self._optimizers.clear()
+            self._removed = True
+            _LIVE.discard(self)
+        return self.model
+
+    def report(self) -> "SparsityReport":
+        """Per-layer and total sparsity of the pruned parameters (see :func:`prunekit.sparsity_report`)."""
+        from .report import sparsity_report
+
+        return sparsity_report(self.model, pruner=self)
+
+    def target_sparsity(self, name: str) -> float:
+        """The target sparsity last applied to parameter ``name``."""
+        for slot in self._slots:
+            if slot.target.name == name:
+                return slot.target_sparsity
+        raise KeyError(f"target_sparsity: {name!r} is not pruned by this pruner; pruned: {self.names}")
+
+    # -- mask computation -----------------------------------------------------------------
+
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.step()
+
+    def _update(self, *, force: bool, sparsity: float | None = None) -> None:
+        changed = False
+        for group in self._groups:
+            schedule = group[0].schedule
+            if force or schedule.should_update(self._step):
+                target = sparsity if sparsity is not None else schedule.sparsity(self._step)
+                self._compute_group(group, target)
+                changed = True
+        if changed:
+            self._clear_optimizer_state()
+        self.apply_masks()
+
+    def _compute_group(self, group: list[_Slot], sparsity: float) -> None:
+        scores = [self._scores(slot) for slot in group]
+        priors = [~slot.pruned if slot.active else None for slot in group]
+        if len(group) == 1 and not self.granularity.supports_global:
+            keeps = [self.granularity.mask(scores[0], sparsity, priors[0])]
+        else:
+            keeps = rank_units(self.granularity, scores, priors, sparsity)
+        for slot, keep in zip(group, keeps):
+            if keep.shape != slot.param.shape or keep.dtype != torch.bool:
+                raise ValueError(f"{self.granularity!r} returned a mask of shape {tuple(keep.shape)} / {keep.dtype} "
+                                 f"for '{slot.target.name}' of shape {tuple(slot.param.shape)}; expected bool of that shape")
+            slot.set_keep(keep)
+            slot.target_sparsity = sparsity
+
+    def _scores(self, slot: _Slot) -> torch.Tensor:
+        name, param = slot.target.name, slot.param
+        if not torch.isfinite(param).all():
+            raise ValueError(f"parameter '{name}' contains NaN or Inf at step {self._step}; cannot rank its weights "
+                             "(check the learning rate and the loss)")
+        scores = self.criterion.score(param.detach(), ScoreContext(name, slot.target.module, self._step))
+        if not isinstance(scores, torch.Tensor) or scores.shape != param.shape or not scores.is_floating_point():
+            raise ValueError(f"{self.criterion!r} must return floating scores of shape {tuple(param.shape)} "
+                             f"for '{name}', got {getattr(scores, 'shape', type(scores).__name__)}")
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"{self.criterion!r} returned NaN or Inf scores for parameter '{name}' at step {self._step}")
+        return scores
+
+    @torch.no_grad()
+    def _clear_optimizer_state(self) -> None:
+        # Momentum and Adam moments of pruned entries would otherwise keep pushing them.
+        for optimizer in self._optimizers:
+            for slot in self._slots:
+                state = optimizer.state.get(slot.param)
+                if not state or not slot.active:
+                    continue
+                for value in state.values():
+                    if isinstance(value, torch.Tensor) and value.shape == slot.param.shape:
+                        value.masked_fill_(slot.pruned, 0)
+
+    def _check_live(self) -> None:
+        if self._removed:
+            raise RuntimeError("this Pruner was removed (strip/remove); create a new one to prune again")
+
+    # -- checkpointing --------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks and schedule position, as tensors and plain values (``torch.load(weights_only=True)`` safe).
+
+        Example:
+            >>> torch.save({"model": model.state_dict(), "pruner": pruner.state_dict()}, "ckpt.pt")  # doctest: +SKIP
+        """
+        return {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "step": self._step,
+            "ranking": self.ranking,
+            "schedule": self.schedule.to_dict(),
+            "masks": {s.target.name: (~s.pruned).cpu() for s in self._slots},
+            "target_sparsity": {s.target.name: s.target_sparsity for s in self._slots},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore masks and step from :meth:`state_dict`, and apply the masks.
+
+        Args:
+            state: the dict from :meth:`state_dict`.
+            strict: require the same schedule, ranking and parameter names.
+
+        Raises:
+            ValueError: the state is malformed or does not fit this pruner.
+        """
+        self._check_live()
+        masks = _validated_masks(state, {s.target.name: s for s in self._slots}, strict)
+        if strict:
+            for key, mine in (("schedule", self.schedule.to_dict()), ("ranking", self.ranking)):
+                if state.get(key) != mine:
+                    raise ValueError(f"load_state_dict: saved {key} {state.get(key)!r} differs from this pruner's "
+                                     f"{mine!r} (pass strict=False to load anyway)")
+        self._step = check_int("load_state_dict", "step", state.get("step"), minimum=0)
+        targets = state.get("target_sparsity", {})
+        for slot in self._slots:
+            if slot.target.name in masks:
+                slot.set_keep(masks[slot.target.name].to(slot.param.device))
+                slot.target_sparsity = float(targets.get(slot.target.name, 0.0))
+        self._clear_optimizer_state()
+        self.apply_masks()
+
+    def __repr__(self) -> str:
+        return (f"Pruner({len(self._slots)} tensors, schedule={self.schedule!r}, criterion={self.criterion!r}, "
+                f"granularity={self.granularity!r}, ranking={self.ranking!r}, step={self._step})")
+
+
+def _mask_grad(pruner: Pruner, slot: _Slot, param: torch.Tensor) -> None:
+    if slot.active and param.grad is not None:
+        param.grad.masked_fill_(slot.pruned, 0)
+
+
+def _as_schedule(arg: str, value: Any) -> Schedule:
+    if isinstance(value, Schedule):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return ConstantSparsity(check_sparsity("Pruner", arg, value), begin_step=0, end_step=0, frequency=1)
+    if isinstance(value, dict):
+        return schedule_from_dict(value)
+    raise TypeError(f"Pruner: {arg} must be a Schedule, a dict from Schedule.to_dict() or a sparsity in [0, 1), "
+                    f"got {type(value).__name__}")
+
+
+def _check_kind(arg: str, value: Any, kind: type) -> None:
+    if not isinstance(value, kind):
+        raise TypeError(f"Pruner: {arg} must be a prunekit {kind.__name__} instance, got {type(value).__name__}")
+
+
+def _validated_masks(state: Any, slots: dict[str, _Slot], strict: bool) -> dict[str, torch.Tensor]:
+    if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+        raise ValueError("load_state_dict: not a prunekit Pruner state (missing format marker)")
+    if state.get("version") != _STATE_VERSION:
+        raise ValueError(f"load_state_dict: unsupported version {state.get('version')!r}; expected {_STATE_VERSION}")
+    masks = state.get("masks")
+    if not isinstance(masks, Mapping):
+        raise ValueError("load_state_dict: 'masks' must be a dict of boolean tensors")
+    missing, unexpected = sorted(set(slots) - set(masks)), sorted(set(masks) - set(slots))
+    if strict and (missing or unexpected):
+        raise ValueError(f"load_state_dict: masks do not match the pruned parameters; missing {missing}, unexpected {unexpected}")
+    out = {}
+    for name, mask in masks.items():
+        if name not in slots:
+            continue
+        shape = tuple(slots[name].param.shape)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
+            raise ValueError(f"load_state_dict: mask for '{name}' must be a bool tensor of shape {shape}, "
+                             f"got {getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+        out[name] = mask
+    return out
+
+
+def strip(model: nn.Module) -> nn.Module:
+    """Finish pruning: apply masks, remove every prunekit hook from ``model``, return it.
+
+    The result is a plain ``nn.Module`` whose pruned weights are exact zeros,
+    with the same ``state_dict`` keys as before. Calling it on a model without
+    pruners is a no-op.
+
+    Example:
+        >>> model = strip(model)  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"strip: model must be an nn.Module, got {type(model).__name__}")
+    params = {id(p) for p in model.parameters()}
+    for pruner in list(_LIVE):
+        if any(id(s.param) in params for s in pruner._slots):
+            pruner.remove()
+    return model
+
+
+from .report import SparsityReport  # noqa: E402  (type reference for report())

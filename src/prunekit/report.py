@@ -1,0 +1,112 @@
+"""Sparsity reports: per layer and total, as a table or a dict."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from .scope import resolve_scope
+
+if TYPE_CHECKING:
+    from .pruner import Pruner
+
+__all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """One row of a report.
+
+    Attributes:
+        name: parameter name as in ``state_dict``.
+        layer: type name of the owning module.
+        shape: parameter shape.
+        numel: number of entries.
+        zeros: entries that are exactly zero.
+        target: the pruner's last target sparsity for it (``None`` without a pruner).
+    """
+
+    name: str
+    layer: str
+    shape: tuple[int, ...]
+    numel: int
+    zeros: int
+    target: float | None = None
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of entries that are zero (0 for an empty tensor)."""
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+@dataclass
+class SparsityReport:
+    """Rows for the pruned (or prunable) parameters, the skipped layers, and totals."""
+
+    rows: list[LayerSparsity] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        """Total entries over all rows."""
+        return sum(r.numel for r in self.rows)
+
+    @property
+    def zeros(self) -> int:
+        """Total zero entries over all rows."""
+        return sum(r.zeros for r in self.rows)
+
+    @property
+    def sparsity(self) -> float:
+        """Overall fraction of zeros over all rows."""
+        return self.zeros / self.numel if self.numel else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: ``layers`` (list of rows), ``skipped``, and totals."""
+        layers = [{**asdict(r), "shape": list(r.shape), "sparsity": r.sparsity} for r in self.rows]
+        skipped = [{"module": m, "reason": why} for m, why in self.skipped]
+        return {"layers": layers, "skipped": skipped, "numel": self.numel, "zeros": self.zeros, "sparsity": self.sparsity}
+
+    def __str__(self) -> str:
+        header = ("parameter", "layer", "shape", "params", "zeros", "sparsity", "target")
+        body = [(r.name, r.layer, "x".join(map(str, r.shape)), f"{r.numel:,}", f"{r.zeros:,}",
+                 f"{r.sparsity:.2%}", "-" if r.target is None else f"{r.target:.2%}") for r in self.rows]
+        body.append(("total", "", "", f"{self.numel:,}", f"{self.zeros:,}", f"{self.sparsity:.2%}", ""))
+        widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += [f"skipped {m or '<root>'}: {why}" for m, why in self.skipped]
+        return "\n".join(lines)
+
+
+def sparsity_report(model: nn.Module, pruner: "Pruner | None" = None) -> SparsityReport:
+    """Count zeros per prunable parameter of ``model``.
+
+    Args:
+        model: any model (pruned or not).
+        pruner: if given, report exactly its parameters, targets and skipped layers.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 2))
+        >>> with torch.no_grad():
+        ...     net[0].weight[0] = 0
+        >>> sparsity_report(net).sparsity
+        0.5
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsity_report: model must be an nn.Module, got {type(model).__name__}")
+    if pruner is None:
+        scope = resolve_scope(model)
+        items = [(t, None) for t in scope.targets]
+        skipped = scope.skipped
+    else:
+        items = [(s.target, s.target_sparsity) for s in pruner._slots]
+        skipped = pruner.skipped
+    rows = []
+    for target, goal in items:
+        p = target.param
+        rows.append(LayerSparsity(target.name, type(target.module).__name__, tuple(p.shape), p.numel(),
+                                  int((p == 0).sum()), goal))
+    return SparsityReport(rows, list(skipped))
