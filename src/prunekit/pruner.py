@@ -114,13 +114,14 @@ class Pruner:
         self._groups = self._make_groups()
         self._step = 0
         self._optimizers: list[torch.optim.Optimizer] = []
+        self._opt_handles: list[Any] = []
         self._state_pending = False
         self._handles = [s.param.register_post_accumulate_grad_hook(partial(_mask_grad, self, s)) for s in self._slots]
         self._removed = False
         _LIVE.add(self)
         if optimizer is not None:
             self.attach(optimizer)
-        self._update(force=False)
+        self._update()
 
     # -- construction helpers -------------------------------------------------------------
 
@@ -170,11 +171,26 @@ class Pruner:
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if not any(id(s.param) in owned for s in self._slots):
             raise ValueError("attach: the optimizer updates none of the pruned parameters")
+        if any(o is optimizer for o in self._optimizers):
+            raise ValueError("attach: this optimizer is already attached")
         self._optimizers.append(optimizer)
-        self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        self._opt_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         self._clear_optimizer_state()
         self._state_pending = True  # optimizers create their state lazily, on the first step
         return self
+
+    def detach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop following ``optimizer`` (e.g. before training with a fresh one).
+
+        Raises:
+            ValueError: ``optimizer`` is not attached.
+        """
+        for i, attached in enumerate(self._optimizers):
+            if attached is optimizer:
+                self._opt_handles.pop(i).remove()
+                self._optimizers.pop(i)
+                return
+        raise ValueError("detach: this optimizer is not attached to the pruner")
 
     def step(self) -> None:
         """Advance one step: recompute masks if the schedule says so, then re-apply them.
@@ -184,18 +200,43 @@ class Pruner:
         """
         self._check_live()
         self._step += 1
-        self._update(force=False)
+        self._update()
 
-    def update_masks(self, sparsity: float | None = None) -> None:
-        """Recompute every mask now, at ``sparsity`` or at each schedule's current target.
+    def update_masks(self, sparsity: float | Mapping[str, float] | None = None) -> None:
+        """Recompute masks now, whatever the schedule says.
+
+        Args:
+            sparsity: ``None`` for each schedule's current target; a float for
+                every ranked group; or ``{parameter name: sparsity}`` to recompute
+                only those parameters (each must be ranked on its own, i.e.
+                layer-wise or overridden).
 
         Example:
             >>> pruner.update_masks(0.9)  # doctest: +SKIP
+            >>> pruner.update_masks({"fc3.weight": 0.45})  # doctest: +SKIP
         """
         self._check_live()
+        if isinstance(sparsity, Mapping):
+            self._recompute(self._targets_by_name(sparsity))
+            return
         if sparsity is not None:
             sparsity = check_sparsity("update_masks", "sparsity", sparsity)
-        self._update(force=True, sparsity=sparsity)
+        step = self._step
+        self._recompute({i: sparsity if sparsity is not None else g[0].schedule.sparsity(step)
+                         for i, g in enumerate(self._groups)})
+
+    def _targets_by_name(self, mapping: Mapping[str, float]) -> dict[int, float]:
+        group_of = {slot.target.name: i for i, g in enumerate(self._groups) for slot in g}
+        out = {}
+        for name, value in mapping.items():
+            if name not in group_of:
+                raise ValueError(f"update_masks: {name!r} is not pruned by this pruner; pruned: {self.names}")
+            index = group_of[name]
+            if len(self._groups[index]) > 1:
+                raise ValueError(f"update_masks: {name!r} is ranked globally with other parameters; "
+                                 "pass one float for the whole group")
+            out[index] = check_sparsity("update_masks", f"sparsity[{name!r}]", value)
+        return out
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -221,9 +262,10 @@ class Pruner:
         """
         if not self._removed:
             self.apply_masks()
-            for handle in self._handles:
+            for handle in self._handles + self._opt_handles:
                 handle.remove()
             self._handles.clear()
+            self._opt_handles.clear()
             self._optimizers.clear()
             self._removed = True
             _LIVE.discard(self)
@@ -250,19 +292,20 @@ class Pruner:
             self._clear_optimizer_state()
         self.step()
 
-    def _update(self, *, force: bool, sparsity: float | None = None) -> None:
-        changed = False
-        for group in self._groups:
-            schedule = group[0].schedule
-            if force or schedule.should_update(self._step):
-                target = sparsity if sparsity is not None else schedule.sparsity(self._step)
-                self._compute_group(group, target)
-                changed = True
-        if changed:
-            self._clear_optimizer_state()
-            self.apply_masks()
+    def _update(self) -> None:
+        step = self._step
+        due = {i: g[0].schedule.sparsity(step) for i, g in enumerate(self._groups) if g[0].schedule.should_update(step)}
+        if due:
+            self._recompute(due)
         else:
             self._reapply_fast()
+
+    def _recompute(self, targets: dict[int, float]) -> None:
+        for index, sparsity in targets.items():
+            self._compute_group(self._groups[index], sparsity)
+        if targets:
+            self._clear_optimizer_state()
+            self.apply_masks()
 
     def _compute_group(self, group: list[_Slot], sparsity: float) -> None:
         scores = [self._scores(slot) for slot in group]
