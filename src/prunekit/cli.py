@@ -17,17 +17,25 @@ from . import __version__
 # Modules providing subcommands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "prunekit.demo",
+    "prunekit.formats.inspect",
 )
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are a single line on stderr and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="prunekit",
         description="Prune PyTorch models during training, one-shot or structurally; ship them small and fast.",
     )
     parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
-    subparsers = parser.add_subparsers(title="commands", metavar="<command>")
+    subparsers = parser.add_subparsers(title="commands", metavar="<command>", parser_class=OneLineErrorParser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser

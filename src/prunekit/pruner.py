@@ -47,7 +47,16 @@ class _Slot:
         self.active = False  # any entry pruned: skip all-ones masks on the hot path
         self.target_sparsity = 0.0
 
+    def sync(self) -> None:
+        # model.to(device) / model.half() change a parameter's data in place of
+        # its identity; the masks follow lazily.
+        param = self.param
+        if self.keep.device != param.device or self.keep.dtype != param.dtype:
+            self.keep = self.keep.to(device=param.device, dtype=param.dtype)
+            self.pruned = self.pruned.to(param.device)
+
     def set_keep(self, keep: torch.Tensor) -> None:
+        self.sync()
         torch.logical_not(keep, out=self.pruned)
         self.keep.copy_(keep)
         self.active = bool(self.pruned.any())
@@ -74,7 +83,10 @@ class Pruner:
     After each ``optimizer.step()`` of an attached optimizer (or each manual
     :meth:`step`), the step counter advances, masks are recomputed when the
     schedule says so, and masks are re-applied. The first masks are computed
-    at construction if the schedule updates at step 0.
+    at construction if the schedule updates at step 0. Masks follow the model
+    across ``model.to(device)`` and dtype casts. A NaN or Inf gradient (a
+    diverging run) can leave NaN in pruned entries; the next mask update then
+    raises a ``ValueError`` naming the parameter.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -243,6 +255,7 @@ class Pruner:
         """Write zeros (``+0.0``) into every pruned weight, in place; storage and identity unchanged."""
         for slot in self._slots:
             if slot.active:
+                slot.sync()
                 slot.param.masked_fill_(slot.pruned, 0)
 
     @torch.no_grad()
@@ -251,6 +264,8 @@ class Pruner:
         # gradients and optimizer state are zero); one fused multiply guards
         # against optimizers that move them anyway.
         active = [s for s in self._slots if s.active]
+        for slot in active:
+            slot.sync()
         if active:
             torch._foreach_mul_([s.param for s in active], [s.keep for s in active])
 
@@ -338,8 +353,10 @@ class Pruner:
     def _clear_optimizer_state(self) -> None:
         # Momentum and first moments of pruned entries would otherwise keep pushing
         # them. Second moments only divide a first moment that is now exactly zero,
-        # so they are set to 1.0 rather than 0.0: sqrt(0.0) is several times slower
-        # than sqrt(1.0) on common x86 CPUs and would slow every Adam step.
+        # so they are left alone, except that zeros become 1.0: sqrt(0.0) is several
+        # times slower than sqrt(1.0) on common x86 CPUs and would slow every Adam step.
+        # Both rules are idempotent, so clearing again (after load_state_dict, or on the
+        # first step after attach) changes nothing and a resumed run stays bit-identical.
         for optimizer in self._optimizers:
             for slot in self._slots:
                 state = optimizer.state.get(slot.param)
@@ -347,7 +364,10 @@ class Pruner:
                     continue
                 for key, value in state.items():
                     if isinstance(value, torch.Tensor) and value.shape == slot.param.shape:
-                        value.masked_fill_(slot.pruned, 1.0 if key in _SECOND_MOMENTS else 0.0)
+                        if key in _SECOND_MOMENTS:
+                            value.masked_fill_(slot.pruned & (value == 0), 1.0)
+                        else:
+                            value.masked_fill_(slot.pruned, 0.0)
 
     def _check_live(self) -> None:
         if self._removed:
@@ -404,6 +424,7 @@ class Pruner:
 
 def _mask_grad(pruner: Pruner, slot: _Slot, param: torch.Tensor) -> None:
     if slot.active and param.grad is not None:
+        slot.sync()
         param.grad.mul_(slot.keep)
 
 

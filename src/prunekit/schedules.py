@@ -12,6 +12,7 @@ turn them into plain dicts (JSON/YAML friendly) and back, with validation.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -93,6 +94,8 @@ class PolynomialDecay(Schedule):
     ``p = clip((step - begin_step) / (end_step - begin_step), 0, 1)`` and
     ``s = final + (initial - final) * (1 - p) ** power`` (Zhu & Gupta 2017). When
     ``end_step == begin_step`` the target jumps to ``final_sparsity`` at that step.
+    Masks change only at update steps, so ``final_sparsity`` is reached only if
+    ``end_step - begin_step`` is a multiple of ``frequency`` (a warning says so otherwise).
 
     Args:
         initial_sparsity: sparsity at ``begin_step``, in [0, 1).
@@ -124,6 +127,14 @@ class PolynomialDecay(Schedule):
             raise ValueError(f"{owner}: power must be > 0, got {power}")
         object.__setattr__(self, "power", power)
         _validate_steps(owner, self, allow_open_end=False)
+        if (self.end_step - self.begin_step) % self.frequency:
+            last = self.end_step - (self.end_step - self.begin_step) % self.frequency
+            warnings.warn(
+                f"PolynomialDecay: end_step - begin_step ({self.end_step - self.begin_step}) is not a multiple of "
+                f"frequency ({self.frequency}); the last mask update is at step {last} with sparsity "
+                f"{self.sparsity(last):.4f}, so final_sparsity {self.final_sparsity} is never reached",
+                stacklevel=3,
+            )
 
     def should_update(self, step: int) -> bool:  # noqa: D102
         return _in_update_step(step, self.begin_step, self.end_step, self.frequency)
