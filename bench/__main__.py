@@ -21,6 +21,7 @@ from prunekit._io import atomic_open
 # (name, module) in the order they run.
 BENCHES: tuple[tuple[str, str], ...] = (
     ("train_step", "bench.train_step"),
+    ("size", "bench.size"),
 )
 
 

@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import reference_keep
+from core_helpers import reference_keep
 from prunekit import ConstantSparsity, Criterion, Magnitude, Pruner, Random, ScoreContext
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _ctx(name="fc.weight", step=0):

@@ -8,8 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import reference_keep
+from core_helpers import reference_keep
 from prunekit.granularity import Granularity, Unstructured, lowest_k, prune_count, rank_units
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class Rows(Granularity):

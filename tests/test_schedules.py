@@ -14,6 +14,13 @@ from hypothesis import strategies as st
 
 from prunekit import ConstantSparsity, PolynomialDecay, Schedule, schedule_from_dict
 
+# The grids below deliberately include spans that are not a multiple of the frequency;
+# the warning for those is tested on its own in test_warns_when_final_sparsity_is_unreachable.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:PolynomialDecay.*not a multiple of frequency:UserWarning"),
+    pytest.mark.usefixtures("single_thread"),
+]
+
 # --------------------------------------------------------------------------------------
 # Independent reference (issue 2, verbatim semantics)
 # --------------------------------------------------------------------------------------
@@ -180,7 +187,7 @@ ROUNDTRIP = [
     ConstantSparsity(0.5, 2, 2, 7),
     PolynomialDecay(0.0, 0.9, 0, 1000),
     PolynomialDecay(0.75, 0.1, 3, 3, power=0.5, frequency=1),
-    PolynomialDecay(0.123456789, 0.987654321, 10, 10**9, power=2.718281828, frequency=999),
+    PolynomialDecay(0.123456789, 0.987654321, 10, 10 + 999 * 1001001, power=2.718281828, frequency=999),
 ]
 
 
@@ -225,7 +232,8 @@ def test_from_dict_uses_defaults_and_does_not_mutate_input():
     ({"type": "PolynomialDecay", "initial_sparsity": 0.1, "final_sparsity": 0.5, "begin_step": 0},
      ValueError, "missing.*end_step"),
     ({"type": "ConstantSparsity", "target_sparsity": 1.5}, ValueError, r"target_sparsity must be in \[0, 1\)"),
-    ({"type": "ConstantSparsity", "target_sparsity": 0.5, "frequency": "10"}, TypeError, "frequency must be an integer"),
+    ({"type": "ConstantSparsity", "target_sparsity": 0.5, "frequency": "10"}, TypeError,
+     "frequency must be an integer"),
     ({"type": "PolynomialDecay", "initial_sparsity": 0.1, "final_sparsity": 0.5, "begin_step": 9, "end_step": 2},
      ValueError, "end_step must be >= begin_step"),
 ])
@@ -319,7 +327,7 @@ def test_sparsity_just_below_one_and_zero_are_allowed():
     assert PolynomialDecay(0.0, 0.9999999, 0, 0).sparsity(0) == 0.9999999
 
 
-@pytest.mark.parametrize("sched", [ConstantSparsity(0.5), PolynomialDecay(0.1, 0.5, 0, 10)], ids=repr)
+@pytest.mark.parametrize("sched", [ConstantSparsity(0.5), PolynomialDecay(0.1, 0.5, 0, 10, frequency=5)], ids=repr)
 @pytest.mark.parametrize("step,exc,match", [
     (-1, ValueError, "step must be >= 0, got -1"),
     (True, TypeError, "step must be an integer"),
@@ -337,3 +345,22 @@ def test_base_schedule_is_abstract():
         Schedule().sparsity(0)
     with pytest.raises(NotImplementedError):
         Schedule().should_update(0)
+
+
+@pytest.mark.filterwarnings("error")
+def test_warns_when_final_sparsity_is_unreachable():
+    with pytest.warns(UserWarning, match=r"PolynomialDecay: end_step - begin_step \(20\) is not a multiple of "
+                                         r"frequency \(100\); the last mask update is at step 10 with sparsity "
+                                         r"0.0000, so final_sparsity 0.9 is never reached") as record:
+        PolynomialDecay(0.0, 0.9, 10, 30)
+    assert record[0].filename == __file__  # points at the caller, not at prunekit
+    with pytest.warns(UserWarning, match=r"last mask update is at step 9 with sparsity 0.7300"):
+        PolynomialDecay(0.1, 0.8, 0, 10, power=1, frequency=3)  # 0.8 - 0.7 * (1 - 0.9) = 0.73
+
+
+@pytest.mark.filterwarnings("error")
+def test_no_warning_when_end_is_an_update_step():
+    PolynomialDecay(0.0, 0.9, 0, 1000)
+    PolynomialDecay(0.0, 0.9, 7, 7, frequency=5)
+    PolynomialDecay(0.0, 0.9, 3, 15, frequency=4)
+    ConstantSparsity(0.5, 0, 7, 3)

@@ -9,6 +9,8 @@ from torch import nn
 from prunekit import Pruner, prunable_parameter_names, register_prunable, sparsity_report
 from prunekit.scope import resolve_scope
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 class Custom(nn.Module):
     """A layer type prunekit does not know."""
@@ -129,7 +131,9 @@ def test_tied_parameters_appear_once_under_their_first_name():
     ([nn.MultiheadAttention], ["attn.in_proj_weight", "xattn.q_proj_weight", "xattn.k_proj_weight",
                                "xattn.v_proj_weight"]),
     ([nn.RNNBase], [n for n in BIG_EXPECTED if n.split(".")[0] in ("lstm", "lstmp", "gru", "rnn")]),
-    ([lambda name, m: name.startswith("x")], ["xattn.q_proj_weight", "xattn.k_proj_weight", "xattn.v_proj_weight"]),
+    ([lambda name, m: name.startswith("x")], ["xattn.q_proj_weight", "xattn.k_proj_weight", "xattn.v_proj_weight",
+                                              "xattn.out_proj.weight"]),
+    ([lambda name, m: name == "xattn"], ["xattn.q_proj_weight", "xattn.k_proj_weight", "xattn.v_proj_weight"]),
     ([lambda name, m: isinstance(m, nn.Linear) and m.out_features == 2], ["head.2.weight"]),
     (nn.GRU, ["gru.weight_ih_l0", "gru.weight_hh_l0"]),  # a single selector, not in a list
     ("cell", ["cell.weight_ih", "cell.weight_hh"]),
@@ -179,6 +183,8 @@ def test_overrides_are_attached_to_matching_targets():
     (dict(layers=[3]), TypeError, r"layers: each entry must be a name pattern"),
     (dict(layers=[nn.Linear(2, 2)]), TypeError, r"layers: each entry must be a name pattern"),
     (dict(layers=[int]), TypeError, r"layers: each entry must be a name pattern"),
+    (dict(layers=nn.Linear(2, 2)), TypeError, r"layers: each entry must be a name pattern"),
+    (dict(exclude=[nn.ReLU()]), TypeError, r"exclude: each entry must be a name pattern"),
     (dict(layers=4), TypeError, r"layers must be a list"),
     (dict(layers={"head"}), TypeError, r"layers must be a list"),
     (dict(exclude=[None]), TypeError, r"exclude: each entry must be a name pattern"),

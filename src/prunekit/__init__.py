@@ -9,8 +9,10 @@ Example:
     >>> model = prunekit.strip(model)
 """
 
-from .criteria import Criterion, Magnitude, Random, ScoreContext
+from .criteria import OBD, Criterion, Magnitude, Precomputed, Random, ScoreContext, Taylor
+from .formats import FormatError, export_onnx, load, quantize_int8, save, size_summary
 from .granularity import Granularity, Unstructured
+from .iterative import iterative_prune, round_sparsities
 from .pruner import Pruner, strip
 from .report import LayerSparsity, SparsityReport, sparsity_report
 from .schedules import ConstantSparsity, PolynomialDecay, Schedule, schedule_from_dict
@@ -19,11 +21,22 @@ from .scope import prunable_parameter_names, register_prunable
 __version__ = "0.1.0"
 
 __all__ = [
+    "FormatError",
+    "export_onnx",
+    "load",
+    "quantize_int8",
+    "save",
+    "size_summary",
     "ConstantSparsity",
     "Criterion",
     "Granularity",
     "LayerSparsity",
     "Magnitude",
+    "OBD",
+    "Precomputed",
+    "Taylor",
+    "iterative_prune",
+    "round_sparsities",
     "PolynomialDecay",
     "Pruner",
     "Random",

@@ -18,6 +18,7 @@ from . import __version__
 COMMAND_MODULES: tuple[str, ...] = (
     "prunekit.demo",
     "prunekit.formats.inspect",
+    "prunekit.experiments.cli",
 )
 
 

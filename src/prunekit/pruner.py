@@ -128,7 +128,9 @@ class Pruner:
         self._optimizers: list[torch.optim.Optimizer] = []
         self._opt_handles: list[Any] = []
         self._state_pending = False
-        self._handles = [s.param.register_post_accumulate_grad_hook(partial(_mask_grad, self, s)) for s in self._slots]
+        self._handles: list[Any] = []
+        self._unhooked = list(self._slots)
+        self._hook_grads()
         self._removed = False
         _LIVE.add(self)
         if optimizer is not None:
@@ -212,7 +214,22 @@ class Pruner:
         """
         self._check_live()
         self._step += 1
+        if self._unhooked:
+            self._hook_grads()
         self._update()
+
+    def _hook_grads(self) -> None:
+        # A frozen parameter (requires_grad=False) cannot take a gradient hook: it gets
+        # one at the first step after it is unfrozen, when the masks and optimizer state
+        # that its unmasked gradient may have touched are cleaned up.
+        fresh = [s for s in self._unhooked if s.param.requires_grad]
+        if not fresh:
+            return
+        for slot in fresh:
+            self._handles.append(slot.param.register_post_accumulate_grad_hook(partial(_mask_grad, self, slot)))
+        self._unhooked = [s for s in self._unhooked if not s.param.requires_grad]
+        self._clear_optimizer_state()
+        self.apply_masks()
 
     def update_masks(self, sparsity: float | Mapping[str, float] | None = None) -> None:
         """Recompute masks now, whatever the schedule says.

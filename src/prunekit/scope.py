@@ -159,7 +159,9 @@ def _check_selectors(arg: str, selectors: Any) -> list[Selector] | None:
     if not isinstance(selectors, (list, tuple)):
         raise TypeError(f"{arg} must be a list of name patterns, module types or predicates, got {selectors!r}")
     for sel in selectors:
-        if not (isinstance(sel, str) or (isinstance(sel, type) and issubclass(sel, nn.Module)) or callable(sel)):
+        # Types and module instances are callable too: only nn.Module types and plain callables are selectors.
+        predicate = callable(sel) and not isinstance(sel, (type, nn.Module))
+        if not (isinstance(sel, str) or (isinstance(sel, type) and issubclass(sel, nn.Module)) or predicate):
             raise TypeError(f"{arg}: each entry must be a name pattern (str), an nn.Module type or a predicate (name, module) -> bool; got {sel!r}")
     return list(selectors)
 
@@ -256,8 +258,9 @@ def _handle_unknown(scope, module_name, module, layers, used) -> None:
     if not any(True for _ in module.parameters(recurse=False)):
         return
     kind = type(module).__name__
+    fulls = [None] + [f"{module_name}.{n}" if module_name else n for n, _ in module.named_parameters(recurse=False)]
     for sel in layers or ():
-        if _is_explicit(sel) and _matches(sel, module_name, None, module):
+        if _is_explicit(sel) and any(_matches(sel, module_name, full, module) for full in fulls):
             raise ValueError(
                 f"layers: {sel!r} selects '{module_name}' of type {kind}, whose prunable parameters are unknown; "
                 f"declare them with prunekit.register_prunable({kind}, [names])"

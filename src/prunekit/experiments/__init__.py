@@ -1,0 +1,70 @@
+"""Named, reproducible experiments: each writes ``table.md``, ``results.json`` and ``plot.png``.
+
+An experiment is a module exposing::
+
+    run(out: Path, *, quick: bool = False, seeds: Sequence[int] | None = None,
+        progress: bool | None = None) -> dict
+
+that writes its files into ``out`` (atomically) and returns what it wrote to
+``results.json``. :data:`EXPERIMENTS` maps command-line names to such modules;
+modules are imported only when an experiment runs, so registering one costs
+nothing at start-up. To add an experiment, write the module and add one
+:class:`Experiment` line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+__all__ = ["Experiment", "EXPERIMENTS", "get_experiment"]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One registry entry.
+
+    Attributes:
+        name: the command-line name (``prunekit experiment <name>``).
+        module: dotted path of the module that implements ``run``.
+        help: one line for ``--help``.
+        default_seeds: how many seeds (0, 1, ...) a run uses unless told otherwise.
+    """
+
+    name: str
+    module: str
+    help: str
+    default_seeds: int = 3
+
+    def load(self) -> ModuleType:
+        """Import and return the implementing module."""
+        return importlib.import_module(self.module)
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e
+    for e in (
+        Experiment("obd-vs-magnitude", "prunekit.experiments.obd_vs_magnitude",
+                   "Optimal Brain Damage (Hessian estimators), Taylor, magnitude and random pruning of "
+                   "LeNet-300-100 on MNIST-5k, one-shot and with retraining"),
+        Experiment("lottery", "prunekit.experiments.lottery",
+                   "Lottery tickets (IMP with rewinding) vs random reinit, random mask and one-shot pruning, "
+                   "LeNet-300-100 on MNIST-5k"),
+    )
+}
+
+
+def get_experiment(name: str) -> Experiment:
+    """The registry entry called ``name``.
+
+    Raises:
+        ValueError: no experiment has that name (the message lists the known ones).
+
+    Example:
+        >>> get_experiment("obd-vs-magnitude").module
+        'prunekit.experiments.obd_vs_magnitude'
+    """
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS))}")
+    return EXPERIMENTS[name]

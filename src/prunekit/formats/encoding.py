@@ -1,0 +1,327 @@
+"""Per-tensor encodings: how one tensor becomes a few byte streams, and back.
+
+A tensor's values are first *represented* (exactly, as float16, or as int8
+codes with per-channel scales, see :mod:`.quantize`), then laid out in one of
+three encodings, each stream compressed by :mod:`.codecs`:
+
+* ``dense``:   ``data`` (every value);
+* ``bitmask``: ``mask`` (one bit per entry, LSB first) + ``values`` (the nonzeros);
+* ``gaps``:    ``gaps`` (zero-run lengths before each nonzero, one byte each, 255
+  meaning "255 more zeros, continue") + ``values``.
+
+Quantized tensors add a ``scales`` stream first; bool tensors need no ``values``.
+The writer measures every encoding and keeps the smallest. "Zero" means an
+all-zero bit pattern, so ``-0.0`` and NaN survive and round trips are bit-exact.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from . import codecs
+from .dtypes import DType, by_name, by_torch, nonzero_mask, to_numpy, to_torch
+from .errors import FormatError
+from .quantize import dequantize, is_weight, quantize_int8
+
+__all__ = ["ENCODINGS", "SAMPLE", "Stream", "TensorSpec", "Encoded", "encode", "decode", "stream_roles",
+           "raw_size_bounds", "parse_quantize", "checksum"]
+
+ENCODINGS = ("dense", "bitmask", "gaps")
+SAMPLE = 1 << 18  # entries; larger tensors choose their encoding on a slice of this size
+_ESCAPE = 255  # a gap byte of 255 means "255 zeros, and the run continues"
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One byte stream of a tensor: its role, codec, decoded size and stored bytes."""
+
+    role: str
+    codec: str
+    raw_size: int
+    stored: bytes
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Everything the manifest says about one tensor (already validated).
+
+    Attributes:
+        name: the state_dict key.
+        dtype: dtype of the restored tensor.
+        shape: its shape.
+        nnz: entries with a nonzero stored value.
+        encoding: one of :data:`ENCODINGS`.
+        values: dtype of the stored values (``int8`` when quantized).
+        bits: quantization bit width, or ``None`` when values are stored as floats/exact.
+        crc32: checksum of the restored tensor (see :func:`checksum`).
+    """
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    nnz: int
+    encoding: str
+    values: DType
+    bits: int | None
+    crc32: int
+
+    @property
+    def numel(self) -> int:
+        """Number of entries."""
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        """Length of axis 0 (number of per-channel scales when quantized)."""
+        return self.shape[0] if self.shape else 1
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """The writer's result for one tensor: its spec, its streams and the tensor a reader will restore."""
+
+    spec: TensorSpec
+    streams: tuple[Stream, ...]
+    restored: torch.Tensor
+
+    @property
+    def stored_size(self) -> int:
+        """Bytes the streams take in the file."""
+        return sum(len(s.stored) for s in self.streams)
+
+
+def parse_quantize(quantize: str | None) -> tuple[str | None, int | None]:
+    """``None`` | ``"fp16"`` | ``"int8"`` ... ``"int2"`` -> ``(kind, bits)``.
+
+    Example:
+        >>> parse_quantize("int6")
+        ('int', 6)
+    """
+    if quantize is None:
+        return None, None
+    if quantize == "fp16":
+        return "fp16", None
+    if isinstance(quantize, str) and quantize.startswith("int") and quantize[3:] in {str(b) for b in range(2, 9)}:
+        return "int", int(quantize[3:])
+    raise ValueError(f"quantize must be None, 'fp16' or 'int8' (or 'int2'..'int7' for coarser grids), got {quantize!r}")
+
+
+def stream_roles(encoding: str, values: DType, quantized: bool) -> tuple[str, ...]:
+    """The streams an encoding has, in file order."""
+    body = {"dense": ("data",), "bitmask": ("mask", "values"), "gaps": ("gaps", "values")}[encoding]
+    if values.name == "bool" and encoding != "dense":
+        body = body[:1]  # every kept entry is True: positions say it all
+    return (("scales",) if quantized else ()) + body
+
+
+def raw_size_bounds(role: str, spec: TensorSpec) -> tuple[int, int]:
+    """Inclusive bounds on a stream's decoded size, from the manifest alone.
+
+    Checked before anything is decompressed, so no stream can claim more memory
+    than its tensor needs.
+    """
+    n, k, width = spec.numel, spec.nnz, spec.values.itemsize
+    exact = {"scales": 2 * spec.rows, "data": n * width, "mask": (n + 7) // 8, "values": k * width}
+    if role in exact:
+        return exact[role], exact[role]
+    # gaps: one terminating byte per nonzero, plus one escape per 255 zeros at most.
+    return k, k + (n - k) // _ESCAPE
+
+
+def checksum(name: str, tensor: torch.Tensor) -> int:
+    """CRC-32 of a tensor's little-endian bytes, chained over its name, dtype and shape.
+
+    Covering the name and shape means a manifest that swaps or reshapes tensors fails the check.
+    """
+    head = f"{name}\0{by_torch(tensor.dtype).name}\0{list(tensor.shape)}".encode()
+    return zlib.crc32(to_numpy(tensor).tobytes(), zlib.crc32(head))
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def encode(name: str, tensor: torch.Tensor, quantize: str | None = None) -> Encoded:
+    """Encode one tensor with the smallest of the encodings.
+
+    Args:
+        name: its state_dict key.
+        tensor: any tensor of a supported dtype (see :mod:`.dtypes`).
+        quantize: as in :func:`parse_quantize`; applies only to floating tensors with >= 2 dims.
+
+    Example:
+        >>> w = torch.zeros(100, 100); w[0, :5] = 1.0
+        >>> encode("w", w).spec.encoding
+        'gaps'
+    """
+    dtype = by_torch(tensor.dtype)
+    values, bits, scales, restored = _represent(tensor, quantize)
+    vdt = by_torch(values.dtype)
+    flat = to_numpy(values)
+    mask = nonzero_mask(flat)
+    encoding, streams = _smallest(flat, mask, vdt)
+    head = [_stream("scales", scales, 2)] if scales is not None else []
+    spec = TensorSpec(name, dtype, tuple(tensor.shape), int(mask.sum()), encoding, vdt, bits, checksum(name, restored))
+    return Encoded(spec, tuple(head + streams), restored)
+
+
+def _smallest(flat: np.ndarray, mask: np.ndarray, vdt: DType) -> tuple[str, list[Stream]]:
+    """The encoding whose compressed streams are smallest, and those streams.
+
+    Every candidate is compressed for real, since how well LZMA does is what
+    counts. Above :data:`SAMPLE` entries, candidates are measured on a
+    contiguous middle slice and only the winner is compressed in full: the
+    slice has the tensor's statistics, at a fraction of the cost.
+    """
+    if flat.size <= SAMPLE:
+        return min(((enc, _compressed(layout, vdt)) for enc, layout in _layouts(flat, mask, vdt)),
+                   key=lambda c: sum(len(st.stored) for st in c[1]))
+    start = (flat.size - SAMPLE) // 2
+    part, part_mask = flat[start:start + SAMPLE], mask[start:start + SAMPLE]
+    sizes = {enc: sum(len(st.stored) for st in _compressed(layout, vdt))
+             for enc, layout in _layouts(part, part_mask, vdt)}
+    best = min(sizes, key=sizes.get)
+    layout = dict(_layouts(flat, mask, vdt, only=best))[best]
+    return best, _compressed(layout, vdt)
+
+
+def _compressed(layout: list[tuple[str, bytes]], vdt: DType) -> list[Stream]:
+    return [_stream(role, data, vdt.itemsize if role in ("data", "values") else 1) for role, data in layout]
+
+
+def _represent(tensor: torch.Tensor, quantize: str | None) -> tuple[torch.Tensor, int | None, bytes | None, torch.Tensor]:
+    """(values to store, bits, scale bytes or None, tensor a reader restores)."""
+    kind, bits = parse_quantize(quantize)
+    tensor = tensor.detach().cpu()
+    if kind is None or not is_weight(tensor) or tensor.numel() == 0:
+        return tensor, None, None, tensor
+    if kind == "fp16":
+        if tensor.dtype not in (torch.float32, torch.float64):
+            return tensor, None, None, tensor
+        half = tensor.to(torch.float16)
+        if not torch.equal(torch.isfinite(half), torch.isfinite(tensor)):
+            raise ValueError("quantize='fp16': values exceed the float16 range")
+        return half, None, None, half.to(tensor.dtype)
+    qt = quantize_int8(tensor, bits)
+    scale_bits = to_numpy(qt.scale.to(torch.bfloat16)).tobytes()
+    return qt.q, bits, scale_bits, qt.dequantize()
+
+
+def _layouts(flat: np.ndarray, mask: np.ndarray, vdt: DType, only: str | None = None):
+    """Yield ``(encoding, [(role, raw bytes)])`` for every encoding worth measuring (or just ``only``)."""
+    if only in (None, "dense"):
+        yield "dense", [("data", flat.tobytes())]
+    nnz = int(mask.sum())
+    if flat.size == 0 or nnz == flat.size or only == "dense":
+        return  # nothing to skip: a sparse layout only adds positions
+    values = [] if vdt.name == "bool" else [("values", flat[mask].tobytes())]
+    if only in (None, "bitmask"):
+        yield "bitmask", [("mask", np.packbits(mask, bitorder="little").tobytes())] + values
+    if only in (None, "gaps"):
+        yield "gaps", [("gaps", _gap_bytes(np.flatnonzero(mask)))] + values
+
+
+def _stream(role: str, data: bytes, itemsize: int) -> Stream:
+    codec, stored = codecs.compress(data, itemsize)
+    return Stream(role, codec, len(data), stored)
+
+
+def _gap_bytes(positions: np.ndarray) -> bytes:
+    gaps = np.diff(positions, prepend=-1) - 1
+    runs = gaps // _ESCAPE + 1  # bytes per gap: the escapes, then the remainder
+    out = np.full(int(runs.sum()), _ESCAPE, dtype=np.uint8)
+    out[np.cumsum(runs) - 1] = gaps % _ESCAPE
+    return out.tobytes()
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def decode(spec: TensorSpec, raw: Mapping[str, bytes]) -> torch.Tensor:
+    """Rebuild a tensor from its decoded streams, checking every data-dependent invariant.
+
+    Args:
+        spec: the tensor's validated manifest entry.
+        raw: decoded streams by role, each already of its declared size.
+
+    Raises:
+        FormatError: positions, counts, codes or scales that contradict the manifest,
+            or a checksum mismatch.
+    """
+    where = f"tensor '{spec.name}'"
+    flat = _values(spec, raw, where)
+    if spec.bits is not None:
+        tensor = _dequantized(spec, flat, raw["scales"], where)
+    else:
+        tensor = to_torch(flat, spec.values, spec.shape).to(spec.dtype.torch)
+    if checksum(spec.name, tensor) != spec.crc32:
+        raise FormatError(f"{where}: checksum mismatch (the file is corrupt or its manifest was altered)")
+    return tensor
+
+
+def _values(spec: TensorSpec, raw: Mapping[str, bytes], where: str) -> np.ndarray:
+    vnp = spec.values.numpy
+    if spec.encoding == "dense":
+        flat = np.frombuffer(raw["data"], dtype=vnp)
+        _check_bools(spec, raw["data"], where)
+        found = int(nonzero_mask(flat).sum())
+        if found != spec.nnz:
+            raise FormatError(f"{where}: {found} nonzero values stored but the manifest says nnz={spec.nnz}")
+        return flat
+    positions = _positions(spec, raw, where)
+    flat = np.zeros(spec.numel, dtype=vnp)
+    if spec.values.name == "bool":
+        flat[positions] = True
+        return flat
+    kept = np.frombuffer(raw["values"], dtype=vnp)
+    if int(nonzero_mask(kept).sum()) != kept.size:
+        raise FormatError(f"{where}: the values stream of a sparse encoding holds zeros")
+    _check_bools(spec, raw["values"], where)
+    flat[positions] = kept
+    return flat
+
+
+def _check_bools(spec: TensorSpec, data: bytes, where: str) -> None:
+    if spec.values.name == "bool" and np.frombuffer(data, dtype=np.uint8).max(initial=0) > 1:
+        raise FormatError(f"{where}: bool data holds bytes other than 0 and 1")
+
+
+def _positions(spec: TensorSpec, raw: Mapping[str, bytes], where: str) -> np.ndarray:
+    if spec.encoding == "bitmask":
+        bits = np.unpackbits(np.frombuffer(raw["mask"], dtype=np.uint8), bitorder="little")
+        if bits[spec.numel:].any():
+            raise FormatError(f"{where}: bitmask has bits set past the tensor's {spec.numel} entries")
+        positions = np.flatnonzero(bits[: spec.numel])
+    else:
+        positions = _gap_positions(np.frombuffer(raw["gaps"], dtype=np.uint8), spec.numel, where)
+    if positions.size != spec.nnz:
+        raise FormatError(f"{where}: positions mark {positions.size} entries but the manifest says nnz={spec.nnz}")
+    return positions
+
+
+def _gap_positions(data: np.ndarray, numel: int, where: str) -> np.ndarray:
+    ends = np.flatnonzero(data != _ESCAPE)
+    if data.size and (ends.size == 0 or ends[-1] != data.size - 1):
+        raise FormatError(f"{where}: gaps stream ends inside a run (trailing escape bytes)")
+    totals = np.cumsum(data, dtype=np.int64)[ends]
+    gaps = np.diff(totals, prepend=0)
+    positions = np.cumsum(gaps + 1) - 1
+    if positions.size and positions[-1] >= numel:
+        raise FormatError(f"{where}: gaps reach position {int(positions[-1])} of a tensor with {numel} entries")
+    return positions
+
+
+def _dequantized(spec: TensorSpec, flat: np.ndarray, scales: bytes, where: str) -> torch.Tensor:
+    qmax = 2 ** (spec.bits - 1) - 1
+    if flat.size and int(np.abs(flat.astype(np.int16)).max()) > qmax:
+        raise FormatError(f"{where}: int8 codes exceed ±{qmax}, the range of a {spec.bits}-bit grid")
+    scale = to_torch(np.frombuffer(scales, dtype="<u2"), by_name("bfloat16"), (spec.rows,)).float()
+    if not (torch.isfinite(scale).all() and (scale >= 0).all()):
+        raise FormatError(f"{where}: quantization scales must be finite and non-negative")
+    q = to_torch(flat, spec.values, spec.shape)
+    return dequantize(q, scale, spec.dtype.torch)
