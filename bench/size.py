@@ -92,6 +92,10 @@ def _grid_rows(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> list[dict]
     return out
 
 
+def _dense_accuracies(rows: list[dict]) -> list[tuple[str, float]]:
+    return list({r["model"]: r["dense_accuracy"] for r in rows}.items())
+
+
 def _x(ref: float, size: float) -> str:
     return f"{size / 1024:,.1f} KiB ({ref / size:.1f}×)"
 
@@ -138,7 +142,8 @@ def run(out: Path, quick: bool) -> str:
         "Ratios are against dense fp32 (4 bytes per parameter). prunekit: lossless file; +int8: symmetric "
         "per-channel int8 weights, zeros exact. Bound: n·H(k/n) + k·8 bits per weight tensor, raw fp32 for "
         "biases (entropy-coded int8 codes can beat it; the file also pays for headers and per-channel scales). "
-        f"Accuracy on {len(data[3]):,} test digits; int8 accuracy is that of the model read back from its file.",
+        f"Accuracy on {len(data[3]):,} test digits; int8 accuracy is that of the model read back from its file. "
+        "Dense accuracy: " + ", ".join(f"{label} {acc:.2%}" for label, acc in _dense_accuracies(rows)) + ".",
         "",
         *_size_table(rows),
         "",

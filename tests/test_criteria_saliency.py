@@ -198,7 +198,12 @@ def test_hutchinson_probes_follow_the_step():
 def test_unbound_or_wrongly_bound_criteria_fail_clearly():
     model, other, data = tiny_mlp(), tiny_mlp(1), tiny_data()
     with pytest.raises(RuntimeError, match=r"bind\(model\)"):
-        Pruner(model, 0.5, criterion=Taylor(data, nn.functional.cross_entropy))
+        Taylor(data, nn.functional.cross_entropy).saliency()
+    # The Pruner binds an unbound criterion to the model it prunes...
+    crit = Taylor(data, nn.functional.cross_entropy)
+    Pruner(model, 0.5, criterion=crit)
+    assert crit.model is model
+    # ...but never silently replaces a model the user bound explicitly.
     with pytest.raises(ValueError, match="different model"):
         Pruner(model, 0.5, criterion=OBD(data, nn.functional.cross_entropy, model=other))
 

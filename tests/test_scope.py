@@ -128,8 +128,9 @@ def test_tied_parameters_appear_once_under_their_first_name():
     ([nn.Conv2d], ["conv2.weight"]),
     ([nn.ConvTranspose2d, nn.Embedding], ["emb.weight", "deconv.weight"]),
     ([nn.Linear], ["attn.out_proj.weight", "xattn.out_proj.weight", "head.0.weight", "head.2.weight"]),
-    ([nn.MultiheadAttention], ["attn.in_proj_weight", "xattn.q_proj_weight", "xattn.k_proj_weight",
-                               "xattn.v_proj_weight"]),
+    # A type also selects what is inside a matching module: MHA's out_proj comes along.
+    ([nn.MultiheadAttention], ["attn.in_proj_weight", "attn.out_proj.weight", "xattn.q_proj_weight",
+                               "xattn.k_proj_weight", "xattn.v_proj_weight", "xattn.out_proj.weight"]),
     ([nn.RNNBase], [n for n in BIG_EXPECTED if n.split(".")[0] in ("lstm", "lstmp", "gru", "rnn")]),
     ([lambda name, m: name.startswith("x")], ["xattn.q_proj_weight", "xattn.k_proj_weight", "xattn.v_proj_weight",
                                               "xattn.out_proj.weight"]),
@@ -145,8 +146,9 @@ def test_layer_selection(layers, expected):
 
 @pytest.mark.parametrize("exclude,removed", [
     (["lstm*"], [n for n in BIG_EXPECTED if n.startswith("lstm")]),
-    ([nn.MultiheadAttention, "head.2"], ["attn.in_proj_weight", "xattn.q_proj_weight", "xattn.k_proj_weight",
-                                         "xattn.v_proj_weight", "head.2.weight"]),
+    ([nn.MultiheadAttention, "head.2"], ["attn.in_proj_weight", "attn.out_proj.weight", "xattn.q_proj_weight",
+                                         "xattn.k_proj_weight", "xattn.v_proj_weight", "xattn.out_proj.weight",
+                                         "head.2.weight"]),
     ([lambda n, m: isinstance(m, nn.Linear)], ["attn.out_proj.weight", "xattn.out_proj.weight",
                                                 "head.0.weight", "head.2.weight"]),
     (["*.weight_hr_*"], ["lstmp.weight_hr_l0"]),
@@ -336,3 +338,38 @@ def test_register_prunable_rejects(args, match):
     with pytest.raises(TypeError, match="register_prunable: " + match):
         register_prunable(*args)
     assert prunable_parameter_names(Custom()) is None
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+        self.attn = nn.MultiheadAttention(4, 2)
+
+
+class _EncDec(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = _Encoder()
+        self.decoder = nn.Linear(4, 4)
+
+
+@pytest.mark.parametrize("selector", ["encoder", "enc*", _Encoder], ids=["name", "glob", "type"])
+def test_selecting_a_container_selects_the_layers_inside(selector):
+    scope = resolve_scope(_EncDec(), layers=[selector])
+    assert names(scope) == ["encoder.block.0.weight", "encoder.block.2.weight",
+                            "encoder.attn.in_proj_weight", "encoder.attn.out_proj.weight"]
+
+
+def test_excluding_a_container_and_overriding_it_reach_the_layers_inside():
+    scope = resolve_scope(_EncDec(), exclude=["encoder.attn"], overrides={"encoder.block": 0.3})
+    assert names(scope) == ["encoder.block.0.weight", "encoder.block.2.weight", "decoder.weight"]
+    assert [t.override for t in scope.targets] == [0.3, 0.3, None]
+
+
+def test_predicates_are_asked_about_each_module_alone():
+    # "encoder" has no prunable parameter of its own, and a predicate does not reach inside it.
+    with pytest.raises(ValueError, match="layers: .* matched no prunable parameter"):
+        resolve_scope(_EncDec(), layers=[lambda name, module: name == "encoder"])
+    scope = resolve_scope(_EncDec(), layers=[lambda name, module: name.startswith("encoder")])
+    assert names(scope)[0] == "encoder.block.0.weight" and "decoder.weight" not in names(scope)

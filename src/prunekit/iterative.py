@@ -70,9 +70,9 @@ def _pruned_nonzero(pruner: Pruner) -> int:
 
 def _train_round(train_fn: TrainFn, model: nn.Module, pruner: Pruner, round_index: int) -> int:
     """Retrain with the pruner; re-zero anything that moved; detach optimizers attached meanwhile."""
-    before = list(getattr(pruner, "_optimizers", []))
+    before = list(pruner.optimizers)
     train_fn(model, pruner)
-    for opt in [o for o in getattr(pruner, "_optimizers", []) if all(o is not b for b in before)]:
+    for opt in [o for o in pruner.optimizers if all(o is not b for b in before)]:
         pruner.detach(opt)  # a fresh optimizer per round should not stay referenced (memory)
     moved = _pruned_nonzero(pruner)
     if moved:

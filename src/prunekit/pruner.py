@@ -83,7 +83,8 @@ class Pruner:
     After each ``optimizer.step()`` of an attached optimizer (or each manual
     :meth:`step`), the step counter advances, masks are recomputed when the
     schedule says so, and masks are re-applied. The first masks are computed
-    at construction if the schedule updates at step 0. Masks follow the model
+    at construction if the schedule updates at step 0 (so, to resume, build the
+    Pruner before loading checkpoint weights). Masks follow the model
     across ``model.to(device)`` and dtype casts. A NaN or Inf gradient (a
     diverging run) can leave NaN in pruned entries; the next mask update then
     raises a ``ValueError`` naming the parameter.
@@ -122,6 +123,9 @@ class Pruner:
             raise ValueError("Pruner: no prunable parameter in scope (check layers/exclude)")
         self.model = model
         self.skipped = scope.skipped
+        bind = getattr(self.criterion, "bind", None)
+        if callable(bind) and getattr(self.criterion, "model", None) is None:
+            bind(model)  # data-driven criteria (OBD, Taylor) estimate on the model being pruned
         self._slots = [_Slot(t, self._override_schedule(t)) for t in scope.targets]
         self._groups = self._make_groups()
         self._step = 0
@@ -161,6 +165,11 @@ class Pruner:
     def current_step(self) -> int:
         """Number of steps taken (optimizer steps of attached optimizers plus manual :meth:`step` calls)."""
         return self._step
+
+    @property
+    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        """The attached optimizers, in the order they were attached."""
+        return tuple(self._optimizers)
 
     @property
     def names(self) -> list[str]:

@@ -10,7 +10,9 @@ walks a model and applies the user's selection:
 
 A selector is a glob pattern matched against module names and full parameter
 names (``"features.*"``, ``"lstm.weight_hh_*"``), a module type (``nn.Conv2d``,
-matched with ``isinstance``), or a predicate ``(name, module) -> bool``.
+matched with ``isinstance``), or a predicate ``(name, module) -> bool``. Names
+and types also select everything inside a matching module (``"encoder"``,
+``nn.TransformerEncoderLayer``); predicates are asked about each module alone.
 Layers of unknown types are skipped and reported, unless the user named them
 by exact name or type, which is an error.
 """
@@ -143,11 +145,15 @@ def _is_explicit(sel: Selector) -> bool:
     return isinstance(sel, type) or (isinstance(sel, str) and not any(c in sel for c in "*?["))
 
 
-def _matches(sel: Selector, module_name: str, param_full: str | None, module: nn.Module) -> bool:
+def _matches(sel: Selector, module_name: str, param_full: str | None, module: nn.Module,
+             ancestors: Sequence[tuple[str, nn.Module]] = ()) -> bool:
+    # Names and types also match through an enclosing module, so "encoder" or
+    # TransformerEncoderLayer select the layers inside; predicates see each module alone.
     if isinstance(sel, str):
-        return fnmatchcase(module_name, sel) or (param_full is not None and fnmatchcase(param_full, sel))
+        names = [module_name, *(n for n, _ in ancestors if n)]
+        return any(fnmatchcase(n, sel) for n in names) or (param_full is not None and fnmatchcase(param_full, sel))
     if isinstance(sel, type):
-        return isinstance(module, sel)
+        return isinstance(module, sel) or any(isinstance(m, sel) for _, m in ancestors)
     return bool(sel(module_name, module))
 
 
@@ -199,19 +205,21 @@ def resolve_scope(
     exclude = _check_selectors("exclude", exclude)
     overrides = _check_overrides(overrides)
     used: set[tuple[str, int]] = set()
-    scope, seen = Scope(), set()
+    scope, seen, by_name = Scope(), set(), {}
     for module_name, module in model.named_modules():
+        by_name[module_name] = module
         names = prunable_parameter_names(module)
         if names is None:
             _handle_unknown(scope, module_name, module, layers, used)
             continue
+        ancestors = _ancestors(module_name, by_name)
         for pname in names:
             param = getattr(module, pname)
             full = f"{module_name}.{pname}" if module_name else pname
-            if id(param) in seen or not _selected(module_name, full, module, layers, exclude, used):
+            if id(param) in seen or not _selected(module_name, full, module, ancestors, layers, exclude, used):
                 continue
             seen.add(id(param))
-            override = _find_override(full, module_name, module, overrides, used)
+            override = _find_override(full, module_name, module, ancestors, overrides, used)
             scope.targets.append(Target(full, module_name, module, pname, override))
     _check_all_used(layers, exclude, overrides, used)
     return scope
@@ -228,23 +236,32 @@ def _check_overrides(overrides: Any) -> dict[str, Any] | None:
     return dict(overrides)
 
 
-def _selected(module_name, full, module, layers, exclude, used) -> bool:
+def _ancestors(module_name: str, by_name: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+    # named_modules() is pre-order, so every enclosing module is already in by_name.
+    if not module_name:
+        return []
+    parts = module_name.split(".")
+    prefixes = [""] + [".".join(parts[:i]) for i in range(1, len(parts))]
+    return [(p, by_name[p]) for p in prefixes if p in by_name]
+
+
+def _selected(module_name, full, module, ancestors, layers, exclude, used) -> bool:
     chosen = layers is None
     for i, sel in enumerate(layers or ()):
-        if _matches(sel, module_name, full, module):
+        if _matches(sel, module_name, full, module, ancestors):
             used.add(("layers", i))
             chosen = True
     if not chosen:
         return False
-    hit = [i for i, sel in enumerate(exclude or ()) if _matches(sel, module_name, full, module)]
+    hit = [i for i, sel in enumerate(exclude or ()) if _matches(sel, module_name, full, module, ancestors)]
     used.update(("exclude", i) for i in hit)
     return not hit
 
 
-def _find_override(full, module_name, module, overrides, used) -> Any:
+def _find_override(full, module_name, module, ancestors, overrides, used) -> Any:
     if not overrides:
         return None
-    hits = [(i, key) for i, key in enumerate(overrides) if _matches(key, module_name, full, module)]
+    hits = [(i, key) for i, key in enumerate(overrides) if _matches(key, module_name, full, module, ancestors)]
     if len(hits) > 1:
         keys = [key for _, key in hits]
         raise ValueError(f"overrides: parameter '{full}' is matched by several patterns {keys}; make them disjoint")
