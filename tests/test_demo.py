@@ -46,10 +46,13 @@ def test_writes_results_json_with_the_documented_fields(quick):
     assert on_disk == json.loads(json.dumps(results))
     for key in ("dense_accuracy", "pruned_accuracy", "sparsity", "bytes", "seed", "schedule", "layers", "seconds"):
         assert key in on_disk, key
-    assert set(on_disk["bytes"]) == {"dense_raw", "dense_gzip", "pruned_raw", "pruned_gzip"}
+    assert set(on_disk["bytes"]) == {"dense_raw", "dense_gzip", "pruned_raw", "pruned_gzip",
+                                     "prunekit", "prunekit_int8"}
+    assert 0.0 <= on_disk["int8_accuracy"] <= 1.0 and 0.0 <= on_disk["prunekit_accuracy"] <= 1.0
     assert on_disk["seed"] == 0 and on_disk["quick"] is True and on_disk["seconds"] > 0
     # Atomic writes leave no temporary files behind.
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pkt", "model.safetensors",
+                                                     "model_int8.pkt", "results.json"]
 
 
 def test_pruned_model_file_has_exactly_80_percent_zeros_per_layer(quick):
@@ -103,7 +106,8 @@ def test_prints_the_table_and_the_layer_report(quick):
     assert "dense" in printed and "pruned" in printed
     assert f"{results['pruned_accuracy']:.2%}" in printed and "80.00%" in printed
     assert "gzip" in printed and "fc1.weight" in printed and "total" in printed
-    assert str(out / "results.json") in printed
+    assert f"wrote results.json, model.safetensors, model.pkt, model_int8.pkt, model.onnx to {out}" in printed
+    assert "prunekit file, int8" in printed and "ONNX: model.onnx" in printed
 
 
 def test_same_seed_gives_identical_results_and_files(quick, tmp_path):
@@ -152,3 +156,27 @@ def test_run_demo_rejects_bad_arguments(tmp_path):
         run_demo(tmp_path, quick="yes")
     with pytest.raises(TypeError, match="out"):
         run_demo(None, quick=True)
+
+
+def test_shipped_files_reload_to_the_reported_accuracies_and_sizes(quick):
+    import prunekit
+
+    out, results, _ = quick
+    X_test, y_test = load_mnist5k("test")
+    n = results["test_samples"]
+    for name, acc_key, size_key in (("model.pkt", "prunekit_accuracy", "prunekit"),
+                                    ("model_int8.pkt", "int8_accuracy", "prunekit_int8")):
+        assert (out / name).stat().st_size == results["bytes"][size_key]
+        model = LeNet5()
+        prunekit.load(out / name, model)
+        assert evaluate(model, X_test[:n], y_test[:n])["accuracy"] == results[acc_key]
+    # Lossless means lossless: the same accuracy as the stripped model, and 80% zeros make it smaller than gzip.
+    assert results["prunekit_accuracy"] == results["pruned_accuracy"]
+    assert results["bytes"]["prunekit"] < results["bytes"]["pruned_gzip"]
+    assert results["bytes"]["prunekit_int8"] < results["bytes"]["prunekit"] / 2
+
+
+def test_onnx_export_matches_torch(quick):
+    out, results, _ = quick
+    assert (out / results["onnx"]["path"]).stat().st_size == results["onnx"]["bytes"]
+    assert results["onnx"]["max_rel_error"] <= 1e-4

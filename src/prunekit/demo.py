@@ -33,6 +33,7 @@ from torch import nn
 from ._io import atomic_write_bytes, atomic_write_json
 from ._validate import check_int
 from .data import load_mnist5k
+from .formats import dumps, export_onnx, loads
 from .models import LeNet5
 from .pruner import Pruner, strip
 from .report import SparsityReport, sparsity_report
@@ -119,14 +120,16 @@ def run_demo(out: str | os.PathLike[str], *, seed: int = 0, quick: bool = False,
     out = _check_out(out)  # last: a bad argument must not leave a new directory behind
     config = QUICK if quick else FULL
     with _seeded(seed):
-        results, report, pruned_bytes = _run(config, seed, progress)
+        results, report, files = _run(config, seed, progress, out)
     results.update(seed=seed, quick=quick, seconds=round(time.perf_counter() - started, 3))
-    atomic_write_bytes(out / "model.safetensors", pruned_bytes)
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
     atomic_write_json(out / "results.json", results)
     print(format_table(results))
     print()
     print(report)
-    print(f"\nwrote {out / 'results.json'} and {out / 'model.safetensors'} in {results['seconds']:.1f} s")
+    written = ["results.json", *files] + ([results["onnx"]["path"]] if "path" in results["onnx"] else [])
+    print(f"\nwrote {', '.join(written)} to {out} in {results['seconds']:.1f} s")
     return results
 
 
@@ -163,8 +166,9 @@ def _seeded(seed: int) -> Iterator[None]:
             torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
-def _run(config: DemoConfig, seed: int, progress: bool | None) -> tuple[dict[str, Any], SparsityReport, bytes]:
-    """The three stages; returns the results (without run metadata), the final report and the pruned model's bytes."""
+def _run(config: DemoConfig, seed: int, progress: bool | None,
+         out: Path) -> tuple[dict[str, Any], SparsityReport, dict[str, bytes]]:
+    """The three stages; returns the results (without run metadata), the final report and the files to write."""
     data = _load_data(config)
     model = LeNet5()
     dense = _train_dense(model, data, config, seed, progress)
@@ -172,16 +176,38 @@ def _run(config: DemoConfig, seed: int, progress: bool | None) -> tuple[dict[str
     schedule, report = _prune_finetune(model, data, config, seed, progress)
     pruned = evaluate(model, data.X_test, data.y_test)
     pruned_bytes = _state_bytes(model)
+    shipped, files = _ship(model, data, out)
     results = {
         "model": "LeNet5", "dataset": "mnist5k", "config": asdict(config), "torch": torch.__version__,
         "train_samples": len(data.X_train), "test_samples": len(data.X_test),
         "dense_accuracy": dense["accuracy"], "dense_loss": dense["loss"], "dense_sparsity": dense["sparsity"],
         "pruned_accuracy": pruned["accuracy"], "pruned_loss": pruned["loss"], "sparsity": report.sparsity,
         "bytes": {"dense_raw": len(dense_bytes), "dense_gzip": _gzip_size(dense_bytes),
-                  "pruned_raw": len(pruned_bytes), "pruned_gzip": _gzip_size(pruned_bytes)},
-        "schedule": schedule.to_dict(), "layers": report.to_dict(),
+                  "pruned_raw": len(pruned_bytes), "pruned_gzip": _gzip_size(pruned_bytes),
+                  "prunekit": len(files["model.pkt"]), "prunekit_int8": len(files["model_int8.pkt"])},
+        **shipped, "schedule": schedule.to_dict(), "layers": report.to_dict(),
     }
-    return results, report, pruned_bytes
+    return results, report, {"model.safetensors": pruned_bytes, **files}
+
+
+def _ship(model: nn.Module, data: _Data, out: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Stage 3: the prunekit file (lossless and int8), each reloaded and evaluated, and ONNX parity."""
+    files = {"model.pkt": dumps(model), "model_int8.pkt": dumps(model, quantize="int8")}
+    accuracy = {}
+    for name, key in (("model.pkt", "prunekit_accuracy"), ("model_int8.pkt", "int8_accuracy")):
+        reloaded = LeNet5()
+        reloaded.load_state_dict(loads(files[name]))
+        accuracy[key] = evaluate(reloaded, data.X_test, data.y_test)["accuracy"]
+    return {**accuracy, "onnx": _onnx_parity(model, data, out)}, files
+
+
+def _onnx_parity(model: nn.Module, data: _Data, out: Path) -> dict[str, Any]:
+    """Export to ONNX and compare onnxruntime with torch; a missing extra is reported, not fatal."""
+    try:
+        exported = export_onnx(model, data.X_test[:8], out / "model.onnx")
+    except ImportError as exc:
+        return {"skipped": f"{exc} (pip install prunekit[onnx])"}
+    return {"path": exported.path.name, "bytes": exported.bytes, "max_rel_error": exported.max_rel_error}
 
 
 def _load_data(config: DemoConfig) -> _Data:
@@ -268,13 +294,20 @@ def format_table(results: dict[str, Any]) -> str:
         ("sparsity (prunable weights)", f"{results['dense_sparsity']:.2%}", f"{results['sparsity']:.2%}"),
         ("safetensors, raw", _kib(b["dense_raw"]), _kib(b["pruned_raw"])),
         ("safetensors, gzip -9", _kib(b["dense_gzip"]), _kib(b["pruned_gzip"])),
+        ("prunekit file (lossless)", "", f"{_kib(b['prunekit'])}  {b['dense_raw'] / b['prunekit']:.1f}x"),
+        ("prunekit file, int8", "", f"{_kib(b['prunekit_int8'])}  {b['dense_raw'] / b['prunekit_int8']:.1f}x"),
+        ("test accuracy, int8 file", "", f"{results['int8_accuracy']:.2%}"),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}".rstrip() for r in rows]
     title = (f"LeNet-5 on MNIST-5k ({results['train_samples']:,} train / {results['test_samples']:,} test digits), "
              f"seed {results['seed']}{', quick' if results.get('quick') else ''}")
     ratio = b["dense_gzip"] / b["pruned_gzip"] if b["pruned_gzip"] else float("inf")
-    return "\n".join([title, *lines, f"gzip -9 of the pruned file is {ratio:.2f}x smaller than of the dense one"])
+    onnx = results["onnx"]
+    onnx_line = (f"ONNX: {onnx['path']} ({_kib(onnx['bytes'])}), onnxruntime vs torch max relative error "
+                 f"{onnx['max_rel_error']:.1e}" if "skipped" not in onnx else f"ONNX: skipped: {onnx['skipped']}")
+    return "\n".join([title, *lines, f"gzip -9 of the pruned file is {ratio:.2f}x smaller than of the dense one; "
+                       "x = smaller than the dense fp32 file", onnx_line])
 
 
 # -- command line -----------------------------------------------------------------------------

@@ -90,6 +90,7 @@ class Pruner:
     raises a ``ValueError`` naming the parameter.
 
     Example:
+        >>> from prunekit import PolynomialDecay
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> pruner = Pruner(model, PolynomialDecay(0.5, 0.8, 0, 100, frequency=10), optimizer=opt)

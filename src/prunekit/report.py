@@ -89,6 +89,7 @@ def sparsity_report(model: nn.Module, pruner: "Pruner | None" = None) -> Sparsit
         pruner: if given, report exactly its parameters, targets and skipped layers.
 
     Example:
+        >>> import torch
         >>> net = nn.Sequential(nn.Linear(4, 2))
         >>> with torch.no_grad():
         ...     net[0].weight[0] = 0
