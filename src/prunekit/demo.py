@@ -15,7 +15,6 @@ directory. Everything is seeded: the same seed gives the same numbers.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import math
 import os
@@ -23,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ._io import atomic_write_bytes, atomic_write_json
+from ._repro import seeded
 from ._validate import check_int
 from .data import load_mnist5k
 from .formats import dumps, export_onnx, loads
@@ -119,7 +119,7 @@ def run_demo(out: str | os.PathLike[str], *, seed: int = 0, quick: bool = False,
         raise TypeError(f"run_demo: quick must be a bool, got {type(quick).__name__} {quick!r}")
     out = _check_out(out)  # last: a bad argument must not leave a new directory behind
     config = QUICK if quick else FULL
-    with _seeded(seed):
+    with seeded(seed):
         results, report, files = _run(config, seed, progress, out)
     results.update(seed=seed, quick=quick, seconds=round(time.perf_counter() - started, 3))
     for name, data in files.items():
@@ -143,27 +143,6 @@ def _check_out(out: Any) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch, use deterministic algorithms and one intra-op thread; restore the caller's state on exit.
-
-    One thread because float reductions split across threads round differently,
-    so results would depend on the machine's core count; and because LeNet-5's
-    ops are too small to gain from threads, while OpenMP threads competing with
-    other processes for a core slow training down several-fold.
-    """
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        torch.use_deterministic_algorithms(True)
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def _run(config: DemoConfig, seed: int, progress: bool | None,

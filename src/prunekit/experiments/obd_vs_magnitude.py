@@ -19,7 +19,6 @@ Writes ``table.md``, ``results.json`` and ``plot.png`` into the output directory
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import math
@@ -29,7 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ from tqdm import tqdm
 
 from .. import hessian
 from .._io import atomic_open, atomic_write_json
+from .._repro import seeded
 from .._validate import check_int
 from ..criteria import OBD, Criterion, Magnitude, Precomputed, Random, ScoreContext, Taylor
 from ..data import load_mnist5k
@@ -125,25 +125,6 @@ def _load(config: Config) -> _Data:
     return _Data(X[:n], y[:n], X_test[:m], y_test[:m])
 
 
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch, deterministic algorithms, one intra-op thread; restore the caller's state.
-
-    One thread: float reductions split over threads round differently, so the
-    numbers would depend on the machine's core count.
-    """
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        torch.use_deterministic_algorithms(True)
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 # -- criteria ---------------------------------------------------------------------------------
@@ -324,7 +305,7 @@ def _diagnostics(trained: nn.Module, data: _Data, config: Config, seed: int,
 
 
 def _run_seed(data: _Data, config: Config, seed: int, bar: tqdm) -> dict[str, Any]:
-    with _seeded(seed):
+    with seeded(seed):
         bar.set_postfix_str(f"seed {seed}: dense training")
         trained = _train_dense(data, config, seed)
         dense = _evaluate(trained, data)
