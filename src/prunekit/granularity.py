@@ -14,11 +14,15 @@ its pattern (N:M) overrides :meth:`mask` and sets ``supports_global = False``.
 
 from __future__ import annotations
 
+import functools
+import math
+from typing import Any, Sequence
+
 import torch
 
-import functools
+from ._validate import check_int
 
-__all__ = ["Granularity", "Unstructured", "prune_count", "lowest_k", "rank_units"]
+__all__ = ["Granularity", "Unstructured", "NM", "Blocks", "prune_count", "lowest_k", "rank_units"]
 
 
 def prune_count(n: int, sparsity: float) -> int:
@@ -124,3 +128,208 @@ def rank_units(
     keep = lowest_k(flat, prune_count(flat.numel(), sparsity))
     pieces = torch.split(keep, [u.numel() for u in units])
     return [granularity.expand(k, s.shape) for k, s in zip(pieces, scores)]
+
+
+# --------------------------------------------------------------------------------------
+# Structured granularities: N:M and blocks. Both see a tensor through the same 2-D view.
+# --------------------------------------------------------------------------------------
+
+
+def _rows_cols(shape: Sequence[int]) -> tuple[int, int]:
+    """The 2-D view every structured granularity works on: ``(shape[0], prod(shape[1:]))``.
+
+    A Linear weight ``(out, in)`` is itself; a Conv weight ``(out, in, kh, kw)``
+    becomes ``(out, in*kh*kw)`` in row-major order (the im2col / ``unfold``
+    order, kernel position fastest); a 1-D tensor is one row ``(1, n)``.
+    """
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, int(shape[0])
+    return int(shape[0]), math.prod(int(d) for d in shape[1:])
+
+
+class NM(Granularity):
+    """N:M semi-structured sparsity: in every group of ``m`` consecutive weights keep the ``n`` best.
+
+    Grouping: the tensor is seen as the 2-D matrix ``(shape[0], prod(shape[1:]))``
+    (a Linear weight ``(out, in)`` as is; a Conv weight ``(out, in, kh, kw)`` as
+    ``(out, in*kh*kw)``, flattened row-major so the kernel position varies fastest;
+    a 1-D tensor as one row). With ``dim=-1`` (or ``1``) a group is ``m``
+    consecutive entries of one row, i.e. along the input dimension: for 2:4 on a
+    Linear weight these are exactly the groups that sparse tensor cores and
+    ``torch.sparse.to_sparse_semi_structured`` expect. With ``dim=0`` (or ``-2``)
+    a group is ``m`` consecutive entries of one column (for layouts that
+    multiply by the transposed weight). The grouped length must be a multiple of
+    ``m``, otherwise :meth:`mask` raises ``ValueError`` naming the shape; leave
+    such tensors out of the Pruner's scope (``exclude=``).
+
+    Sparsity is fixed by the pattern at ``1 - n/m``: :meth:`mask` accepts a
+    target of ``0`` (nothing pruned) or ``1 - n/m`` (within ``1e-9``) and raises
+    ``ValueError`` for anything else, so a Pruner uses
+    ``ConstantSparsity(1 - n/m)`` (a ramp would pass through other targets).
+    Within a group the ``m - n`` lowest scores are pruned, ties pruning the
+    lower index first. Entries already pruned in ``prior`` are pruned first and
+    stay pruned: a group then keeps *at most* ``n`` (exactly ``n`` unless the
+    prior had pruned more than ``m - n`` of it), which is still a valid N:M
+    pattern for sparse kernels. N:M has no global ranking (``supports_global``
+    is ``False``); its units for :meth:`unit_scores` / :meth:`expand` are single
+    weights.
+
+    Args:
+        n: weights kept per group, ``1 <= n < m``.
+        m: group size, ``>= 2``.
+        dim: ``-1``/``1`` (groups along rows, the input dimension) or ``0``/``-2``
+            (groups along columns) of the 2-D view.
+
+    Raises:
+        TypeError: an argument is not an integer.
+        ValueError: ``n``, ``m`` or ``dim`` is out of range.
+
+    Example:
+        >>> NM(2, 4).mask(torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.0, 0.0, 5.0, 0.0]]), 0.5)
+        tensor([[ True, False,  True, False, False, False,  True,  True]])
+    """
+
+    supports_global = False
+
+    def __init__(self, n: int, m: int, dim: int = -1) -> None:
+        self.m = check_int("NM", "m", m, minimum=2)
+        self.n = check_int("NM", "n", n, minimum=1)
+        if self.n >= self.m:
+            raise ValueError(f"NM: n must be < m (n:m keeps n of every m weights), got n={n}, m={m}")
+        self.dim = check_int("NM", "dim", dim)
+        if self.dim not in (-2, -1, 0, 1):
+            raise ValueError(f"NM: dim must be -1 or 1 (groups along rows) or 0 or -2 (along columns), got {dim}")
+
+    @property
+    def sparsity(self) -> float:
+        """The sparsity the pattern defines, ``1 - n/m``."""
+        return 1.0 - self.n / self.m
+
+    def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:  # noqa: D102 - units are single weights
+        return scores.reshape(-1)
+
+    def expand(self, unit_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:  # noqa: D102
+        return unit_keep.reshape(shape)
+
+    def mask(self, scores: torch.Tensor, sparsity: float, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """Boolean keep-mask of ``scores.shape`` with the N:M pattern (see the class docstring).
+
+        Raises:
+            ValueError: ``sparsity`` is neither 0 nor ``1 - n/m``, or the grouped
+                length of ``scores`` is not a multiple of ``m``.
+        """
+        groups = self._groups(scores)  # validates the shape even when nothing is pruned
+        if sparsity == 0:
+            return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        if not abs(sparsity - self.sparsity) <= 1e-9:
+            raise ValueError(f"{self!r}: the pattern fixes sparsity at 1 - n/m = {self.sparsity:g}, got a target of "
+                             f"{sparsity!r}; use ConstantSparsity({self.sparsity:g}) (or 0 for no pruning)")
+        key = groups.to(torch.promote_types(scores.dtype, torch.float32))
+        dead = None if prior is None else ~self._groups(prior.to(torch.bool))
+        if dead is not None:
+            key = key.masked_fill(dead, float("-inf"))
+        lowest = torch.sort(key, dim=1, stable=True).indices[:, : self.m - self.n]
+        keep = torch.ones_like(key, dtype=torch.bool).scatter_(1, lowest, False)
+        if dead is not None:
+            keep &= ~dead
+        return self._ungroup(keep, scores.shape)
+
+    def _groups(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as ``(n_groups, m)``, one group per row."""
+        rows, cols = _rows_cols(t.shape)
+        mat = t.reshape(rows, cols)
+        if self.dim in (0, -2):
+            mat = mat.t()
+        if mat.shape[1] % self.m:
+            along = "per column" if self.dim in (0, -2) else "per row"
+            raise ValueError(f"{self!r}: a tensor of shape {tuple(t.shape)} (2-D view {(rows, cols)}) has "
+                             f"{mat.shape[1]} entries {along}, not a multiple of m={self.m}; exclude it from the "
+                             "scope or pick an m that divides it")
+        return mat.reshape(-1, self.m)
+
+    def _ungroup(self, keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        rows, cols = _rows_cols(shape)
+        if self.dim in (0, -2):
+            return keep.reshape(cols, rows).t().reshape(shape)
+        return keep.reshape(shape)
+
+    def __repr__(self) -> str:
+        return f"NM({self.n}, {self.m})" if self.dim == -1 else f"NM({self.n}, {self.m}, dim={self.dim})"
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, NM) and (self.n, self.m, self._row_dim) == (other.n, other.m, other._row_dim)
+
+    def __hash__(self) -> int:
+        return hash((NM, self.n, self.m, self._row_dim))
+
+    @property
+    def _row_dim(self) -> bool:
+        return self.dim in (-1, 1)
+
+
+class Blocks(Granularity):
+    """Rectangular blocks of the 2-D view, pruned whole; ranked by the sum of their scores.
+
+    The tensor is seen as the matrix ``(shape[0], prod(shape[1:]))`` (a Conv
+    weight ``(out, in, kh, kw)`` as ``(out, in*kh*kw)``, row-major; a 1-D tensor
+    as one row) and tiled by ``shape`` blocks, ``(bh, bw)`` = (rows, columns):
+    ``(1, 4)`` is 4 consecutive input weights of one output, ``(4, 1)`` the same
+    input weight of 4 consecutive outputs. A block's score is the **sum** of its
+    entries' scores (for additive saliencies such as Magnitude, OBD or Taylor,
+    the block's total saliency); all blocks have the same size, so sums compare
+    across layers and global ranking is supported. Blocks are numbered
+    row-major, and ties prune the lower-numbered block first. Both dimensions of
+    the view must be multiples of the block's, otherwise ``ValueError`` names
+    the shape (no ragged edge blocks). A block is alive while any of its entries
+    is kept.
+
+    Args:
+        shape: ``(bh, bw)``, two positive integers.
+
+    Raises:
+        TypeError: ``shape`` is not a pair of integers.
+        ValueError: a block dimension is < 1.
+
+    Example:
+        >>> Blocks((1, 2)).mask(torch.tensor([[1.0, 2.0, 5.0, 0.0], [3.0, 3.0, 0.0, 1.0]]), 0.5)
+        tensor([[False, False,  True,  True],
+                [ True,  True, False, False]])
+    """
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or len(shape) != 2:
+            raise TypeError(f"Blocks: shape must be a pair (rows, cols) of positive integers, got {shape!r}")
+        self.shape = (check_int("Blocks", "shape[0]", shape[0], minimum=1),
+                      check_int("Blocks", "shape[1]", shape[1], minimum=1))
+
+    def _tiles(self, shape: Sequence[int]) -> tuple[int, int]:
+        """Number of block rows and block columns of a tensor of ``shape``."""
+        rows, cols = _rows_cols(shape)
+        bh, bw = self.shape
+        if rows % bh or cols % bw:
+            raise ValueError(f"{self!r}: a tensor of shape {tuple(shape)} (2-D view {(rows, cols)}) is not divisible "
+                             f"into {bh}x{bw} blocks; exclude it from the scope or pick a block shape that divides it")
+        return rows // bh, cols // bw
+
+    def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Block sums, row-major over the grid of blocks, as a 1-D tensor."""
+        br, bc = self._tiles(scores.shape)
+        view = scores.reshape(br, self.shape[0], bc, self.shape[1])
+        return view.to(torch.promote_types(scores.dtype, torch.float32)).sum(dim=(1, 3)).reshape(-1)
+
+    def expand(self, unit_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Broadcast one keep flag per block over its entries."""
+        br, bc = self._tiles(shape)
+        grid = unit_keep.reshape(br, 1, bc, 1).expand(br, self.shape[0], bc, self.shape[1])
+        return grid.reshape(shape)
+
+    def __repr__(self) -> str:
+        return f"Blocks({self.shape})"
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Blocks) and self.shape == other.shape
+
+    def __hash__(self) -> int:
+        return hash((Blocks, self.shape))

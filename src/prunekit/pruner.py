@@ -352,10 +352,14 @@ class Pruner:
     def _compute_group(self, group: list[_Slot], sparsity: float) -> None:
         scores = [self._scores(slot) for slot in group]
         priors = [~slot.pruned if slot.active else None for slot in group]
-        if len(group) == 1 and not self.granularity.supports_global:
-            keeps = [self.granularity.mask(scores[0], sparsity, priors[0])]
-        else:
-            keeps = rank_units(self.granularity, scores, priors, sparsity)
+        try:
+            if len(group) == 1 and not self.granularity.supports_global:
+                keeps = [self.granularity.mask(scores[0], sparsity, priors[0])]
+            else:
+                keeps = rank_units(self.granularity, scores, priors, sparsity)
+        except ValueError as exc:  # e.g. a shape the pattern does not tile: say which parameter
+            names = ", ".join(f"'{slot.target.name}'" for slot in group)
+            raise ValueError(f"cannot prune {names} with {self.granularity!r}: {exc}") from None
         for slot, keep in zip(group, keeps):
             if keep.shape != slot.param.shape or keep.dtype != torch.bool:
                 raise ValueError(f"{self.granularity!r} returned a mask of shape {tuple(keep.shape)} / {keep.dtype} "
