@@ -22,6 +22,7 @@ from prunekit._io import atomic_open
 BENCHES: tuple[tuple[str, str], ...] = (
     ("train_step", "bench.train_step"),
     ("size", "bench.size"),
+    ("runtime", "bench.runtime"),
 )
 
 

@@ -15,12 +15,16 @@ from .granularity import NM, Blocks, Granularity, Unstructured
 from .iterative import iterative_prune, round_sparsities
 from .pruner import Pruner, strip
 from .report import LayerSparsity, SparsityReport, sparsity_report
+from .runtime import AccelerationReport, SparseLinear, accelerate
 from .schedules import ConstantSparsity, PolynomialDecay, Schedule, schedule_from_dict
 from .scope import prunable_parameter_names, register_prunable
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccelerationReport",
+    "SparseLinear",
+    "accelerate",
     "Blocks",
     "NM",
     "FormatError",

@@ -1,0 +1,179 @@
+"""Sparse execution modules: drop-in, inference-only replacements for dense layers.
+
+:class:`SparseLinear` holds a pruned ``nn.Linear`` weight in a torch sparse
+layout (CSR, or BSR with square blocks) and a dense bias. The dense layer with
+exact zeros is the oracle: outputs agree with it to float rounding.
+
+Formulation (measured on a 2-core AVX-512 CPU, torch 2.13 + MKL, 768x3072
+layers; see ``bench/runtime.py``): ``addmm(b[:, None], W, x.T).T`` is the
+fastest correct form for batch >= 2 (MKL sparse times a dense matrix; the
+transposed result is returned as a view, so a following ``SparseLinear``
+receives a contiguous ``x.T`` for free); for CSR with one row,
+``addmv(b, W, x)`` is about twice as fast as ``addmm``; ``F.linear`` with a
+sparse weight fails under ``torch.inference_mode()``. Indices are stored as
+int32 (MKL's native width; int64 indices are converted on every call, ~25%
+slower at batch 1). MKL's BSR supports square blocks only.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+import warnings
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .._validate import check_choice, check_int
+
+__all__ = ["SparseLinear", "FORMATS", "SPARSE_FORMATS"]
+
+FORMATS = ("dense", "csr", "bsr")
+SPARSE_FORMATS = ("csr", "bsr")
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` stored sparse; for inference only.
+
+    Args:
+        weight: dense 2-D weight ``(out_features, in_features)``, floating point,
+            usually with most entries exactly zero.
+        bias: dense ``(out_features,)`` bias or ``None``.
+        fmt: ``"csr"`` or ``"bsr"``.
+        blocksize: BSR block edge ``b`` (blocks are ``b x b``; both weight
+            dimensions must be multiples of ``b``). Only for ``fmt="bsr"``.
+
+    Inputs of any shape ``(*, in_features)`` are accepted, as for ``nn.Linear``.
+    The module has no parameters (the sparse weight is stored as buffers
+    ``crow_indices``, ``col_indices``, ``values``; so ``state_dict``,
+    ``deepcopy`` and ``.to()`` work). It does not support autograd: calling it
+    with grad enabled on an input that requires grad raises ``RuntimeError``;
+    run it under ``torch.inference_mode()`` or ``torch.no_grad()``.
+
+    Example:
+        >>> lin = nn.Linear(64, 32)
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.mul_(torch.rand(32, 64) > 0.9)
+        >>> sp = SparseLinear.from_linear(lin, "csr")
+        >>> with torch.inference_mode():
+        ...     y = sp(torch.randn(5, 64))
+        >>> tuple(y.shape)
+        (5, 32)
+    """
+
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    values: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, fmt: str = "csr",
+                 blocksize: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.layout != torch.strided:
+            raise TypeError(f"SparseLinear: weight must be a dense 2-D tensor, got "
+                            f"{getattr(weight, 'layout', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}")
+        if not weight.is_floating_point():
+            raise TypeError(f"SparseLinear: weight must be floating point, got {weight.dtype}")
+        self.fmt = check_choice("SparseLinear", "fmt", fmt, SPARSE_FORMATS)
+        out_features, in_features = weight.shape
+        if fmt == "bsr":
+            if blocksize is None:
+                raise ValueError("SparseLinear: blocksize is required for fmt='bsr'")
+            blocksize = check_int("SparseLinear", "blocksize", blocksize, minimum=1)
+            if out_features % blocksize or in_features % blocksize:
+                raise ValueError(f"SparseLinear: blocksize {blocksize} must divide both weight dimensions "
+                                 f"{tuple(weight.shape)}")
+        elif blocksize is not None:
+            raise ValueError(f"SparseLinear: blocksize is only for fmt='bsr', got blocksize={blocksize!r} with fmt={fmt!r}")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,)):
+            raise ValueError(f"SparseLinear: bias must be a tensor of shape ({out_features},), "
+                             f"got {tuple(getattr(bias, 'shape', ()))}")
+        self.in_features, self.out_features, self.blocksize = in_features, out_features, blocksize
+        with torch.no_grad(), _quiet():
+            w = weight.detach()
+            matrix = w.to_sparse_csr() if fmt == "csr" else w.to_sparse_bsr((blocksize, blocksize))
+            crow, col = matrix.crow_indices(), matrix.col_indices()
+            if max(crow.numel(), int(crow[-1]) if crow.numel() else 0, in_features) < 2**31 - 1:
+                crow, col = crow.to(torch.int32), col.to(torch.int32)
+            self.register_buffer("crow_indices", crow.contiguous())
+            self.register_buffer("col_indices", col.contiguous())
+            self.register_buffer("values", matrix.values().contiguous())
+            self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.nnz = int((w != 0).sum())
+        self._cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str = "csr", blocksize: int | None = None) -> "SparseLinear":
+        """Build from an ``nn.Linear`` (its weight's exact zeros are dropped); ``linear`` is not changed."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SparseLinear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
+        return cls(linear.weight, linear.bias, fmt, blocksize)
+
+    @property
+    def density(self) -> float:
+        """Fraction of nonzero weights (stored BSR blocks may also hold zeros)."""
+        total = self.in_features * self.out_features
+        return self.nnz / total if total else 0.0
+
+    def to_dense_weight(self) -> torch.Tensor:
+        """The weight as a dense ``(out_features, in_features)`` tensor."""
+        return self.matrix().to_dense()
+
+    def matrix(self) -> torch.Tensor:
+        """The weight as a torch sparse tensor (built from the buffers; cached)."""
+        key = (self.crow_indices.data_ptr(), self.col_indices.data_ptr(), self.values.data_ptr(),
+               self.values.dtype, self.values.device, self.values.shape)
+        if self._cache is None or self._cache[0] != key:
+            ctor = torch.sparse_csr_tensor if self.fmt == "csr" else torch.sparse_bsr_tensor
+            # Built outside inference mode so the cached tensor is usable in any later mode.
+            with torch.inference_mode(False), torch.no_grad(), _quiet():
+                mat = ctor(self.crow_indices, self.col_indices, self.values,
+                           (self.out_features, self.in_features), check_invariants=False)
+            self._cache = (key, mat)
+        return self._cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"SparseLinear: input must be a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear: input must have shape (*, {self.in_features}), got {tuple(x.shape)}")
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("SparseLinear is inference-only: call it under torch.inference_mode() or "
+                               "torch.no_grad(), or on an input that does not require grad")
+        w, b = self.matrix(), self.bias
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 1 and self.fmt == "csr":
+            v = x2[0]
+            y = (torch.mv(w, v) if b is None else torch.addmv(b, w, v)).unsqueeze(0)
+        else:
+            xt = x2.t()
+            y = (torch.mm(w, xt) if b is None else torch.addmm(b.unsqueeze(1), w, xt)).t()
+        return y.reshape(*lead, self.out_features)
+
+    def __getstate__(self) -> dict:
+        # The cached sparse tensor cannot be deep-copied or pickled; it is rebuilt on demand.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_cache"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        block = f", blocksize={self.blocksize}" if self.fmt == "bsr" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.fmt}{block}, density={_pct(self.density)}")
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence torch's 'sparse CSR/BSR support is in beta' warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Sparse (CSR|BSR|CSC|BSC) tensor support is in beta")
+        yield
+
+
+def _pct(x: float) -> str:
+    if x == 0 or x >= 0.001 or math.isnan(x):
+        return f"{x:.1%}"
+    return f"{x:.2e}"

@@ -1,0 +1,123 @@
+"""Pick the fastest execution format per layer by timing it on the layer's real input.
+
+Candidates are ``nn.Linear`` itself ("dense"), :class:`SparseLinear` in CSR,
+and in BSR when the weight's zeros come in square blocks (MKL's BSR supports
+square blocks only). Each candidate is first checked against the dense layer
+on the captured input; one that errors or disagrees is dropped with a note.
+Timing interleaves the candidates (one call each per round, in rotating order)
+and takes the median per candidate, so drifting machine load hits all alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .modules import SparseLinear, _quiet
+
+__all__ = ["blocky_blocksize", "build_candidates", "relative_error", "time_candidates"]
+
+# Square BSR block edges tried, largest first.
+BLOCK_EDGES = (16, 8, 4, 2)
+# A blocksize qualifies when at least this fraction of the values BSR stores are true nonzeros.
+MIN_BLOCK_FILL = 0.8
+WARMUP = 2
+
+
+def blocky_blocksize(weight: torch.Tensor) -> int | None:
+    """The largest square block edge whose all-zero blocks hold (nearly) all the zeros, or ``None``.
+
+    A blocksize ``b`` qualifies when both dimensions are multiples of ``b`` and
+    the nonzero ``b x b`` blocks are at least ``MIN_BLOCK_FILL`` full.
+    """
+    nonzero = weight.detach() != 0
+    nnz = int(nonzero.sum())
+    rows, cols = weight.shape
+    if nnz == 0:
+        return None
+    for b in BLOCK_EDGES:
+        if rows % b or cols % b:
+            continue
+        blocks = int(nonzero.reshape(rows // b, b, cols // b, b).any(dim=3).any(dim=1).sum())
+        if nnz >= MIN_BLOCK_FILL * blocks * b * b:
+            return b
+    return None
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max|out - ref| / max|ref|`` (absolute when ``ref`` is all zeros); inf on a shape mismatch."""
+    if out.shape != ref.shape:
+        return float("inf")
+    if ref.numel() == 0:
+        return 0.0
+    diff = (out.double() - ref.double()).abs().max().item()
+    scale = ref.double().abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def build_candidates(linear: nn.Linear, formats: tuple[str, ...], x: torch.Tensor, rtol: float
+                     ) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Candidate modules by format name, and notes on formats that were dropped.
+
+    ``"bsr"`` is a candidate only when :func:`blocky_blocksize` finds blocks.
+    Each sparse candidate must reproduce ``linear(x)`` within ``rtol``.
+    """
+    cands: dict[str, nn.Module] = {}
+    notes: dict[str, str] = {}
+    with torch.inference_mode():
+        ref = linear(x)
+    for fmt in formats:
+        if fmt == "dense":
+            cands[fmt] = linear
+            continue
+        blocksize = None
+        if fmt == "bsr":
+            blocksize = blocky_blocksize(linear.weight)
+            if blocksize is None:
+                notes[fmt] = "zeros not blocky"
+                continue
+        try:
+            module = SparseLinear.from_linear(linear, fmt, blocksize)
+            with torch.inference_mode(), _quiet():
+                err = relative_error(module(x), ref)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+            notes[fmt] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            continue
+        if not err <= rtol:
+            notes[fmt] = f"rejected: relative error {err:.2e} > {rtol:.0e}"
+            continue
+        cands[fmt] = module
+    return cands, notes
+
+
+def time_candidates(cands: dict[str, nn.Module], x: torch.Tensor, repeats: int,
+                    clock: Callable[[], int] = time.perf_counter_ns) -> dict[str, float]:
+    """Median milliseconds per call of each candidate on ``x`` (interleaved, after warm-up)."""
+    names = list(cands)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode(), _quiet():
+        for _ in range(WARMUP):
+            for n in names:
+                cands[n](x)
+        for r in range(repeats):
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                module = cands[n]
+                t0 = clock()
+                module(x)
+                samples[n].append((clock() - t0) / 1e6)
+    return {n: statistics.median(v) for n, v in samples.items()}
+
+
+def fastest(timings: dict[str, float]) -> str:
+    """The format with the smallest median (ties go to the earlier one, dense first)."""
+    return min(timings, key=lambda n: timings[n])
+
+
+def first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The input tensor of an ``nn.Linear`` call (positional or ``input=``)."""
+    return args[0] if args else kwargs.get("input")
