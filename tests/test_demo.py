@@ -37,7 +37,7 @@ def quick(tmp_path_factory):
 
 
 def _numbers(results: dict) -> dict:
-    return {k: v for k, v in results.items() if k != "seconds"}
+    return {k: v for k, v in results.items() if k not in ("seconds", "latency")}  # wall-clock figures vary
 
 
 def test_writes_results_json_with_the_documented_fields(quick):
@@ -180,3 +180,12 @@ def test_onnx_export_matches_torch(quick):
     out, results, _ = quick
     assert (out / results["onnx"]["path"]).stat().st_size == results["onnx"]["bytes"]
     assert results["onnx"]["max_rel_error"] <= 1e-4
+
+
+def test_latency_row_compares_dense_and_accelerated(quick):
+    _, results, printed = quick
+    lat = results["latency"]
+    assert lat["batch"] == 64 and lat["dense_ms"] > 0 and lat["accelerated_ms"] > 0
+    assert lat["speedup"] == pytest.approx(lat["dense_ms"] / lat["accelerated_ms"])
+    assert set(lat["formats"]) == {"fc1", "fc2", "fc3"}  # LeNet-5's Linear layers; convolutions are not swapped
+    assert "latency, batch 64" in printed and "prunekit.accelerate" in printed

@@ -37,6 +37,7 @@ from .formats import dumps, export_onnx, loads
 from .models import LeNet5
 from .pruner import Pruner, strip
 from .report import SparsityReport, sparsity_report
+from .runtime import accelerate
 from .schedules import PolynomialDecay
 from .training import evaluate, train
 
@@ -156,6 +157,7 @@ def _run(config: DemoConfig, seed: int, progress: bool | None,
     pruned = evaluate(model, data.X_test, data.y_test)
     pruned_bytes = _state_bytes(model)
     shipped, files = _ship(model, data, out)
+    latency = _latency(model, data)
     results = {
         "model": "LeNet5", "dataset": "mnist5k", "config": asdict(config), "torch": torch.__version__,
         "train_samples": len(data.X_train), "test_samples": len(data.X_test),
@@ -164,7 +166,7 @@ def _run(config: DemoConfig, seed: int, progress: bool | None,
         "bytes": {"dense_raw": len(dense_bytes), "dense_gzip": _gzip_size(dense_bytes),
                   "pruned_raw": len(pruned_bytes), "pruned_gzip": _gzip_size(pruned_bytes),
                   "prunekit": len(files["model.pkt"]), "prunekit_int8": len(files["model_int8.pkt"])},
-        **shipped, "schedule": schedule.to_dict(), "layers": report.to_dict(),
+        **shipped, "latency": latency, "schedule": schedule.to_dict(), "layers": report.to_dict(),
     }
     return results, report, {"model.safetensors": pruned_bytes, **files}
 
@@ -178,6 +180,24 @@ def _ship(model: nn.Module, data: _Data, out: Path) -> tuple[dict[str, Any], dic
         reloaded.load_state_dict(loads(files[name]))
         accuracy[key] = evaluate(reloaded, data.X_test, data.y_test)["accuracy"]
     return {**accuracy, "onnx": _onnx_parity(model, data, out)}, files
+
+
+def _latency(model: nn.Module, data: _Data, batch: int = 64, rounds: int = 7) -> dict[str, Any]:
+    """Stage 4: forward latency of the stripped model vs :func:`prunekit.accelerate` (varies run to run)."""
+    x = data.X_test[:batch]
+    fast, choice = accelerate(model, x, progress=False)
+    model.eval()
+    times: dict[str, list[float]] = {"dense": [], "accelerated": []}
+    with torch.inference_mode():
+        for i in range(rounds * 2):  # interleaved, so machine noise hits both alike
+            name, net = (("dense", model), ("accelerated", fast))[i % 2]
+            start = time.perf_counter()
+            for _ in range(10):
+                net(x)
+            times[name].append((time.perf_counter() - start) / 10 * 1e3)
+    dense_ms, fast_ms = (float(np.median(times[k])) for k in ("dense", "accelerated"))
+    return {"batch": len(x), "threads": torch.get_num_threads(), "dense_ms": dense_ms, "accelerated_ms": fast_ms,
+            "speedup": dense_ms / fast_ms, "formats": choice.choices}
 
 
 def _onnx_parity(model: nn.Module, data: _Data, out: Path) -> dict[str, Any]:
@@ -265,7 +285,7 @@ def format_table(results: dict[str, Any]) -> str:
     Example:
         >>> print(format_table(run_demo("runs/demo", quick=True)))  # doctest: +SKIP
     """
-    b = results["bytes"]
+    b, lat = results["bytes"], results["latency"]
     rows = [
         ("", "dense", "pruned"),
         ("test accuracy", f"{results['dense_accuracy']:.2%}", f"{results['pruned_accuracy']:.2%}"),
@@ -276,6 +296,8 @@ def format_table(results: dict[str, Any]) -> str:
         ("prunekit file (lossless)", "", f"{_kib(b['prunekit'])}  {b['dense_raw'] / b['prunekit']:.1f}x"),
         ("prunekit file, int8", "", f"{_kib(b['prunekit_int8'])}  {b['dense_raw'] / b['prunekit_int8']:.1f}x"),
         ("test accuracy, int8 file", "", f"{results['int8_accuracy']:.2%}"),
+        (f"latency, batch {lat['batch']}, {lat['threads']} thread", "",
+         f"{lat['dense_ms']:.2f} -> {lat['accelerated_ms']:.2f} ms  {lat['speedup']:.2f}x"),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}".rstrip() for r in rows]
@@ -285,8 +307,12 @@ def format_table(results: dict[str, Any]) -> str:
     onnx = results["onnx"]
     onnx_line = (f"ONNX: {onnx['path']} ({_kib(onnx['bytes'])}), onnxruntime vs torch max relative error "
                  f"{onnx['max_rel_error']:.1e}" if "skipped" not in onnx else f"ONNX: skipped: {onnx['skipped']}")
+    sparse = [name for name, fmt in lat["formats"].items() if fmt != "dense"]
+    lat_line = ("latency: the stripped model with dense kernels -> after prunekit.accelerate, which runs "
+                + (f"{', '.join(sparse)} sparse; convolutions stay dense" if sparse
+                   else "every layer dense (no sparse format was faster)"))
     return "\n".join([title, *lines, f"gzip -9 of the pruned file is {ratio:.2f}x smaller than of the dense one; "
-                       "x = smaller than the dense fp32 file", onnx_line])
+                       "x = smaller than the dense fp32 file", onnx_line, lat_line])
 
 
 # -- command line -----------------------------------------------------------------------------
