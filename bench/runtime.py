@@ -14,18 +14,43 @@ The three run side by side in one process, interleaved (one forward of each per
 round, rotating order) and the median per variant is reported; ratios are
 dense time / variant time (> 1 is faster than dense). Every variant's output is
 checked against dense (max relative error). Seed 0.
+
+- **onnxruntime**: each stripped model exported once per sparsity with
+  ``prunekit.export_onnx(..., dynamic_batch=True)`` (temp dir), run by an
+  ``onnxruntime.InferenceSession`` (intra-op threads = torch's, sequential, intra-op
+  spinning off so its idle threads do not steal the cores from the torch variants it
+  is interleaved with), in the same timing loop on the same input; must match dense
+  within 1e-4 relative. Interleaving costs it: torch's OpenMP workers keep spinning
+  after a torch forward, so the ORT run that follows is slower than alone (measured
+  6.9 ms alone vs 9.0 ms interleaved, 90%, batch 64, 2 threads); the worker's
+  onnxruntime time (no torch in that process) is the fairer absolute ORT number.
+- **DeepSparse 1.8.0**: needs its own venv (``bench/deepsparse_env.sh`` makes
+  ``.venv-deepsparse`` once; set ``PRUNEKIT_BENCH_DEEPSPARSE=0`` to skip). After the
+  torch rows, ``bench/deepsparse_worker.py`` runs there on the same ONNX files and the
+  same inputs (passed in an .npz with dense's outputs, checked within 1e-3 relative),
+  timing DeepSparse and onnxruntime interleaved in *its* process. The DeepSparse-vs-
+  onnxruntime ratio is therefore side by side; DeepSparse vs dense/accelerate divides a
+  time from the worker process by one from this process (measured minutes apart), so
+  it is only as good as the machine's stability. If DeepSparse cannot be installed or
+  run, its column says ``unavailable: <reason>`` and the bench still succeeds.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
+import numpy as np
 from torch import nn
 
 import prunekit
@@ -36,7 +61,10 @@ SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 BATCHES = (1, 64)
 SEED = 0
 FULL_REPEATS, QUICK_REPEATS = 60, 5
-VARIANTS = ("dense", "torch_csr", "accelerate")
+VARIANTS = ("dense", "torch_csr", "accelerate", "onnxruntime")
+ORT_RTOL, DEEPSPARSE_RTOL = 1e-4, 1e-3
+BENCH_DIR = Path(__file__).resolve().parent
+DEEPSPARSE_VENV = Path(os.environ.get("PRUNEKIT_DEEPSPARSE_VENV") or BENCH_DIR.parent / ".venv-deepsparse")
 
 
 def bert_ffn4() -> nn.Sequential:
@@ -80,19 +108,53 @@ def _time(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[s
     return {n: statistics.median(v) for n, v in samples.items()}
 
 
-def _row(sparsity: float, batch: int, repeats: int) -> dict:
+class OrtModel:
+    """An onnxruntime session called like a torch module (torch tensor in, torch tensor out)."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
+
+
+def _pruned(sparsity: float) -> nn.Sequential:
     torch.manual_seed(SEED)
     dense = bert_ffn4().eval()
     prunekit.Pruner(dense, sparsity)
     prunekit.strip(dense)
+    return dense
+
+
+def _row(sparsity: float, batch: int, repeats: int, tmp: Path, io: dict[str, np.ndarray]) -> dict:
+    dense = _pruned(sparsity)
+    onnx_path = tmp / f"bert_ffn4_s{sparsity:g}.onnx"
+    if not onnx_path.exists():  # one export per sparsity, shared by both batches (dynamic batch dim)
+        prunekit.export_onnx(dense, torch.randn(2, 768, generator=torch.Generator().manual_seed(SEED)), onnx_path,
+                             dynamic_batch=True, rtol=ORT_RTOL)
     x = torch.randn(batch, 768, generator=torch.Generator().manual_seed(SEED + batch))
     fast, report = prunekit.accelerate(dense, x, repeats=max(repeats // 2, 3), progress=False)
-    models = {"dense": dense, "torch_csr": torch_csr(dense), "accelerate": fast}
+    models = {"dense": dense, "torch_csr": torch_csr(dense), "accelerate": fast,
+              "onnxruntime": OrtModel(onnx_path, torch.get_num_threads())}
     with torch.inference_mode():
         ref = dense(x)
         errors = {n: relative_error(m(x), ref) for n, m in models.items()}
+    if not errors["onnxruntime"] <= ORT_RTOL:
+        raise RuntimeError(f"onnxruntime output differs from dense by {errors['onnxruntime']:.2e} relative "
+                           f"(> {ORT_RTOL:g}) at sparsity {sparsity}, batch {batch}")
+    key = f"s{sparsity:g}_b{batch}"
+    io[f"x_{key}"], io[f"ref_{key}"] = x.numpy().copy(), ref.numpy().copy()
     ms = _time(models, x, repeats)
     return {
+        "key": key, "onnx": str(onnx_path),
         "sparsity": sparsity, "batch": batch, "ms": ms,
         "ratio_vs_dense": {n: ms["dense"] / ms[n] for n in VARIANTS},
         "max_relative_error": errors,
@@ -101,34 +163,141 @@ def _row(sparsity: float, batch: int, repeats: int) -> dict:
     }
 
 
+def _tail(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip() and "Location 'file:" not in ln]
+    return (lines[-1] if lines else "no output")[:300]
+
+
+def _deepsparse(rows: list[dict], tmp: Path, io: dict[str, np.ndarray], repeats: int) -> dict:
+    """Set up .venv-deepsparse and run the worker; ``{"status": "ok" | "unavailable: ...", ...}``."""
+    if os.environ.get("PRUNEKIT_BENCH_DEEPSPARSE", "1") == "0":
+        return {"status": "unavailable: skipped (PRUNEKIT_BENCH_DEEPSPARSE=0)"}
+    env = {**os.environ, "NM_DISABLE_ANALYTICS": "1"}
+    info: dict = {}
+    t0 = time.perf_counter()
+    try:
+        setup = subprocess.run(["bash", str(BENCH_DIR / "deepsparse_env.sh")], env=env, capture_output=True,
+                               text=True, timeout=1200)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"status": f"unavailable: venv setup failed: {type(exc).__name__}: {exc}"[:300]}
+    info["setup_s"] = time.perf_counter() - t0
+    info["setup"] = _tail(setup.stdout) if setup.returncode == 0 else _tail(setup.stderr or setup.stdout)
+    if setup.returncode != 0:
+        return {**info, "status": f"unavailable: venv setup failed: {info['setup']}"}
+    print(f"  deepsparse venv: {info['setup']} ({info['setup_s']:.1f} s)", flush=True)
+    np.savez(tmp / "io.npz", **io)
+    spec = {"cases": [{"key": r["key"], "onnx": r["onnx"], "batch": r["batch"], "input": f"x_{r['key']}",
+                       "ref": f"ref_{r['key']}"} for r in rows],
+            "npz": str(tmp / "io.npz"), "repeats": repeats, "num_cores": torch.get_num_threads(), "seed": SEED,
+            "rtol": DEEPSPARSE_RTOL, "out": str(tmp / "deepsparse.json"), "workdir": str(tmp)}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([str(DEEPSPARSE_VENV / "bin" / "python"), str(BENCH_DIR / "deepsparse_worker.py"),
+                               str(tmp / "spec.json")], env=env, capture_output=True, text=True, timeout=1200)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {**info, "status": f"unavailable: worker failed: {type(exc).__name__}: {exc}"[:300]}
+    info["worker_s"] = time.perf_counter() - t0
+    sys.stderr.write("".join(ln + "\n" for ln in proc.stderr.splitlines() if ln.startswith("  [deepsparse")))
+    try:
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {**info, "status": f"unavailable: worker exited {proc.returncode}: {_tail(proc.stderr)}"}
+    if "error" in result:
+        return {**info, **result, "status": f"unavailable: {result['error']}"}
+    return {**info, **result, "status": "ok"}
+
+
+def _merge(rows: list[dict], ds: dict) -> None:
+    """Attach the worker's per-case results to the rows (``row["deepsparse"]``)."""
+    cases = {c.get("key"): c for c in ds.get("cases", [])}
+    for r in rows:
+        c = cases.get(r["key"])
+        if ds["status"] != "ok":
+            r["deepsparse"] = {"status": ds["status"]}
+        elif c is None or "deepsparse" not in c.get("ms", {}):
+            reason = (c or {}).get("deepsparse_error", "no result from the worker")
+            r["deepsparse"] = {"status": f"unavailable: {reason}"}
+        else:
+            d = c["ms"]["deepsparse"]
+            r["deepsparse"] = {
+                "status": "ok", "ms": d, "worker_onnxruntime_ms": c["ms"].get("onnxruntime"),
+                "ort_over_deepsparse_same_process": c.get("ort_over_deepsparse"),
+                "dense_over_deepsparse_cross_process": r["ms"]["dense"] / d,
+                "accelerate_over_deepsparse_cross_process": r["ms"]["accelerate"] / d,
+                "max_relative_error": c.get("max_relative_error", {}).get("deepsparse"),
+                "compile_s": c.get("deepsparse_compile_s"),
+            }
+
+
+def _ds_cell(r: dict) -> tuple[str, str]:
+    d = r["deepsparse"]
+    if d["status"] != "ok":
+        return d["status"], "–"
+    ort = d["ort_over_deepsparse_same_process"]
+    return (f"{d['ms']:.3f} ({d['dense_over_deepsparse_cross_process']:.2f}×"
+            + (f"; {ort:.2f}× vs its ORT" if ort else "") + ")",
+            f"{d['accelerate_over_deepsparse_cross_process']:.2f}")
+
+
 def run(out: Path, quick: bool) -> str:
     repeats = QUICK_REPEATS if quick else FULL_REPEATS
     sparsities = (0.9,) if quick else SPARSITIES
-    rows = []
-    for batch in BATCHES:
-        for s in sparsities:
-            rows.append(_row(s, batch, repeats))
-            r = rows[-1]
-            print(f"  batch {batch:>2} sparsity {s:.0%}: " + ", ".join(
-                f"{n} {r['ms'][n]:.3f} ms" for n in VARIANTS), flush=True)
+    rows: list[dict] = []
+    io: dict[str, np.ndarray] = {}
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="prunekit-bench-runtime-") as tmpdir:
+        tmp = Path(tmpdir)
+        for batch in BATCHES:
+            for s in sparsities:
+                rows.append(_row(s, batch, repeats, tmp, io))
+                r = rows[-1]
+                print(f"  batch {batch:>2} sparsity {s:.0%}: " + ", ".join(
+                    f"{n} {r['ms'][n]:.3f} ms" for n in VARIANTS), flush=True)
+        torch_s = time.perf_counter() - t_start
+        ds = _deepsparse(rows, tmp, io, repeats)
+        io.clear()
+    _merge(rows, ds)
+    if ds["status"] != "ok":
+        print(f"  deepsparse: {ds['status']}", flush=True)
+    timing = {"torch_and_onnxruntime_s": torch_s, "deepsparse_setup_s": ds.get("setup_s"),
+              "deepsparse_worker_s": ds.get("worker_s"), "total_s": time.perf_counter() - t_start}
     atomic_write_json(out / "runtime.json", {
         "workload": "BERT-FFN-4 (4x Linear 768-3072-768 + ReLU), fp32, layer-wise magnitude pruning",
         "seed": SEED, "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "onnxruntime": __import__("onnxruntime").__version__,
         "machine": platform.processor() or platform.machine(), "quick": quick, "rows": rows,
+        "deepsparse": {k: v for k, v in ds.items() if k != "cases"}, "bench_seconds": timing,
+        "notes": "ratio_vs_dense: same process, interleaved. deepsparse.*_cross_process: DeepSparse time from "
+                 "the worker process (.venv-deepsparse) vs torch times from this process, measured minutes apart; "
+                 "ort_over_deepsparse_same_process: interleaved in the worker.",
     })
     lines = [
         "## runtime: sparse inference, BERT-FFN-4\n",
         f"fp32, {torch.get_num_threads()} threads, `torch.inference_mode()`, median of {repeats} interleaved "
         "forwards per variant; ratio = dense time / variant time (>1 = faster than dense). "
         "torch CSR = `torch.sparse.mm(W_csr, x.T).T + b`; accelerate = `prunekit.accelerate` (per-layer "
-        "choice among dense/CSR/BSR, timed on this machine).\n",
-        "| batch | sparsity | dense ms | torch CSR ms (×) | accelerate ms (×) | accelerate layers | max rel err |",
-        "|---:|---:|---:|---:|---:|---|---:|",
+        "choice among dense/CSR/BSR, timed on this machine); onnxruntime = `prunekit.export_onnx` + "
+        "`InferenceSession` (same threads, sequential), interleaved with the torch variants.\n",
+        "DeepSparse 1.8.0 runs in a separate process (`.venv-deepsparse`, `bench/deepsparse_worker.py`), "
+        "interleaved there with its own onnxruntime session: \"vs its ORT\" is that side-by-side ratio "
+        "(ORT time / DeepSparse time). Its × vs dense and \"accel / DS\" (accelerate time / DeepSparse time; "
+        ">1 = DeepSparse faster) divide times from two processes measured minutes apart.\n",
+        "| batch | sparsity | dense ms | torch CSR ms (×) | accelerate ms (×) | onnxruntime ms (×) "
+        "| DeepSparse ms (×) | accel / DS | accelerate layers | max rel err |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         ms, x = r["ms"], r["ratio_vs_dense"]
         choice = ", ".join(f"{n} {f}" for f, n in sorted(r["accelerate_choices"].items()))
+        ds_cell, ratio = _ds_cell(r)
+        err = max([*r["max_relative_error"].values(), r["deepsparse"].get("max_relative_error") or 0.0])
         lines.append(f"| {r['batch']} | {r['sparsity']:.0%} | {ms['dense']:.3f} | {ms['torch_csr']:.3f} "
-                     f"({x['torch_csr']:.2f}×) | **{ms['accelerate']:.3f} ({x['accelerate']:.2f}×)** | {choice} "
-                     f"| {max(r['max_relative_error'].values()):.1e} |")
+                     f"({x['torch_csr']:.2f}×) | **{ms['accelerate']:.3f} ({x['accelerate']:.2f}×)** "
+                     f"| {ms['onnxruntime']:.3f} ({x['onnxruntime']:.2f}×) | {ds_cell} | {ratio} | {choice} "
+                     f"| {err:.1e} |")
+    lines.append(f"\nBench time: {timing['torch_and_onnxruntime_s']:.0f} s torch + onnxruntime, DeepSparse setup "
+                 + (f"{timing['deepsparse_setup_s']:.0f} s" if timing["deepsparse_setup_s"] is not None else "–")
+                 + ", worker " + (f"{timing['deepsparse_worker_s']:.0f} s" if timing["deepsparse_worker_s"] else "–")
+                 + f"; DeepSparse: {ds['status']}.")
     return "\n".join(lines)
