@@ -2,10 +2,11 @@
 
 Both models start from the same weights and see the same batches. Timing is
 interleaved (a block of steps for one, then a block for the other, repeated)
-so machine noise hits both alike; the reported figure is the ratio of median
-per-step times, measured in the same process. The pruned run uses the demo's
-schedule shape (PolynomialDecay 0.5 -> 0.8, an update every 100 steps), so
-mask updates are included at their real frequency.
+so machine noise hits both alike, in the same process. The pruned run uses the
+demo's schedule shape (PolynomialDecay 0.5 -> 0.8, an update every 100 steps
+over the whole timed run), so the headline ratio is of *total* time: the mask
+updates are periodic, and a median over blocks would leave them out. The
+ratio of block medians is reported beside it as the cost between updates.
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ def measure(factory: Callable[[], nn.Module], batch: int, *, blocks: int, block_
         order = ("dense", "pruned") if i % 2 == 0 else ("pruned", "dense")
         for name in order:
             times[name].append(_time_block(steps[name], block_steps))
+    mean = {k: statistics.fmean(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"dense_ms": med["dense"] * 1e3, "pruned_ms": med["pruned"] * 1e3, "ratio": med["pruned"] / med["dense"]}
+    return {"dense_ms": mean["dense"] * 1e3, "pruned_ms": mean["pruned"] * 1e3, "ratio": mean["pruned"] / mean["dense"],
+            "median_ratio": med["pruned"] / med["dense"], "mask_updates": blocks * block_steps // 100 + 1}
 
 
 def run(out: Path, quick: bool) -> str:
@@ -79,12 +82,14 @@ def run(out: Path, quick: bool) -> str:
     lines = [
         "## Training-step overhead of a Pruner (Adam, PolynomialDecay 0.5→0.8, update every 100 steps)",
         "",
-        f"Median of {blocks} interleaved blocks of {block_steps} steps; ratio = pruned / dense (goal ≤ 1.05).",
+        f"{blocks} interleaved blocks of {block_steps} steps each; ms/step and ratio = pruned / dense over the total "
+        "time, mask updates included (goal ≤ 1.05); median ratio = between updates.",
         "",
-        "| model | batch | dense ms/step | pruned ms/step | ratio |",
-        "|---|---:|---:|---:|---:|",
+        "| model | batch | dense ms/step | pruned ms/step | ratio | median ratio | mask updates |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['model']} | {r['batch']} | {r['dense_ms']:.3f} | {r['pruned_ms']:.3f} | {r['ratio']:.3f} |" for r in rows]
+    lines += [f"| {r['model']} | {r['batch']} | {r['dense_ms']:.3f} | {r['pruned_ms']:.3f} | {r['ratio']:.3f} | "
+              f"{r['median_ratio']:.3f} | {r['mask_updates']} |" for r in rows]
     return "\n".join(lines)
 
 

@@ -219,3 +219,18 @@ def test_base_granularity_is_abstract():
     with pytest.raises(NotImplementedError):
         Granularity().expand(torch.ones(2, dtype=torch.bool), torch.Size([2]))
     assert Granularity.supports_global is True and repr(Unstructured()) == "Unstructured()"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_lowest_k_selection_equals_a_stable_sort_with_ties_and_minus_inf(dtype):
+    # lowest_k selects with kthvalue; the order it must reproduce is numpy's stable argsort.
+    rng = np.random.default_rng(7)
+    for _ in range(400):
+        n = int(rng.integers(1, 50))
+        k = int(rng.integers(0, n + 1))
+        values = rng.integers(0, 4, n).astype(np.float64)  # few distinct values: many ties
+        values[rng.random(n) < 0.2] = -np.inf  # units already dead rank below every live one
+        scores = torch.tensor(values, dtype=dtype)
+        expected = np.ones(n, dtype=bool)
+        expected[np.argsort(scores.double().numpy(), kind="stable")[:k]] = False
+        assert lowest_k(scores, k).tolist() == expected.tolist()
