@@ -11,7 +11,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import __version__
 
@@ -21,6 +21,27 @@ COMMAND_MODULES: tuple[str, ...] = (
     "prunekit.formats.inspect",
     "prunekit.experiments.cli",
 )
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` that accepts integers ``>= minimum`` (with a one-line error otherwise).
+
+    Example:
+        >>> int_at_least(0)("3")
+        3
+    """
+    words = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {words}, got {text!r}")
+        return value
+
+    return parse
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -32,6 +32,7 @@ from torch import nn
 from ._io import atomic_write_bytes, atomic_write_json
 from ._repro import seeded
 from ._validate import check_int
+from .cli import int_at_least
 from .data import load_mnist5k
 from .formats import dumps, export_onnx, loads
 from .models import LeNet5
@@ -318,15 +319,6 @@ def format_table(results: dict[str, Any]) -> str:
 # -- command line -----------------------------------------------------------------------------
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
-
 
 def register(subparsers: Any) -> None:
     """Add the ``demo`` subcommand to the ``prunekit`` command line.
@@ -344,7 +336,7 @@ def register(subparsers: Any) -> None:
                     "safetensors size (raw and gzip). Writes DIR/results.json and DIR/model.safetensors.")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR",
                         help="output directory (default: runs/demo)")
-    parser.add_argument("--seed", type=_nonnegative_int, default=0, metavar="N",
+    parser.add_argument("--seed", type=int_at_least(0), default=0, metavar="N",
                         help="seed of initialisation and batch order (default: 0)")
     parser.add_argument("--quick", action="store_true", help="a much smaller run that takes seconds (for tests)")
     parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,

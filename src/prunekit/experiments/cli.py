@@ -13,18 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from . import EXPERIMENTS, Experiment
+from ..cli import int_at_least
 
 __all__ = ["register"]
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def register(subparsers: Any) -> None:
@@ -51,7 +43,7 @@ def _add_experiment(names: Any, entry: Experiment) -> None:
     sub.add_argument("--out", type=Path, default=Path("runs") / entry.name, metavar="DIR",
                      help=f"output directory (default: runs/{entry.name})")
     sub.add_argument("--quick", action="store_true", help="a small version that takes seconds (for tests)")
-    sub.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
+    sub.add_argument("--seeds", type=int_at_least(1), default=None, metavar="N",
                      help=f"run seeds 0..N-1 (default: {entry.default_seeds}; --quick: fewer)")
     sub.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
                      help="no progress bars (default: shown when stderr is a terminal)")
