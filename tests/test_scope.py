@@ -373,3 +373,15 @@ def test_predicates_are_asked_about_each_module_alone():
         resolve_scope(_EncDec(), layers=[lambda name, module: name == "encoder"])
     scope = resolve_scope(_EncDec(), layers=[lambda name, module: name.startswith("encoder")])
     assert names(scope)[0] == "encoder.block.0.weight" and "decoder.weight" not in names(scope)
+
+
+def test_parametrized_weights_are_skipped_and_reported_not_silently_ignored():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    weight_norm(net[2])
+    scope = resolve_scope(net)
+    assert names(scope) == ["0.weight"]
+    assert scope.skipped == [("2", "'weight' is parametrized (torch.nn.utils.parametrize); "
+                                   "remove the parametrization to prune it")]
+    assert "skipped 2: 'weight' is parametrized" in str(sparsity_report(net))

@@ -24,6 +24,7 @@ from fnmatch import fnmatchcase
 from typing import Any, Callable, Mapping, Sequence, Union
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = [
     "register_prunable",
@@ -77,12 +78,26 @@ def prunable_parameter_names(module: nn.Module) -> list[str] | None:
         >>> prunable_parameter_names(nn.LayerNorm(3))
         []
     """
+    names = _declared_names(module)
+    if names is None:
+        return None
+    return [n for n in names if isinstance(getattr(module, n, None), nn.Parameter)]
+
+
+def _declared_names(module: nn.Module) -> list[str] | None:
     for cls in type(module).__mro__:
         spec = _REGISTRY.get(cls)
         if spec is not None:
-            names = spec(module) if callable(spec) else spec
-            return [n for n in names if isinstance(getattr(module, n, None), nn.Parameter)]
+            return list(spec(module) if callable(spec) else spec)
     return None
+
+
+def _parametrized_names(module: nn.Module) -> list[str]:
+    # A parametrized weight is computed on every access from `original`; zeroing
+    # `original` would not make the weight zero (weight norm, orthogonal, ...).
+    if not parametrize.is_parametrized(module):
+        return []
+    return [n for n in (_declared_names(module) or []) if parametrize.is_parametrized(module, n)]
 
 
 def _rnn_weights(module: nn.Module) -> list[str]:
@@ -101,7 +116,8 @@ def _register_defaults() -> None:
     register_prunable(nn.RNNBase, _rnn_weights)
     register_prunable(nn.RNNCellBase, ["weight_ih", "weight_hh"])
     register_prunable(nn.MultiheadAttention, _mha_weights)
-    never = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.PReLU)
+    never = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.PReLU,
+             parametrize.ParametrizationList)  # reported on the layer that owns the parametrization
     for cls in never:
         register_prunable(cls, [])
 
@@ -213,6 +229,9 @@ def resolve_scope(
             _handle_unknown(scope, module_name, module, layers, used)
             continue
         ancestors = _ancestors(module_name, by_name)
+        for pname in _parametrized_names(module):
+            scope.skipped.append((module_name, f"'{pname}' is parametrized (torch.nn.utils.parametrize); "
+                                               "remove the parametrization to prune it"))
         for pname in names:
             param = getattr(module, pname)
             full = f"{module_name}.{pname}" if module_name else pname
