@@ -7,10 +7,13 @@ fp32, magnitude-pruned layer-wise (``prunekit.Pruner(model, s)`` then
 - **dense**: the stripped model as is (the oracle).
 - **torch CSR**: what a user writes with plain torch: each weight as
   ``weight.to_sparse_csr()`` and ``torch.sparse.mm(W, x.T).T + b``.
+- **prunekit kernel**: every Linear as ``SparseLinear(fmt="prunekit")``, i.e. prunekit's
+  own CSR x dense kernel (``prunekit.runtime.kernels``, compiled at first use) alone,
+  with no per-layer selection. If the kernel is unavailable its column says so.
 - **accelerate**: ``prunekit.accelerate(model, x)`` with x of the measured batch;
-  it times dense/CSR/BSR per layer and keeps the fastest.
+  it times dense/CSR/BSR/prunekit-kernel per layer and keeps the fastest.
 
-The three run side by side in one process, interleaved (one forward of each per
+The four run side by side in one process, interleaved (one forward of each per
 round, rotating order) and the median per variant is reported; ratios are
 dense time / variant time (> 1 is faster than dense). Every variant's output is
 checked against dense (max relative error). Seed 0.
@@ -55,13 +58,14 @@ from torch import nn
 
 import prunekit
 from prunekit._io import atomic_write_json
+from prunekit.runtime import kernels
 from prunekit.runtime.selection import relative_error
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 BATCHES = (1, 64)
 SEED = 0
 FULL_REPEATS, QUICK_REPEATS = 60, 5
-VARIANTS = ("dense", "torch_csr", "accelerate", "onnxruntime")
+VARIANTS = ("dense", "torch_csr", "prunekit_kernel", "accelerate", "onnxruntime")
 ORT_RTOL, DEEPSPARSE_RTOL = 1e-4, 1e-3
 BENCH_DIR = Path(__file__).resolve().parent
 DEEPSPARSE_VENV = Path(os.environ.get("PRUNEKIT_DEEPSPARSE_VENV") or BENCH_DIR.parent / ".venv-deepsparse")
@@ -90,6 +94,12 @@ class TorchCSRLinear(nn.Module):
 
 def torch_csr(model: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*[TorchCSRLinear(m) if isinstance(m, nn.Linear) else m for m in model])
+
+
+def kernel_model(model: nn.Sequential) -> nn.Sequential:
+    """Every Linear run by prunekit's own kernel (``SparseLinear(fmt="prunekit")``), no selection."""
+    return nn.Sequential(*[prunekit.SparseLinear.from_linear(m, "prunekit") if isinstance(m, nn.Linear) else m
+                           for m in model])
 
 
 def _time(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -142,8 +152,10 @@ def _row(sparsity: float, batch: int, repeats: int, tmp: Path, io: dict[str, np.
                              dynamic_batch=True, rtol=ORT_RTOL)
     x = torch.randn(batch, 768, generator=torch.Generator().manual_seed(SEED + batch))
     fast, report = prunekit.accelerate(dense, x, repeats=max(repeats // 2, 3), progress=False)
-    models = {"dense": dense, "torch_csr": torch_csr(dense), "accelerate": fast,
-              "onnxruntime": OrtModel(onnx_path, torch.get_num_threads())}
+    models = {"dense": dense, "torch_csr": torch_csr(dense)}
+    if kernels.available()[0]:
+        models["prunekit_kernel"] = kernel_model(dense)
+    models |= {"accelerate": fast, "onnxruntime": OrtModel(onnx_path, torch.get_num_threads())}
     with torch.inference_mode():
         ref = dense(x)
         errors = {n: relative_error(m(x), ref) for n, m in models.items()}
@@ -156,7 +168,7 @@ def _row(sparsity: float, batch: int, repeats: int, tmp: Path, io: dict[str, np.
     return {
         "key": key, "onnx": str(onnx_path),
         "sparsity": sparsity, "batch": batch, "ms": ms,
-        "ratio_vs_dense": {n: ms["dense"] / ms[n] for n in VARIANTS},
+        "ratio_vs_dense": {n: ms["dense"] / ms[n] for n in ms},
         "max_relative_error": errors,
         "accelerate_choices": dict(Counter(report.choices.values())),
         "accelerate_report": report.to_dict(),
@@ -225,6 +237,8 @@ def _merge(rows: list[dict], ds: dict) -> None:
                 "ort_over_deepsparse_same_process": c.get("ort_over_deepsparse"),
                 "dense_over_deepsparse_cross_process": r["ms"]["dense"] / d,
                 "accelerate_over_deepsparse_cross_process": r["ms"]["accelerate"] / d,
+                "prunekit_kernel_over_deepsparse_cross_process":
+                    r["ms"]["prunekit_kernel"] / d if "prunekit_kernel" in r["ms"] else None,
                 "max_relative_error": c.get("max_relative_error", {}).get("deepsparse"),
                 "compile_s": c.get("deepsparse_compile_s"),
             }
@@ -253,7 +267,7 @@ def run(out: Path, quick: bool) -> str:
                 rows.append(_row(s, batch, repeats, tmp, io))
                 r = rows[-1]
                 print(f"  batch {batch:>2} sparsity {s:.0%}: " + ", ".join(
-                    f"{n} {r['ms'][n]:.3f} ms" for n in VARIANTS), flush=True)
+                    f"{n} {r['ms'][n]:.3f} ms" for n in VARIANTS if n in r["ms"]), flush=True)
         torch_s = time.perf_counter() - t_start
         ds = _deepsparse(rows, tmp, io, repeats)
         io.clear()
@@ -264,7 +278,7 @@ def run(out: Path, quick: bool) -> str:
               "deepsparse_worker_s": ds.get("worker_s"), "total_s": time.perf_counter() - t_start}
     atomic_write_json(out / "runtime.json", {
         "workload": "BERT-FFN-4 (4x Linear 768-3072-768 + ReLU), fp32, layer-wise magnitude pruning",
-        "seed": SEED, "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "seed": SEED, "repeats": repeats, "prunekit_kernel": list(kernels.available()), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,
         "machine": platform.processor() or platform.machine(), "quick": quick, "rows": rows,
         "deepsparse": {k: v for k, v in ds.items() if k != "cases"}, "bench_seconds": timing,
@@ -276,24 +290,27 @@ def run(out: Path, quick: bool) -> str:
         "## runtime: sparse inference, BERT-FFN-4\n",
         f"fp32, {torch.get_num_threads()} threads, `torch.inference_mode()`, median of {repeats} interleaved "
         "forwards per variant; ratio = dense time / variant time (>1 = faster than dense). "
-        "torch CSR = `torch.sparse.mm(W_csr, x.T).T + b`; accelerate = `prunekit.accelerate` (per-layer "
-        "choice among dense/CSR/BSR, timed on this machine); onnxruntime = `prunekit.export_onnx` + "
+        "torch CSR = `torch.sparse.mm(W_csr, x.T).T + b`; prunekit kernel = every layer as "
+        "`SparseLinear(fmt=\"prunekit\")` (prunekit's own CSR x dense kernel, no selection); accelerate = "
+        "`prunekit.accelerate` (per-layer choice among dense/CSR/BSR/prunekit kernel, timed on this machine); onnxruntime = `prunekit.export_onnx` + "
         "`InferenceSession` (same threads, sequential), interleaved with the torch variants.\n",
         "DeepSparse 1.8.0 runs in a separate process (`.venv-deepsparse`, `bench/deepsparse_worker.py`), "
         "interleaved there with its own onnxruntime session: \"vs its ORT\" is that side-by-side ratio "
         "(ORT time / DeepSparse time). Its × vs dense and \"accel / DS\" (accelerate time / DeepSparse time; "
         ">1 = DeepSparse faster) divide times from two processes measured minutes apart.\n",
-        "| batch | sparsity | dense ms | torch CSR ms (×) | accelerate ms (×) | onnxruntime ms (×) "
-        "| DeepSparse ms (×) | accel / DS | accelerate layers | max rel err |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| batch | sparsity | dense ms | torch CSR ms (×) | prunekit kernel ms (×) | accelerate ms (×) "
+        "| onnxruntime ms (×) | DeepSparse ms (×) | accel / DS | accelerate layers | max rel err |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         ms, x = r["ms"], r["ratio_vs_dense"]
         choice = ", ".join(f"{n} {f}" for f, n in sorted(r["accelerate_choices"].items()))
         ds_cell, ratio = _ds_cell(r)
         err = max([*r["max_relative_error"].values(), r["deepsparse"].get("max_relative_error") or 0.0])
+        kern = (f"{ms['prunekit_kernel']:.3f} ({x['prunekit_kernel']:.2f}×)" if "prunekit_kernel" in ms
+                else f"unavailable: {kernels.available()[1]}")
         lines.append(f"| {r['batch']} | {r['sparsity']:.0%} | {ms['dense']:.3f} | {ms['torch_csr']:.3f} "
-                     f"({x['torch_csr']:.2f}×) | **{ms['accelerate']:.3f} ({x['accelerate']:.2f}×)** "
+                     f"({x['torch_csr']:.2f}×) | {kern} | **{ms['accelerate']:.3f} ({x['accelerate']:.2f}×)** "
                      f"| {ms['onnxruntime']:.3f} ({x['onnxruntime']:.2f}×) | {ds_cell} | {ratio} | {choice} "
                      f"| {err:.1e} |")
     lines.append(f"\nBench time: {timing['torch_and_onnxruntime_s']:.0f} s torch + onnxruntime, DeepSparse setup "

@@ -13,6 +13,12 @@ receives a contiguous ``x.T`` for free); for CSR with one row,
 sparse weight fails under ``torch.inference_mode()``. Indices are stored as
 int32 (MKL's native width; int64 indices are converted on every call, ~25%
 slower at batch 1). MKL's BSR supports square blocks only.
+
+Format ``"prunekit"`` stores the weight exactly as ``"csr"`` (int32 indices)
+and runs prunekit's own kernel (:mod:`prunekit.runtime.kernels`, compiled at
+first use) for float32 on the CPU: it keeps each output row's accumulators for
+32 batch columns in AVX-512 registers, reusing each loaded weight across them. When the kernel is unavailable, or for other dtypes/devices, the
+module falls back to the ``"csr"`` path (same results to float rounding).
 """
 
 from __future__ import annotations
@@ -26,11 +32,12 @@ import torch
 from torch import nn
 
 from .._validate import check_choice, check_int
+from . import kernels
 
 __all__ = ["SparseLinear", "FORMATS", "SPARSE_FORMATS"]
 
-FORMATS = ("dense", "csr", "bsr")
-SPARSE_FORMATS = ("csr", "bsr")
+FORMATS = ("dense", "csr", "bsr", "prunekit")
+SPARSE_FORMATS = ("csr", "bsr", "prunekit")
 
 
 class SparseLinear(nn.Module):
@@ -40,7 +47,7 @@ class SparseLinear(nn.Module):
         weight: dense 2-D weight ``(out_features, in_features)``, floating point,
             usually with most entries exactly zero.
         bias: dense ``(out_features,)`` bias or ``None``.
-        fmt: ``"csr"`` or ``"bsr"``.
+        fmt: ``"csr"``, ``"bsr"`` or ``"prunekit"`` (CSR run by prunekit's own kernel; see the module docs).
         blocksize: BSR block edge ``b`` (blocks are ``b x b``; both weight
             dimensions must be multiples of ``b``). Only for ``fmt="bsr"``.
 
@@ -92,10 +99,13 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features, self.blocksize = in_features, out_features, blocksize
         with torch.no_grad(), _quiet():
             w = weight.detach()
-            matrix = w.to_sparse_csr() if fmt == "csr" else w.to_sparse_bsr((blocksize, blocksize))
+            matrix = w.to_sparse_bsr((blocksize, blocksize)) if fmt == "bsr" else w.to_sparse_csr()
             crow, col = matrix.crow_indices(), matrix.col_indices()
             if max(crow.numel(), int(crow[-1]) if crow.numel() else 0, in_features) < 2**31 - 1:
                 crow, col = crow.to(torch.int32), col.to(torch.int32)
+            elif fmt == "prunekit":
+                raise ValueError(f"SparseLinear: fmt='prunekit' needs int32 indices; weight {tuple(weight.shape)} "
+                                 "is too large")
             self.register_buffer("crow_indices", crow.contiguous())
             self.register_buffer("col_indices", col.contiguous())
             self.register_buffer("values", matrix.values().contiguous())
@@ -125,7 +135,7 @@ class SparseLinear(nn.Module):
         key = (self.crow_indices.data_ptr(), self.col_indices.data_ptr(), self.values.data_ptr(),
                self.values.dtype, self.values.device, self.values.shape)
         if self._cache is None or self._cache[0] != key:
-            ctor = torch.sparse_csr_tensor if self.fmt == "csr" else torch.sparse_bsr_tensor
+            ctor = torch.sparse_bsr_tensor if self.fmt == "bsr" else torch.sparse_csr_tensor
             # Built outside inference mode so the cached tensor is usable in any later mode.
             with torch.inference_mode(False), torch.no_grad(), _quiet():
                 mat = ctor(self.crow_indices, self.col_indices, self.values,
@@ -141,16 +151,29 @@ class SparseLinear(nn.Module):
         if x.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("SparseLinear is inference-only: call it under torch.inference_mode() or "
                                "torch.no_grad(), or on an input that does not require grad")
-        w, b = self.matrix(), self.bias
+        b = self.bias
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] == 1 and self.fmt == "csr":
+        if self.fmt == "prunekit" and self._kernel_ok(x2):
+            # The kernel returns Y^T contiguous; its transpose is returned as a view, so a following
+            # SparseLinear gets a contiguous X^T for free (as with the addmm path below).
+            y = kernels.linear_unchecked(self.crow_indices, self.col_indices, self.values, b, x2)
+            return y.reshape(*lead, self.out_features)
+        w = self.matrix()
+        if x2.shape[0] == 1 and self.fmt in ("csr", "prunekit"):
             v = x2[0]
             y = (torch.mv(w, v) if b is None else torch.addmv(b, w, v)).unsqueeze(0)
         else:
             xt = x2.t()
             y = (torch.mm(w, xt) if b is None else torch.addmm(b.unsqueeze(1), w, xt)).t()
         return y.reshape(*lead, self.out_features)
+
+    def _kernel_ok(self, x2: torch.Tensor) -> bool:
+        f32, v, b = torch.float32, self.values, self.bias
+        return (x2.dtype == f32 and v.dtype == f32 and x2.device.type == "cpu"
+                and v.device.type == "cpu" and self.crow_indices.dtype == torch.int32
+                and self.col_indices.dtype == torch.int32 and (b is None or b.dtype == f32 and b.device.type == "cpu")
+                and v.is_contiguous() and kernels.available()[0])
 
     def __getstate__(self) -> dict:
         # The cached sparse tensor cannot be deep-copied or pickled; it is rebuilt on demand.

@@ -1,9 +1,10 @@
 """Pick the fastest execution format per layer by timing it on the layer's real input.
 
 Candidates are ``nn.Linear`` itself ("dense"), :class:`SparseLinear` in CSR,
-and in BSR when the weight's zeros come in square blocks (MKL's BSR supports
-square blocks only). Each candidate is first checked against the dense layer
-on the captured input; one that errors or disagrees is dropped with a note.
+in BSR when the weight's zeros come in square blocks (MKL's BSR supports
+square blocks only), and "prunekit" (prunekit's own float32 kernel) when
+:func:`prunekit.runtime.kernels.available` says it built here. Each candidate
+is first checked against the dense layer on the captured input; one that errors or disagrees is dropped with a note.
 Timing interleaves the candidates (one call each per round, in rotating order)
 and takes the median per candidate, so drifting machine load hits all alike.
 """
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import kernels
 from .modules import SparseLinear, _quiet
 
 __all__ = ["blocky_blocksize", "build_candidates", "relative_error", "time_candidates"]
@@ -79,6 +81,14 @@ def build_candidates(linear: nn.Linear, formats: tuple[str, ...], x: torch.Tenso
             blocksize = blocky_blocksize(linear.weight)
             if blocksize is None:
                 notes[fmt] = "zeros not blocky"
+                continue
+        if fmt == "prunekit":
+            ok, why = kernels.available()
+            if not ok:
+                notes[fmt] = f"skipped: kernel not available ({why})"
+                continue
+            if linear.weight.dtype != torch.float32 or x.dtype != torch.float32:
+                notes[fmt] = f"skipped: kernel is float32 only (weight {linear.weight.dtype}, input {x.dtype})"
                 continue
         try:
             module = SparseLinear.from_linear(linear, fmt, blocksize)

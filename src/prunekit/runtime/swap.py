@@ -50,7 +50,8 @@ def accelerate(
         example_input: a tensor (``model(x)``), a tuple/list (``model(*args)``)
             or a mapping (``model(**kwargs)``) of the shape you will run; each
             layer is timed on the input it receives from it.
-        formats: candidate formats, a subset of ``("dense", "csr", "bsr")``.
+        formats: candidate formats, a subset of :data:`prunekit.runtime.modules.FORMATS`
+            (``"dense"``, ``"csr"``, ``"bsr"``, ``"prunekit"`` — the own kernel, used where it builds).
             ``"bsr"`` is tried only for weights whose zeros form square blocks.
         min_sparsity: layers with a smaller fraction of zero weights stay dense, untimed.
         repeats: timed calls per candidate (interleaved; the median counts).

@@ -1,0 +1,390 @@
+"""prunekit's own CPU kernel: sparse weight (CSR) times dense activations, fp32.
+
+Computes ``Y^T = W @ X^T + b[:, None]`` with ``W`` (out x in) in CSR with int32
+indices and ``X^T`` (in x B) stored so that the ``B`` batch values of each input
+feature are contiguous. For each output row ``i`` the kernel accumulates
+``sum_k w_ik * X^T[j_k, :]`` into accumulators for 32 batch columns held in
+registers (two AVX-512 vectors, four sets for nonzeros k mod 4), so every loaded
+weight is reused across 32 batch columns (larger batches are done in chunks of
+32; 32 measured faster than 64 at batch 64). Batch 1 is a sparse
+matrix-vector product with 16-lane AVX-512 gathers. Without AVX-512 the kernel
+falls back to plain C (scalar dot products; slow for large batches, where
+:func:`~prunekit.runtime.accelerate`'s timing then prefers another format). Output rows
+are split across OpenMP threads (static schedule) and each row is computed by
+exactly one thread in a fixed order, so results do not depend on the thread
+count. Accumulation is fp32 (the compiler may contract ``a*b+c`` to FMA; the
+order of the sum is fixed: nonzeros of a row in column order, bias added last).
+
+The C source below is compiled at first use with the system C compiler
+(``$CC`` or ``gcc``/``cc``; ``-O3 -march=native -fopenmp``) into a cache
+directory (``$PRUNEKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/prunekit``, else
+``~/.cache/prunekit``) keyed by a hash of the source, flags, compiler and CPU;
+it is written to a temporary file and renamed into place, so concurrent first
+uses are safe. Set ``PRUNEKIT_KERNEL=0`` to disable it. :func:`available`
+reports whether it built, loaded and passed a self-test, and why not.
+
+The OpenMP runtime is ``libgomp.so.1``; torch's CPU wheels ship the same soname
+and load it first, so the kernel shares torch's thread pool rather than
+starting a second one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "spmm_t", "spmm"]
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <omp.h>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+/* Columns b0..b0+16*NV of one output row: NV AVX-512 accumulators (four sets, nonzeros k mod 4,
+   summed at the end), masks for a partial last vector. Fixed order: deterministic. */
+#define CHUNKV(NV)                                                                          \
+static inline void chunkv##NV(const int32_t *restrict col, const float *restrict val,        \
+                              int64_t k0, int64_t k1, const float *restrict xt, int64_t ldx,  \
+                              float *restrict out, float bias, const __mmask16 *m,            \
+                              int first, int last) {                                          \
+    __m512 a[NV], c[NV], d[NV], e[NV];                                                       \
+    for (int v = 0; v < NV; ++v) {                                                           \
+        a[v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m[v], out + 16 * v);      \
+        c[v] = _mm512_setzero_ps(); d[v] = _mm512_setzero_ps(); e[v] = _mm512_setzero_ps();  \
+    }                                                                                        \
+    int64_t k = k0;                                                                          \
+    for (; k + 4 <= k1; k += 4) {                                                            \
+        const __m512 w0 = _mm512_set1_ps(val[k]), w1 = _mm512_set1_ps(val[k + 1]);          \
+        const __m512 w2 = _mm512_set1_ps(val[k + 2]), w3 = _mm512_set1_ps(val[k + 3]);      \
+        const float *p0 = xt + (int64_t)col[k] * ldx, *p1 = xt + (int64_t)col[k + 1] * ldx;  \
+        const float *p2 = xt + (int64_t)col[k + 2] * ldx, *p3 = xt + (int64_t)col[k + 3] * ldx; \
+        for (int v = 0; v < NV; ++v) {                                                       \
+            a[v] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m[v], p0 + 16 * v), a[v]);      \
+            c[v] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m[v], p1 + 16 * v), c[v]);      \
+            d[v] = _mm512_fmadd_ps(w2, _mm512_maskz_loadu_ps(m[v], p2 + 16 * v), d[v]);      \
+            e[v] = _mm512_fmadd_ps(w3, _mm512_maskz_loadu_ps(m[v], p3 + 16 * v), e[v]);      \
+        }                                                                                    \
+    }                                                                                        \
+    for (; k < k1; ++k) {                                                                    \
+        const __m512 w0 = _mm512_set1_ps(val[k]);                                            \
+        const float *p0 = xt + (int64_t)col[k] * ldx;                                        \
+        for (int v = 0; v < NV; ++v)                                                         \
+            a[v] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m[v], p0 + 16 * v), a[v]);      \
+    }                                                                                        \
+    const __m512 bb = _mm512_set1_ps(bias);                                                  \
+    for (int v = 0; v < NV; ++v) {                                                           \
+        const __m512 s = _mm512_add_ps(_mm512_add_ps(a[v], c[v]), _mm512_add_ps(d[v], e[v])); \
+        _mm512_mask_storeu_ps(out + 16 * v, m[v], last ? _mm512_add_ps(s, bb) : s);          \
+    }                                                                                        \
+}
+/* Batch columns per chunk: 32 (two vectors) measured 15-20% faster than 48 or 64 on 768x3072
+   layers at batch 64 (the X^T panel a chunk touches is half as large, easier on L2). */
+#define BCHUNK 32
+CHUNKV(2)
+CHUNKV(1)
+#define PRUNEKIT_SIMD "avx512"
+#else
+#define PRUNEKIT_SIMD "generic"
+#endif
+
+/* One batch column (b fixed): a sparse dot product, four fixed partial sums. */
+static inline float dot1(const int32_t *restrict col, const float *restrict val,
+                         int64_t k0, int64_t k1, const float *restrict x, int64_t ldx) {
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    int64_t k = k0;
+    for (; k + 4 <= k1; k += 4) {
+        s0 += val[k] * x[(int64_t)col[k] * ldx];
+        s1 += val[k + 1] * x[(int64_t)col[k + 1] * ldx];
+        s2 += val[k + 2] * x[(int64_t)col[k + 2] * ldx];
+        s3 += val[k + 3] * x[(int64_t)col[k + 3] * ldx];
+    }
+    for (; k < k1; ++k) s0 += val[k] * x[(int64_t)col[k] * ldx];
+    return (s0 + s1) + (s2 + s3);
+}
+
+#ifdef __AVX512F__
+/* Batch 1 with a unit-stride x: sparse dot product with 16-lane gathers, two fixed partial vectors. */
+static inline float dot1g(const int32_t *restrict col, const float *restrict val,
+                          int64_t k0, int64_t k1, const float *restrict x) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t k = k0;
+    for (; k + 32 <= k1; k += 32) {
+        const __m512 g0 = _mm512_i32gather_ps(_mm512_loadu_si512(col + k), x, 4);
+        const __m512 g1 = _mm512_i32gather_ps(_mm512_loadu_si512(col + k + 16), x, 4);
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(val + k), g0, s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(val + k + 16), g1, s1);
+    }
+    for (; k < k1; k += 16) {
+        const int64_t n = k1 - k;
+        const __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+        const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, _mm512_maskz_loadu_epi32(m, col + k), x, 4);
+        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, val + k), g, s0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+#endif
+
+/* yt (M x B, row stride ldy) = W (M x N, CSR) @ xt (N x B, row stride ldx, unit column stride) + bias.
+   Rows are split into nthreads contiguous ranges, one per thread. For B > 1 (AVX-512) the batch is
+   processed in chunks of BCHUNK columns and the input features in tiles of `tile` rows of xt (so a tile of
+   xt stays in L1); a row's partial sums are kept in yt between tiles. The tiling depends only on B and
+   N, never on the thread count, so results are identical for any nthreads. */
+void prunekit_spmm_t(int64_t M, int64_t N, int64_t B, const int32_t *restrict crow,
+                     const int32_t *restrict col, const float *restrict val, const float *restrict xt,
+                     int64_t ldx, const float *restrict bias, float *restrict yt, int64_t ldy,
+                     int64_t tile, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    if (tile < 1) tile = N > 0 ? N : 1;
+    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int64_t lo = M * tid / nth, hi = M * (tid + 1) / nth;
+#ifdef __AVX512F__
+        if (B > 1 && hi > lo) {
+            int64_t *cur = (int64_t *)malloc(sizeof(int64_t) * (size_t)(hi - lo));
+            const int64_t ntile = N > 0 ? (N + tile - 1) / tile : 1;
+            for (int64_t b = 0; b < B; b += BCHUNK) {
+                const int64_t r = B - b < BCHUNK ? B - b : BCHUNK;
+                __mmask16 m[2];
+                for (int v = 0; v < 2; ++v) {
+                    const int64_t n = r - 16 * v;
+                    m[v] = n >= 16 ? (__mmask16)0xFFFF : n > 0 ? (__mmask16)((1u << n) - 1u) : (__mmask16)0;
+                }
+                const int nv = (int)((r + 15) / 16);
+                for (int64_t i = lo; i < hi; ++i) cur[i - lo] = crow[i];
+                for (int64_t t = 0; t < ntile; ++t) {
+                    const int64_t cend = (t + 1) * tile;
+                    const int first = t == 0, last = t == ntile - 1;
+                    for (int64_t i = lo; i < hi; ++i) {
+                        const int64_t k0 = cur[i - lo], k1 = crow[i + 1];
+                        int64_t ke = k0;
+                        if (last) ke = k1;
+                        else while (ke < k1 && col[ke] < cend) ++ke;
+                        cur[i - lo] = ke;
+                        if (ke == k0 && !first && !last) continue;
+                        const float bi = bias ? bias[i] : 0.0f;
+                        float *restrict yr = yt + i * ldy + b;
+                        if (nv == 2) chunkv2(col, val, k0, ke, xt + b, ldx, yr, bi, m, first, last);
+                        else chunkv1(col, val, k0, ke, xt + b, ldx, yr, bi, m, first, last);
+                    }
+                }
+            }
+            free(cur);
+        } else
+#endif
+        for (int64_t i = lo; i < hi; ++i) {
+            const int64_t k0 = crow[i], k1 = crow[i + 1];
+            const float bi = bias ? bias[i] : 0.0f;
+            float *restrict yr = yt + i * ldy;
+#ifdef __AVX512F__
+            if (B == 1 && ldx == 1) { yr[0] = dot1g(col, val, k0, k1, xt) + bi; continue; }
+#endif
+            for (int64_t b = 0; b < B; ++b) yr[b] = dot1(col, val, k0, k1, xt + b, ldx) + bi;
+        }
+    }
+}
+
+int prunekit_abi_version(void) { return 5; }
+const char *prunekit_simd(void) { return PRUNEKIT_SIMD; }
+"""
+
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=c11",
+          "-fno-fast-math"]
+_ABI = 5
+_lock = threading.Lock()
+_state: tuple[bool, str, object] | None = None
+# Below this many multiply-adds a call runs on one thread (thread start-up would dominate).
+PARALLEL_MIN_WORK = 16384
+# Bytes of X^T (input-feature tile x up to 32 batch columns) per tile; 0 = no tiling. Tiling keeps a
+# tile of X^T in L1 but re-reads/writes the partial sums per tile; on the 2-core AVX-512 machine of
+# bench/runtime.py it was slower for 768x3072 layers at batch 64 (8/16/24 KiB tiles: 0.43-0.98 ms vs
+# 0.23 ms untiled at 90%), so it is off by default.
+TILE_BYTES = int(os.environ.get("PRUNEKIT_KERNEL_TILE_BYTES", "0"))
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("PRUNEKIT_CACHE_DIR"):
+        return Path(os.environ["PRUNEKIT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "prunekit"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "gcc", "cc"):
+        if cc and shutil.which(cc):
+            return shutil.which(cc)
+    return None
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build() -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found ($CC, gcc or cc)")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"C compiler {cc} does not run: {exc}") from exc
+    key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, cc, version, _cpu_id(), platform.machine()]).encode()
+                         ).hexdigest()[:16]
+    cache = _cache_dir()
+    lib = cache / f"prunekit_spmm_{key}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as tmp:
+        src = Path(tmp) / "spmm.c"
+        src.write_text(_SOURCE)
+        out = Path(tmp) / "spmm.so"
+        try:
+            proc = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True,
+                                  timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RuntimeError(f"compiling the kernel failed: {exc}") from exc
+        if proc.returncode != 0:
+            msg = (proc.stderr or proc.stdout).strip().splitlines()
+            raise RuntimeError(f"compiling the kernel failed: {msg[0] if msg else proc.returncode}")
+        os.replace(out, lib)  # atomic: a concurrent builder's identical file is simply replaced
+    return lib
+
+
+def _load() -> object:
+    lib = ctypes.CDLL(str(_build()))
+    if lib.prunekit_abi_version() != _ABI:
+        raise RuntimeError("stale kernel library in the cache")
+    fn = lib.prunekit_spmm_t
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
+    fn.restype = None
+    fn._lib = lib  # keep the library alive with the function
+    return fn
+
+
+def _self_test(fn: object) -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 29, generator=g) * (torch.rand(37, 29, generator=g) > 0.7)
+    w[3] = 0
+    b = torch.randn(37, generator=g)
+    for batch in (1, 5, 64, 75):
+        x = torch.randn(batch, 29, generator=g)
+        y = _call(fn, *_csr32(w), b, x.t().contiguous(), 2).t()
+        ref = (x.double() @ w.double().t() + b.double()).float()
+        if not torch.allclose(y, ref, rtol=1e-5, atol=1e-5):
+            raise RuntimeError(f"self-test failed at batch {batch}")
+
+
+def _csr32(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = w.to_sparse_csr()
+    return (m.crow_indices().to(torch.int32).contiguous(), m.col_indices().to(torch.int32).contiguous(),
+            m.values().contiguous())
+
+
+def _get() -> tuple[bool, str, object]:
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                if os.environ.get("PRUNEKIT_KERNEL", "1") == "0":
+                    _state = (False, "disabled by PRUNEKIT_KERNEL=0", None)
+                else:
+                    try:
+                        fn = _load()
+                        _self_test(fn)
+                        fn._lib.prunekit_simd.restype = ctypes.c_char_p
+                        simd = fn._lib.prunekit_simd().decode()
+                        _state = (True, f"{simd} kernel built with {_compiler()} ({' '.join(_FLAGS[:2])})", fn)
+                    except Exception as exc:  # any failure means: not available, with the reason
+                        _state = (False, f"{type(exc).__name__}: {str(exc)[:200]}", None)
+    return _state
+
+
+def available() -> tuple[bool, str]:
+    """``(True, how it was built)`` if the kernel is usable here, else ``(False, why not)``.
+
+    The first call compiles (or loads from the cache) and self-tests the kernel; the result is cached.
+    """
+    ok, why, _ = _get()
+    return ok, why
+
+
+def _call(fn, crow, col, values, bias, xt, nthreads) -> torch.Tensor:
+    m = crow.numel() - 1
+    n_in, batch = xt.shape
+    yt = torch.empty(m, batch, dtype=torch.float32)
+    if m == 0 or batch == 0:
+        return yt
+    nnz = col.numel()
+    threads = nthreads if nnz * batch >= PARALLEL_MIN_WORK else 1
+    tile = max(16, TILE_BYTES // (4 * min(batch, 32))) if TILE_BYTES > 0 else 0
+    fn(m, n_in, batch, crow.data_ptr(), col.data_ptr(), values.data_ptr(), xt.data_ptr(),
+       xt.stride(0) if n_in else batch, 0 if bias is None else bias.data_ptr(), yt.data_ptr(), batch, tile, threads)
+    return yt
+
+
+def spmm_t(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+           xt: torch.Tensor, num_threads: int | None = None) -> torch.Tensor:
+    """``W @ xt + bias[:, None]`` as a new contiguous ``(out, B)`` float32 tensor.
+
+    ``W`` is CSR (``crow`` int32 of length ``out + 1``, ``col`` int32, ``values``
+    float32, all contiguous CPU tensors); ``xt`` is ``(in, B)`` float32 on the CPU
+    (copied to a unit column stride if needed). ``num_threads`` defaults to
+    ``torch.get_num_threads()``; results are identical for every thread count.
+    Raises ``RuntimeError`` if the kernel is not available.
+    """
+    ok, why, fn = _get()
+    if not ok:
+        raise RuntimeError(f"prunekit kernel unavailable: {why}")
+    for name, t, dt in (("crow", crow, torch.int32), ("col", col, torch.int32), ("values", values, torch.float32),
+                        ("xt", xt, torch.float32)) + ((("bias", bias, torch.float32),) if bias is not None else ()):
+        if t.dtype != dt or t.device.type != "cpu":
+            raise TypeError(f"spmm_t: {name} must be a {dt} CPU tensor, got {t.dtype} on {t.device}")
+    if xt.dim() != 2:
+        raise ValueError(f"spmm_t: xt must be 2-D, got shape {tuple(xt.shape)}")
+    if not (crow.is_contiguous() and col.is_contiguous() and values.is_contiguous()):
+        raise ValueError("spmm_t: crow, col and values must be contiguous")
+    if bias is not None and (not bias.is_contiguous() or bias.numel() != crow.numel() - 1):
+        raise ValueError("spmm_t: bias must be contiguous with one value per output row")
+    if xt.shape[1] > 1 and xt.stride(1) != 1 or xt.shape[1] == 1 and xt.shape[0] > 1 and xt.stride(0) < 1:
+        xt = xt.contiguous()
+    return _call(fn, crow, col, values, bias, xt, num_threads or torch.get_num_threads())
+
+
+def linear_unchecked(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+                     x: torch.Tensor) -> torch.Tensor:
+    """:func:`spmm` without argument checks, for :class:`~prunekit.runtime.SparseLinear` (which checked
+    dtypes, devices and availability); ``x`` is ``(B, in)`` float32."""
+    xt = x.t()
+    if xt.stride(1) != 1 and xt.shape[1] > 1:
+        xt = xt.contiguous()
+    return _call(_state[2], crow, col, values, bias, xt, torch.get_num_threads()).t()
+
+
+def spmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+         x: torch.Tensor, num_threads: int | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for ``x`` of shape ``(B, in)``; returns a ``(B, out)`` view of the kernel's ``Y^T``."""
+    return spmm_t(crow, col, values, bias, x.t(), num_threads).t()
