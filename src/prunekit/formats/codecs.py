@@ -116,12 +116,7 @@ def decompress(codec: str, stored: bytes, raw_size: int, what: str) -> bytes:
                 raise FormatError(f"{what}: decodes to more than the declared {raw_size} bytes")
     except lzma.LZMAError as exc:
         raise FormatError(f"{what}: corrupt LZMA data ({exc})") from None
-    if not decoder.eof:
-        raise FormatError(f"{what}: LZMA data is truncated (decoded {len(out)} of {raw_size} bytes)")
-    if len(out) != raw_size or decoder.unused_data:
-        raise FormatError(f"{what}: decodes to {len(out)} bytes with {len(decoder.unused_data)} trailing bytes; "
-                          f"declared {raw_size} bytes exactly")
-    return out
+    return _exact(out, decoder.eof, decoder.unused_data, raw_size, what, "LZMA")
 
 
 def _inflate(stored: bytes, raw_size: int, what: str) -> bytes:
@@ -133,9 +128,14 @@ def _inflate(stored: bytes, raw_size: int, what: str) -> bytes:
         raise FormatError(f"{what}: corrupt deflate data ({exc})") from None
     if extra or len(out) > raw_size:
         raise FormatError(f"{what}: decodes to more than the declared {raw_size} bytes")
-    if not inflater.eof:
-        raise FormatError(f"{what}: deflate data is truncated (decoded {len(out)} of {raw_size} bytes)")
-    if len(out) != raw_size or inflater.unused_data:
-        raise FormatError(f"{what}: decodes to {len(out)} bytes with {len(inflater.unused_data)} trailing bytes; "
+    return _exact(out, inflater.eof, inflater.unused_data, raw_size, what, "deflate")
+
+
+def _exact(out: bytes, eof: bool, unused: bytes, raw_size: int, what: str, codec: str) -> bytes:
+    # Shared by every codec: a stream must end exactly at the declared size, with nothing after it.
+    if not eof:
+        raise FormatError(f"{what}: {codec} data is truncated (decoded {len(out)} of {raw_size} bytes)")
+    if len(out) != raw_size or unused:
+        raise FormatError(f"{what}: decodes to {len(out)} bytes with {len(unused)} trailing bytes; "
                           f"declared {raw_size} bytes exactly")
     return out
