@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.prunekit-installed
-EXTRAS := data,onnx,plot,dev
+EXTRAS := data,onnx,plot,hf,dev
 OUT ?= runs
 
 .PHONY: demo test bench clean venv
