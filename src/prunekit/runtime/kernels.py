@@ -1,13 +1,19 @@
-"""prunekit's own CPU kernel: sparse weight (CSR) times dense activations, fp32.
+"""prunekit's own CPU kernels: sparse weight (CSR or row blocks) times dense activations, fp32.
 
 Computes ``Y^T = W @ X^T + b[:, None]`` with ``W`` (out x in) in CSR with int32
 indices and ``X^T`` (in x B) stored so that the ``B`` batch values of each input
 feature are contiguous. For each output row ``i`` the kernel accumulates
-``sum_k w_ik * X^T[j_k, :]`` into accumulators for 32 batch columns held in
-registers (two AVX-512 vectors, four sets for nonzeros k mod 4), so every loaded
-weight is reused across 32 batch columns (larger batches are done in chunks of
-32; 32 measured faster than 64 at batch 64). Batch 1 is a sparse
-matrix-vector product with 16-lane AVX-512 gathers. Without AVX-512 the kernel
+``sum_k w_ik * X^T[j_k, :]`` into accumulators for up to 64 batch columns held
+in registers (four AVX-512 vectors, four sets for nonzeros k mod 4), so every
+loaded weight is reused across them (larger batches are done in chunks of
+:data:`BATCH_CHUNK`). Batch 1 is a sparse matrix-vector product with 16-lane
+AVX-512 gathers.
+
+Row blocks (:func:`row_blocks`, for ``(r, c)`` block sparsity with ``r > 1``):
+groups of ``r`` consecutive output rows share one column list, and the kernel
+keeps the accumulators of up to 8 rows at once, so every loaded activation
+vector serves all of them (batch > 1); at batch 1 one vector multiply-add
+serves up to 16 rows. Without AVX-512 the kernel
 falls back to plain C (scalar dot products; slow for large batches, where
 :func:`~prunekit.runtime.accelerate`'s timing then prefers another format). Output rows
 are split across OpenMP threads (static schedule) and each row is computed by
@@ -42,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "spmm_t", "spmm"]
+__all__ = ["available", "spmm_t", "spmm", "spmm_rows", "row_blocks"]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -53,12 +59,13 @@ _SOURCE = r"""
 #include <immintrin.h>
 /* Columns b0..b0+16*NV of one output row: NV AVX-512 accumulators (four sets, nonzeros k mod 4,
    summed at the end), masks for a partial last vector. Fixed order: deterministic. */
-#define CHUNKV(NV)                                                                          \
-static inline void chunkv##NV(const int32_t *restrict col, const float *restrict val,        \
+#define CHUNKV(NAME, NV)                                                                          \
+static inline void NAME(const int32_t *restrict col, const float *restrict val,        \
                               int64_t k0, int64_t k1, const float *restrict xt, int64_t ldx,  \
                               float *restrict out, float bias, const __mmask16 *m,            \
                               int first, int last) {                                          \
     __m512 a[NV], c[NV], d[NV], e[NV];                                                       \
+    _Pragma("GCC unroll 4")                                                                  \
     for (int v = 0; v < NV; ++v) {                                                           \
         a[v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m[v], out + 16 * v);      \
         c[v] = _mm512_setzero_ps(); d[v] = _mm512_setzero_ps(); e[v] = _mm512_setzero_ps();  \
@@ -69,6 +76,7 @@ static inline void chunkv##NV(const int32_t *restrict col, const float *restrict
         const __m512 w2 = _mm512_set1_ps(val[k + 2]), w3 = _mm512_set1_ps(val[k + 3]);      \
         const float *p0 = xt + (int64_t)col[k] * ldx, *p1 = xt + (int64_t)col[k + 1] * ldx;  \
         const float *p2 = xt + (int64_t)col[k + 2] * ldx, *p3 = xt + (int64_t)col[k + 3] * ldx; \
+        _Pragma("GCC unroll 4")                                                              \
         for (int v = 0; v < NV; ++v) {                                                       \
             a[v] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m[v], p0 + 16 * v), a[v]);      \
             c[v] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m[v], p1 + 16 * v), c[v]);      \
@@ -79,20 +87,24 @@ static inline void chunkv##NV(const int32_t *restrict col, const float *restrict
     for (; k < k1; ++k) {                                                                    \
         const __m512 w0 = _mm512_set1_ps(val[k]);                                            \
         const float *p0 = xt + (int64_t)col[k] * ldx;                                        \
+        _Pragma("GCC unroll 4")                                                              \
         for (int v = 0; v < NV; ++v)                                                         \
             a[v] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m[v], p0 + 16 * v), a[v]);      \
     }                                                                                        \
     const __m512 bb = _mm512_set1_ps(bias);                                                  \
+    _Pragma("GCC unroll 4")                                                                  \
     for (int v = 0; v < NV; ++v) {                                                           \
         const __m512 s = _mm512_add_ps(_mm512_add_ps(a[v], c[v]), _mm512_add_ps(d[v], e[v])); \
         _mm512_mask_storeu_ps(out + 16 * v, m[v], last ? _mm512_add_ps(s, bb) : s);          \
     }                                                                                        \
 }
-/* Batch columns per chunk: 32 (two vectors) measured 15-20% faster than 48 or 64 on 768x3072
-   layers at batch 64 (the X^T panel a chunk touches is half as large, easier on L2). */
+/* Batch columns per chunk of the row-block kernel (two vectors per row, up to 8 rows at once), and
+   the smallest chunk of the CSR kernel (which takes 32, 48 or 64 from its caller). */
 #define BCHUNK 32
-CHUNKV(2)
-CHUNKV(1)
+CHUNKV(chunkv4, 4)
+CHUNKV(chunkv3, 3)
+CHUNKV(chunkv2, 2)
+CHUNKV(chunkv1, 1)
 #define PRUNEKIT_SIMD "avx512"
 #else
 #define PRUNEKIT_SIMD "generic"
@@ -143,8 +155,9 @@ static inline float dot1g(const int32_t *restrict col, const float *restrict val
 void prunekit_spmm_t(int64_t M, int64_t N, int64_t B, const int32_t *restrict crow,
                      const int32_t *restrict col, const float *restrict val, const float *restrict xt,
                      int64_t ldx, const float *restrict bias, float *restrict yt, int64_t ldy,
-                     int64_t tile, int nthreads) {
+                     int64_t tile, int64_t bchunk, int nthreads) {
     if (nthreads < 1) nthreads = 1;
+    const int64_t BC = bchunk >= 64 ? 64 : bchunk >= 48 ? 48 : BCHUNK;
     if (tile < 1) tile = N > 0 ? N : 1;
     #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
@@ -154,10 +167,10 @@ void prunekit_spmm_t(int64_t M, int64_t N, int64_t B, const int32_t *restrict cr
         if (B > 1 && hi > lo) {
             int64_t *cur = (int64_t *)malloc(sizeof(int64_t) * (size_t)(hi - lo));
             const int64_t ntile = N > 0 ? (N + tile - 1) / tile : 1;
-            for (int64_t b = 0; b < B; b += BCHUNK) {
-                const int64_t r = B - b < BCHUNK ? B - b : BCHUNK;
-                __mmask16 m[2];
-                for (int v = 0; v < 2; ++v) {
+            for (int64_t b = 0; b < B; b += BC) {
+                const int64_t r = B - b < BC ? B - b : BC;
+                __mmask16 m[4];
+                for (int v = 0; v < 4; ++v) {
                     const int64_t n = r - 16 * v;
                     m[v] = n >= 16 ? (__mmask16)0xFFFF : n > 0 ? (__mmask16)((1u << n) - 1u) : (__mmask16)0;
                 }
@@ -175,7 +188,9 @@ void prunekit_spmm_t(int64_t M, int64_t N, int64_t B, const int32_t *restrict cr
                         if (ke == k0 && !first && !last) continue;
                         const float bi = bias ? bias[i] : 0.0f;
                         float *restrict yr = yt + i * ldy + b;
-                        if (nv == 2) chunkv2(col, val, k0, ke, xt + b, ldx, yr, bi, m, first, last);
+                        if (nv == 4) chunkv4(col, val, k0, ke, xt + b, ldx, yr, bi, m, first, last);
+                        else if (nv == 3) chunkv3(col, val, k0, ke, xt + b, ldx, yr, bi, m, first, last);
+                        else if (nv == 2) chunkv2(col, val, k0, ke, xt + b, ldx, yr, bi, m, first, last);
                         else chunkv1(col, val, k0, ke, xt + b, ldx, yr, bi, m, first, last);
                     }
                 }
@@ -195,13 +210,140 @@ void prunekit_spmm_t(int64_t M, int64_t N, int64_t B, const int32_t *restrict cr
     }
 }
 
-int prunekit_abi_version(void) { return 5; }
+/* ---- Row blocks: groups of R consecutive output rows that share one column list (R x C blocks,
+   C >= 1, flattened to columns). Values are stored column by column: val[k * R + r]. One loaded
+   vector of X^T serves R rows, so loads per multiply-add drop from ~2 to ~1 + 1/R. ---- */
+#ifdef __AVX512F__
+/* S rows (S <= 8) of one group, columns b0..b0+16*NV: S*NV accumulators (the S rows give the
+   independent chains, so no k mod 4 split). vs: value stride between columns (the group's R). */
+#define ROWSV(S, NV)                                                                          \
+static inline void rows##S##_##NV(const int32_t *restrict col, const float *restrict val,     \
+                                  int64_t vs, int64_t k0, int64_t k1, const float *restrict xt, \
+                                  int64_t ldx, float *restrict out, int64_t ldy,               \
+                                  const float *restrict bias, const __mmask16 *m) {           \
+    __m512 a[S * NV];                                                                        \
+    _Pragma("GCC unroll 16")                                                                 \
+    for (int i = 0; i < S * NV; ++i) a[i] = _mm512_setzero_ps();                             \
+    for (int64_t k = k0; k < k1; ++k) {                                                      \
+        const float *p = xt + (int64_t)col[k] * ldx;                                         \
+        __m512 x[NV];                                                                        \
+        for (int v = 0; v < NV; ++v) x[v] = _mm512_maskz_loadu_ps(m[v], p + 16 * v);         \
+        const float *w = val + k * vs;                                                       \
+        _Pragma("GCC unroll 8")                                                              \
+        for (int r = 0; r < S; ++r) {                                                        \
+            const __m512 wr = _mm512_set1_ps(w[r]);                                          \
+            for (int v = 0; v < NV; ++v) a[r * NV + v] = _mm512_fmadd_ps(wr, x[v], a[r * NV + v]); \
+        }                                                                                    \
+    }                                                                                        \
+    _Pragma("GCC unroll 8")                                                                  \
+    for (int r = 0; r < S; ++r) {                                                            \
+        const __m512 bb = _mm512_set1_ps(bias ? bias[r] : 0.0f);                             \
+        for (int v = 0; v < NV; ++v)                                                         \
+            _mm512_mask_storeu_ps(out + r * ldy + 16 * v, m[v], _mm512_add_ps(a[r * NV + v], bb)); \
+    }                                                                                        \
+}
+ROWSV(8, 2) ROWSV(4, 2) ROWSV(2, 2) ROWSV(1, 2)
+ROWSV(8, 1) ROWSV(4, 1) ROWSV(2, 1) ROWSV(1, 1)
+
+/* All R rows of one group for one batch chunk: sub-blocks of 8, 4, 2, 1 rows. */
+static inline void rows_chunk(int64_t R, const int32_t *restrict col, const float *restrict val,
+                              int64_t k0, int64_t k1, const float *restrict xt, int64_t ldx,
+                              float *restrict out, int64_t ldy, const float *restrict bias,
+                              const __mmask16 *m, int nv) {
+    int64_t r = 0;
+    while (r < R) {
+        const int64_t left = R - r;
+        const int s = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        const float *vr = val + r;
+        float *o = out + r * ldy;
+        const float *br = bias ? bias + r : 0;
+        if (nv == 2) {
+            if (s == 8) rows8_2(col, vr, R, k0, k1, xt, ldx, o, ldy, br, m);
+            else if (s == 4) rows4_2(col, vr, R, k0, k1, xt, ldx, o, ldy, br, m);
+            else if (s == 2) rows2_2(col, vr, R, k0, k1, xt, ldx, o, ldy, br, m);
+            else rows1_2(col, vr, R, k0, k1, xt, ldx, o, ldy, br, m);
+        } else {
+            if (s == 8) rows8_1(col, vr, R, k0, k1, xt, ldx, o, ldy, br, m);
+            else if (s == 4) rows4_1(col, vr, R, k0, k1, xt, ldx, o, ldy, br, m);
+            else if (s == 2) rows2_1(col, vr, R, k0, k1, xt, ldx, o, ldy, br, m);
+            else rows1_1(col, vr, R, k0, k1, xt, ldx, o, ldy, br, m);
+        }
+        r += s;
+    }
+}
+
+/* Batch 1: the R rows of a group are R contiguous values per column, so one vector multiply-add
+   per column serves up to 16 rows (four fixed partial vectors, columns k mod 4). */
+static inline void rows_vec1(int64_t R, const int32_t *restrict col, const float *restrict val,
+                             int64_t k0, int64_t k1, const float *restrict x, float *restrict out,
+                             const float *restrict bias) {
+    for (int64_t r = 0; r < R; r += 16) {
+        const int64_t n = R - r;
+        const __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+        __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        int64_t k = k0;
+        for (; k + 4 <= k1; k += 4)
+            for (int u = 0; u < 4; ++u)
+                s[u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, val + (k + u) * R + r),
+                                       _mm512_set1_ps(x[col[k + u]]), s[u]);
+        for (; k < k1; ++k)
+            s[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, val + k * R + r), _mm512_set1_ps(x[col[k]]), s[0]);
+        __m512 t = _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]));
+        if (bias) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, bias + r));
+        _mm512_mask_storeu_ps(out + r, m, t);
+    }
+}
+#endif
+
+/* yt (G*R x B, row stride ldy) = W @ xt + bias, W given as G row blocks of R rows: block g has the
+   columns col[gptr[g]:gptr[g+1]] and values val[k*R + r]. Groups are split into nthreads contiguous
+   ranges; each output is computed by one thread in a fixed order (deterministic for any nthreads). */
+void prunekit_rows_t(int64_t G, int64_t R, int64_t N, int64_t B, const int32_t *restrict gptr,
+                     const int32_t *restrict col, const float *restrict val, const float *restrict xt,
+                     int64_t ldx, const float *restrict bias, float *restrict yt, int64_t ldy, int nthreads) {
+    (void)N;
+    if (nthreads < 1) nthreads = 1;
+    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int64_t lo = G * tid / nth, hi = G * (tid + 1) / nth;
+#ifdef __AVX512F__
+        if (B > 1) {
+            for (int64_t b = 0; b < B; b += BCHUNK) {
+                const int64_t r = B - b < BCHUNK ? B - b : BCHUNK;
+                __mmask16 m[2];
+                for (int v = 0; v < 2; ++v) {
+                    const int64_t n = r - 16 * v;
+                    m[v] = n >= 16 ? (__mmask16)0xFFFF : n > 0 ? (__mmask16)((1u << n) - 1u) : (__mmask16)0;
+                }
+                const int nv = (int)((r + 15) / 16);
+                for (int64_t g = lo; g < hi; ++g)
+                    rows_chunk(R, col, val, gptr[g], gptr[g + 1], xt + b, ldx, yt + g * R * ldy + b, ldy,
+                               bias ? bias + g * R : 0, m, nv);
+            }
+        } else if (ldx == 1 && ldy == 1) {
+            for (int64_t g = lo; g < hi; ++g)
+                rows_vec1(R, col, val, gptr[g], gptr[g + 1], xt, yt + g * R, bias ? bias + g * R : 0);
+        } else
+#endif
+        for (int64_t g = lo; g < hi; ++g)
+            for (int64_t r = 0; r < R; ++r)
+                for (int64_t b = 0; b < B; ++b) {
+                    float s = 0.0f;
+                    for (int64_t k = gptr[g]; k < gptr[g + 1]; ++k)
+                        s += val[k * R + r] * xt[(int64_t)col[k] * ldx + b];
+                    yt[(g * R + r) * ldy + b] = s + (bias ? bias[g * R + r] : 0.0f);
+                }
+    }
+}
+
+int prunekit_abi_version(void) { return 7; }
 const char *prunekit_simd(void) { return PRUNEKIT_SIMD; }
 """
 
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=c11",
           "-fno-fast-math"]
-_ABI = 5
+_ABI = 7
 _lock = threading.Lock()
 _state: tuple[bool, str, object] | None = None
 # Below this many multiply-adds a call runs on one thread (thread start-up would dominate).
@@ -211,6 +353,10 @@ PARALLEL_MIN_WORK = 16384
 # bench/runtime.py it was slower for 768x3072 layers at batch 64 (8/16/24 KiB tiles: 0.43-0.98 ms vs
 # 0.23 ms untiled at 90%), so it is off by default.
 TILE_BYTES = int(os.environ.get("PRUNEKIT_KERNEL_TILE_BYTES", "0"))
+# Batch columns per pass over the weights (32, 48 or 64). 64 (four vectors per nonzero, one index and one
+# weight load per 64 multiply-adds) measured ~10% faster than 32 on 768x3072 and 3072x768 layers at 90%,
+# batch 64, on the 2-core AVX-512 machine of bench/runtime.py.
+BATCH_CHUNK = int(os.environ.get("PRUNEKIT_KERNEL_BATCH_CHUNK", "64"))
 
 
 def _cache_dir() -> Path:
@@ -275,9 +421,13 @@ def _load() -> object:
         raise RuntimeError("stale kernel library in the cache")
     fn = lib.prunekit_spmm_t
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
+    fn.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_int]
     fn.restype = None
     fn._lib = lib  # keep the library alive with the function
+    rows = lib.prunekit_rows_t
+    rows.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int]
+    rows.restype = None
+    fn._rows = rows
     return fn
 
 
@@ -292,6 +442,10 @@ def _self_test(fn: object) -> None:
         ref = (x.double() @ w.double().t() + b.double()).float()
         if not torch.allclose(y, ref, rtol=1e-5, atol=1e-5):
             raise RuntimeError(f"self-test failed at batch {batch}")
+        for r in (1, 4, 12, 36):
+            y = _call_rows(fn._rows, *row_blocks(w[:36], r), r, b[:36], x.t().contiguous(), 2).t()
+            if not torch.allclose(y, ref[:, :36], rtol=1e-5, atol=1e-5):
+                raise RuntimeError(f"row-block self-test failed at batch {batch}, {r} rows per block")
 
 
 def _csr32(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -302,6 +456,83 @@ def _csr32(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m = w.to_sparse_csr()
     return (m.crow_indices().to(torch.int32).contiguous(), m.col_indices().to(torch.int32).contiguous(),
             m.values().contiguous())
+
+
+def row_blocks(w: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w`` (out x in) as row blocks of ``rows`` consecutive output rows sharing one column list.
+
+    Returns ``(gptr, col, values)``: block ``g`` keeps the columns ``col[gptr[g]:gptr[g+1]]`` where
+    any of its rows is nonzero, and ``values`` is ``(len(col), rows)``: the block's column of
+    ``rows`` weights for each kept column (zeros included where only some rows are nonzero).
+    ``rows`` must divide ``out``.
+
+    Example:
+        >>> w = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 0.0]])
+        >>> gptr, col, val = row_blocks(w, 2)
+        >>> gptr.tolist(), col.tolist(), val.tolist()
+        ([0, 2], [0, 2], [[1.0, 3.0], [2.0, 0.0]])
+    """
+    out_f, in_f = w.shape
+    if rows < 1 or out_f % rows:
+        raise ValueError(f"row_blocks: rows={rows} must be a positive divisor of the {out_f} output rows")
+    grouped = w.detach().reshape(out_f // rows, rows, in_f).transpose(1, 2)  # (G, in, rows)
+    alive = (grouped != 0).any(dim=2)
+    counts = alive.sum(dim=1)
+    gptr = torch.zeros(out_f // rows + 1, dtype=torch.int32)
+    gptr[1:] = counts.cumsum(0).to(torch.int32)
+    col = torch.nonzero(alive)[:, 1].to(torch.int32).contiguous()
+    return gptr, col, grouped[alive].to(torch.float32).contiguous()
+
+
+def _call_rows(fn, gptr, col, values, rows, bias, xt, nthreads) -> torch.Tensor:
+    groups = gptr.numel() - 1
+    n_in, batch = xt.shape
+    yt = torch.empty(groups * rows, batch, dtype=torch.float32)
+    if groups == 0 or batch == 0:
+        return yt
+    threads = nthreads if values.numel() * batch >= PARALLEL_MIN_WORK else 1
+    fn(groups, rows, n_in, batch, gptr.data_ptr(), col.data_ptr(), values.data_ptr(), xt.data_ptr(),
+       xt.stride(0) if n_in else batch, 0 if bias is None else bias.data_ptr(), yt.data_ptr(), batch, threads)
+    return yt
+
+
+def rows_linear_unchecked(gptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, rows: int,
+                          bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T + bias`` with ``W`` as :func:`row_blocks`, without argument checks (for
+    :class:`~prunekit.runtime.SparseLinear`, which checked dtypes, devices and availability)."""
+    xt = x.t()
+    if xt.stride(1) != 1 and xt.shape[1] > 1 or xt.shape[1] == 1 and xt.stride(0) != 1:
+        xt = xt.contiguous()
+    return _call_rows(_state[2]._rows, gptr, col, values, rows, bias, xt, torch.get_num_threads()).t()
+
+
+def spmm_rows(gptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, rows: int, bias: torch.Tensor | None,
+              x: torch.Tensor, num_threads: int | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for ``W`` given as row blocks (:func:`row_blocks`); ``x`` is ``(B, in)`` float32.
+
+    Each loaded activation serves ``rows`` output rows, which is what makes ``(r, c)`` block
+    sparsity with ``r > 1`` faster than unstructured sparsity at the same density. Results are
+    identical for every thread count. Raises ``RuntimeError`` if the kernel is not available.
+
+    Example:
+        >>> w = torch.randn(8, 6) * (torch.rand(8, 1) > 0.5)
+        >>> y = spmm_rows(*row_blocks(w, 4), 4, None, torch.randn(3, 6))  # doctest: +SKIP
+    """
+    ok, why, fn = _get()
+    if not ok:
+        raise RuntimeError(f"prunekit kernel unavailable: {why}")
+    if values.dim() != 2 or values.shape[1] != rows or values.shape[0] != col.numel():
+        raise ValueError(f"spmm_rows: values must have shape ({col.numel()}, {rows}), got {tuple(values.shape)}")
+    for name, t, dt in (("gptr", gptr, torch.int32), ("col", col, torch.int32), ("values", values, torch.float32),
+                        ("x", x, torch.float32)) + ((("bias", bias, torch.float32),) if bias is not None else ()):
+        if t.dtype != dt or t.device.type != "cpu" or (name != "x" and not t.is_contiguous()):
+            raise TypeError(f"spmm_rows: {name} must be a contiguous {dt} CPU tensor, got {t.dtype} on {t.device}")
+    if x.dim() != 2:
+        raise ValueError(f"spmm_rows: x must be 2-D, got shape {tuple(x.shape)}")
+    if bias is not None and bias.numel() != (gptr.numel() - 1) * rows:
+        raise ValueError("spmm_rows: bias must have one value per output row")
+    xt = x.t().contiguous()
+    return _call_rows(fn._rows, gptr, col, values, rows, bias, xt, num_threads or torch.get_num_threads()).t()
 
 
 def _get() -> tuple[bool, str, object]:
@@ -342,7 +573,8 @@ def _call(fn, crow, col, values, bias, xt, nthreads) -> torch.Tensor:
     threads = nthreads if nnz * batch >= PARALLEL_MIN_WORK else 1
     tile = max(16, TILE_BYTES // (4 * min(batch, 32))) if TILE_BYTES > 0 else 0
     fn(m, n_in, batch, crow.data_ptr(), col.data_ptr(), values.data_ptr(), xt.data_ptr(),
-       xt.stride(0) if n_in else batch, 0 if bias is None else bias.data_ptr(), yt.data_ptr(), batch, tile, threads)
+       xt.stride(0) if n_in else batch, 0 if bias is None else bias.data_ptr(), yt.data_ptr(), batch, tile,
+       BATCH_CHUNK, threads)
     return yt
 
 

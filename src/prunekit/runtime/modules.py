@@ -14,6 +14,12 @@ sparse weight fails under ``torch.inference_mode()``. Indices are stored as
 int32 (MKL's native width; int64 indices are converted on every call, ~25%
 slower at batch 1). MKL's BSR supports square blocks only.
 
+Format ``"prunekit-rows"`` stores row blocks (:func:`~prunekit.runtime.kernels.row_blocks`:
+``blocksize`` consecutive output rows share one column list, the block's
+weights stored side by side), the layout of ``Blocks((r, c))`` pruning with
+``r > 1``; prunekit's row-block kernel reuses every loaded activation across
+the block's rows. Without the kernel it falls back to CSR.
+
 Format ``"prunekit"`` stores the weight exactly as ``"csr"`` (int32 indices)
 and runs prunekit's own kernel (:mod:`prunekit.runtime.kernels`, compiled at
 first use) for float32 on the CPU: it keeps each output row's accumulators for
@@ -36,8 +42,8 @@ from . import kernels
 
 __all__ = ["SparseLinear", "FORMATS", "SPARSE_FORMATS"]
 
-FORMATS = ("dense", "csr", "bsr", "prunekit")
-SPARSE_FORMATS = ("csr", "bsr", "prunekit")
+FORMATS = ("dense", "csr", "bsr", "prunekit", "prunekit-rows")
+SPARSE_FORMATS = ("csr", "bsr", "prunekit", "prunekit-rows")
 
 
 class SparseLinear(nn.Module):
@@ -47,9 +53,11 @@ class SparseLinear(nn.Module):
         weight: dense 2-D weight ``(out_features, in_features)``, floating point,
             usually with most entries exactly zero.
         bias: dense ``(out_features,)`` bias or ``None``.
-        fmt: ``"csr"``, ``"bsr"`` or ``"prunekit"`` (CSR run by prunekit's own kernel; see the module docs).
-        blocksize: BSR block edge ``b`` (blocks are ``b x b``; both weight
-            dimensions must be multiples of ``b``). Only for ``fmt="bsr"``.
+        fmt: ``"csr"``, ``"bsr"``, ``"prunekit"`` (CSR run by prunekit's own kernel) or
+            ``"prunekit-rows"`` (row blocks run by prunekit's row-block kernel; see the module docs).
+        blocksize: for ``fmt="bsr"`` the block edge ``b`` (blocks are ``b x b``; both weight
+            dimensions must be multiples of ``b``); for ``fmt="prunekit-rows"`` the number of
+            consecutive output rows per block (must divide ``out_features``). Only for those two.
 
     Inputs of any shape ``(*, in_features)`` are accepted, as for ``nn.Linear``.
     The module has no parameters (the sparse weight is stored as buffers
@@ -84,31 +92,26 @@ class SparseLinear(nn.Module):
             raise TypeError(f"SparseLinear: weight must be floating point, got {weight.dtype}")
         self.fmt = check_choice("SparseLinear", "fmt", fmt, SPARSE_FORMATS)
         out_features, in_features = weight.shape
-        if fmt == "bsr":
+        if fmt in ("bsr", "prunekit-rows"):
             if blocksize is None:
-                raise ValueError("SparseLinear: blocksize is required for fmt='bsr'")
+                raise ValueError(f"SparseLinear: blocksize is required for fmt={fmt!r}")
             blocksize = check_int("SparseLinear", "blocksize", blocksize, minimum=1)
-            if out_features % blocksize or in_features % blocksize:
-                raise ValueError(f"SparseLinear: blocksize {blocksize} must divide both weight dimensions "
-                                 f"{tuple(weight.shape)}")
+            if out_features % blocksize or (fmt == "bsr" and in_features % blocksize):
+                what = "both weight dimensions" if fmt == "bsr" else "out_features of the weight"
+                raise ValueError(f"SparseLinear: blocksize {blocksize} must divide {what} {tuple(weight.shape)}")
         elif blocksize is not None:
-            raise ValueError(f"SparseLinear: blocksize is only for fmt='bsr', got blocksize={blocksize!r} with fmt={fmt!r}")
+            raise ValueError(f"SparseLinear: blocksize is only for fmt='bsr' or 'prunekit-rows', got "
+                             f"blocksize={blocksize!r} with fmt={fmt!r}")
         if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,)):
             raise ValueError(f"SparseLinear: bias must be a tensor of shape ({out_features},), "
                              f"got {tuple(getattr(bias, 'shape', ()))}")
         self.in_features, self.out_features, self.blocksize = in_features, out_features, blocksize
         with torch.no_grad(), _quiet():
             w = weight.detach()
-            matrix = w.to_sparse_bsr((blocksize, blocksize)) if fmt == "bsr" else w.to_sparse_csr()
-            crow, col = matrix.crow_indices(), matrix.col_indices()
-            if max(crow.numel(), int(crow[-1]) if crow.numel() else 0, in_features) < 2**31 - 1:
-                crow, col = crow.to(torch.int32), col.to(torch.int32)
-            elif fmt == "prunekit":
-                raise ValueError(f"SparseLinear: fmt='prunekit' needs int32 indices; weight {tuple(weight.shape)} "
-                                 "is too large")
+            crow, col, values = _compress(w, fmt, blocksize)
             self.register_buffer("crow_indices", crow.contiguous())
             self.register_buffer("col_indices", col.contiguous())
-            self.register_buffer("values", matrix.values().contiguous())
+            self.register_buffer("values", values.contiguous())
             self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.nnz = int((w != 0).sum())
         self._cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
@@ -131,15 +134,24 @@ class SparseLinear(nn.Module):
         return self.matrix().to_dense()
 
     def matrix(self) -> torch.Tensor:
-        """The weight as a torch sparse tensor (built from the buffers; cached)."""
+        """The weight as a torch sparse tensor (CSR, or BSR for ``fmt="bsr"``; built from the buffers; cached)."""
         key = (self.crow_indices.data_ptr(), self.col_indices.data_ptr(), self.values.data_ptr(),
                self.values.dtype, self.values.device, self.values.shape)
         if self._cache is None or self._cache[0] != key:
-            ctor = torch.sparse_bsr_tensor if self.fmt == "bsr" else torch.sparse_csr_tensor
+            shape = (self.out_features, self.in_features)
             # Built outside inference mode so the cached tensor is usable in any later mode.
             with torch.inference_mode(False), torch.no_grad(), _quiet():
-                mat = ctor(self.crow_indices, self.col_indices, self.values,
-                           (self.out_features, self.in_features), check_invariants=False)
+                if self.fmt == "prunekit-rows":  # (r x 1) blocks; torch multiplies them as plain CSR
+                    r = self.blocksize
+                    mat = torch.sparse_bsr_tensor(self.crow_indices, self.col_indices,
+                                                  self.values.reshape(-1, r, 1), shape, check_invariants=False)
+                    mat = mat.to_dense().to_sparse_csr()
+                    mat = torch.sparse_csr_tensor(mat.crow_indices().to(self.crow_indices.dtype),
+                                                  mat.col_indices().to(self.col_indices.dtype), mat.values(), shape,
+                                                  check_invariants=False)
+                else:
+                    ctor = torch.sparse_bsr_tensor if self.fmt == "bsr" else torch.sparse_csr_tensor
+                    mat = ctor(self.crow_indices, self.col_indices, self.values, shape, check_invariants=False)
             self._cache = (key, mat)
         return self._cache[1]
 
@@ -154,13 +166,16 @@ class SparseLinear(nn.Module):
         b = self.bias
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if self.fmt == "prunekit-rows" and self._kernel_ok(x2):
+            y = kernels.rows_linear_unchecked(self.crow_indices, self.col_indices, self.values, self.blocksize, b, x2)
+            return y.reshape(*lead, self.out_features)
         if self.fmt == "prunekit" and self._kernel_ok(x2):
             # The kernel returns Y^T contiguous; its transpose is returned as a view, so a following
             # SparseLinear gets a contiguous X^T for free (as with the addmm path below).
             y = kernels.linear_unchecked(self.crow_indices, self.col_indices, self.values, b, x2)
             return y.reshape(*lead, self.out_features)
         w = self.matrix()
-        if x2.shape[0] == 1 and self.fmt in ("csr", "prunekit"):
+        if x2.shape[0] == 1 and self.fmt != "bsr":
             v = x2[0]
             y = (torch.mv(w, v) if b is None else torch.addmv(b, w, v)).unsqueeze(0)
         else:
@@ -183,9 +198,27 @@ class SparseLinear(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        block = f", blocksize={self.blocksize}" if self.fmt == "bsr" else ""
+        block = f", blocksize={self.blocksize}" if self.blocksize is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.fmt}{block}, density={_pct(self.density)}")
+
+
+def _compress(w: torch.Tensor, fmt: str, blocksize: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(crow_indices, col_indices, values)`` of ``w`` in ``fmt``; int32 indices where they fit."""
+    if fmt == "prunekit-rows":
+        if w.dtype != torch.float32:
+            raise TypeError(f"SparseLinear: fmt='prunekit-rows' is float32 only, got {w.dtype}")
+        if max(w.shape) >= 2**31 - 1 or w.numel() >= 2**31 - 1:
+            raise ValueError(f"SparseLinear: fmt='prunekit-rows' needs int32 indices; weight {tuple(w.shape)} "
+                             "is too large")
+        return kernels.row_blocks(w, blocksize)
+    matrix = w.to_sparse_bsr((blocksize, blocksize)) if fmt == "bsr" else w.to_sparse_csr()
+    crow, col = matrix.crow_indices(), matrix.col_indices()
+    if max(crow.numel(), int(crow[-1]) if crow.numel() else 0, w.shape[1]) < 2**31 - 1:
+        crow, col = crow.to(torch.int32), col.to(torch.int32)
+    elif fmt == "prunekit":
+        raise ValueError(f"SparseLinear: fmt='prunekit' needs int32 indices; weight {tuple(w.shape)} is too large")
+    return crow, col, matrix.values()
 
 
 @contextmanager

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .modules import FORMATS
+
 __all__ = ["AccelerationReport", "LayerChoice"]
 
 
@@ -17,8 +19,9 @@ class LayerChoice:
         in_features, out_features: the layer's shape.
         input_shape: shape of the layer's input during ``example_input`` (``None`` if never called).
         sparsity: fraction of exact zeros in the weight.
-        format: ``"dense"``, ``"csr"`` or ``"bsr"`` — what the accelerated model runs.
-        blocksize: BSR block edge when ``format == "bsr"``, else ``None``.
+        format: one of :data:`prunekit.runtime.modules.FORMATS` — what the accelerated model runs.
+        blocksize: BSR block edge when ``format == "bsr"``, rows per block when
+            ``format == "prunekit-rows"``, else ``None``.
         timings_ms: median milliseconds per call for every timed candidate (empty if not timed).
         notes: why candidates were skipped (below ``min_sparsity``, not blocky, unavailable, ...).
     """
@@ -76,11 +79,11 @@ class AccelerationReport:
     def table(self) -> str:
         """Markdown table, one row per layer."""
         formats = sorted({f for layer in self.layers for f in layer.timings_ms},
-                         key=lambda f: ("dense", "csr", "bsr").index(f) if f in ("dense", "csr", "bsr") else 9)
+                         key=lambda f: FORMATS.index(f) if f in FORMATS else len(FORMATS))
         head = ["layer", "shape", "input", "sparsity", "chosen", *[f"{f} ms" for f in formats], "speedup", "notes"]
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 5 + ["---:"] * (len(head) - 6) + ["---"]) + "|"]
         for layer in self.layers:
-            chosen = layer.format + (f" {layer.blocksize}x{layer.blocksize}" if layer.blocksize else "")
+            chosen = layer.format + _block_label(layer)
             times = [f"{layer.timings_ms[f]:.4f}" if f in layer.timings_ms else "–" for f in formats]
             speed = f"{layer.speedup:.2f}×" if layer.speedup is not None else "–"
             shape = f"{layer.out_features}×{layer.in_features}"
@@ -94,3 +97,10 @@ class AccelerationReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _block_label(layer: LayerChoice) -> str:
+    if not layer.blocksize:
+        return ""
+    b = layer.blocksize
+    return f" {b}x1 rows" if layer.format == "prunekit-rows" else f" {b}x{b}"

@@ -2,8 +2,10 @@
 
 Candidates are ``nn.Linear`` itself ("dense"), :class:`SparseLinear` in CSR,
 in BSR when the weight's zeros come in square blocks (MKL's BSR supports
-square blocks only), and "prunekit" (prunekit's own float32 kernel) when
-:func:`prunekit.runtime.kernels.available` says it built here. Each candidate
+square blocks only), "prunekit" (prunekit's own float32 kernel) when
+:func:`prunekit.runtime.kernels.available` says it built here, and
+"prunekit-rows" (its row-block kernel) when consecutive output rows also share
+their zeros (:func:`row_blocksize`). Each candidate
 is first checked against the dense layer on the captured input; one that errors or disagrees is dropped with a note.
 Timing interleaves the candidates (one call each per round, in rotating order)
 and takes the median per candidate, so drifting machine load hits all alike.
@@ -21,13 +23,15 @@ from torch import nn
 from . import kernels
 from .modules import SparseLinear, _quiet
 
-__all__ = ["blocky_blocksize", "build_candidates", "relative_error", "time_candidates"]
+__all__ = ["blocky_blocksize", "row_blocksize", "build_candidates", "relative_error", "time_candidates"]
 
 # Square BSR block edges tried, largest first.
 BLOCK_EDGES = (16, 8, 4, 2)
 # A blocksize qualifies when at least this fraction of the values BSR stores are true nonzeros.
 MIN_BLOCK_FILL = 0.8
 WARMUP = 2
+# Rows per block tried for "prunekit-rows", largest first.
+ROW_BLOCKS = (16, 8, 4, 2)
 
 
 def blocky_blocksize(weight: torch.Tensor) -> int | None:
@@ -47,6 +51,34 @@ def blocky_blocksize(weight: torch.Tensor) -> int | None:
         blocks = int(nonzero.reshape(rows // b, b, cols // b, b).any(dim=3).any(dim=1).sum())
         if nnz >= MIN_BLOCK_FILL * blocks * b * b:
             return b
+    return None
+
+
+def row_blocksize(weight: torch.Tensor) -> int | None:
+    """The largest ``r`` in ``ROW_BLOCKS`` such that blocks of ``r`` consecutive output rows (nearly) share
+    their zeros, or ``None``.
+
+    ``r`` qualifies when it divides the number of rows and the row blocks' kept
+    columns are at least ``MIN_BLOCK_FILL`` full (so storing ``r`` values per kept
+    column wastes little).
+
+    Example:
+        >>> w = torch.zeros(8, 6)
+        >>> w[4:8, 1] = 1.0
+        >>> row_blocksize(w), row_blocksize(torch.eye(4))
+        (4, None)
+    """
+    nonzero = weight.detach() != 0
+    nnz = int(nonzero.sum())
+    rows, cols = weight.shape
+    if nnz == 0:
+        return None
+    for r in ROW_BLOCKS:
+        if rows % r:
+            continue
+        kept = int(nonzero.reshape(rows // r, r, cols).any(dim=1).sum())
+        if nnz >= MIN_BLOCK_FILL * kept * r:
+            return r
     return None
 
 
@@ -82,7 +114,12 @@ def build_candidates(linear: nn.Linear, formats: tuple[str, ...], x: torch.Tenso
             if blocksize is None:
                 notes[fmt] = "zeros not blocky"
                 continue
-        if fmt == "prunekit":
+        if fmt == "prunekit-rows":
+            blocksize = row_blocksize(linear.weight)
+            if blocksize is None:
+                notes[fmt] = "rows do not share their zeros"
+                continue
+        if fmt in ("prunekit", "prunekit-rows"):
             ok, why = kernels.available()
             if not ok:
                 notes[fmt] = f"skipped: kernel not available ({why})"

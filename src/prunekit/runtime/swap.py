@@ -51,8 +51,10 @@ def accelerate(
             or a mapping (``model(**kwargs)``) of the shape you will run; each
             layer is timed on the input it receives from it.
         formats: candidate formats, a subset of :data:`prunekit.runtime.modules.FORMATS`
-            (``"dense"``, ``"csr"``, ``"bsr"``, ``"prunekit"`` — the own kernel, used where it builds).
-            ``"bsr"`` is tried only for weights whose zeros form square blocks.
+            (``"dense"``, ``"csr"``, ``"bsr"``, ``"prunekit"`` — the own kernel, used where it builds —
+            and ``"prunekit-rows"``, its row-block kernel). ``"bsr"`` is tried only for weights whose
+            zeros form square blocks, ``"prunekit-rows"`` only where blocks of consecutive output rows
+            share their zeros (``Blocks((r, c))`` pruning with ``r > 1``).
         min_sparsity: layers with a smaller fraction of zero weights stay dense, untimed.
         repeats: timed calls per candidate (interleaved; the median counts).
         rtol: largest allowed ``max|y - y_dense| / max|y_dense|``, per layer and end to end.
