@@ -9,7 +9,7 @@ from torch import nn
 import prunekit
 from prunekit.granularity import NM, Blocks, Unstructured
 from prunekit.runtime import SparseLinear, accelerate, kernels
-from prunekit.runtime.selection import build_candidates, relative_error, row_blocksize
+from prunekit.runtime.selection import build_candidates, nm_pattern, relative_error, row_blocksize
 
 OK, WHY = kernels.available()
 needs_kernel = pytest.mark.skipif(not OK, reason=f"prunekit kernel unavailable: {WHY}")
@@ -139,10 +139,12 @@ def test_every_granularity_every_format_matches_dense(granularity, seed):
     for lin in (m for m in model if isinstance(m, nn.Linear)):
         for batch in (1, 64):
             x = torch.randn(batch, lin.in_features, generator=torch.Generator().manual_seed(seed + batch))
-            cands, notes = build_candidates(lin, ("csr", "bsr", "prunekit", "prunekit-rows"), x, RTOL)
+            cands, notes = build_candidates(lin, ("csr", "bsr", "prunekit", "prunekit-rows", "prunekit-nm"), x, RTOL)
             assert "prunekit" in cands and "csr" in cands
             rows = isinstance(granularity, Blocks) and granularity.shape[0] > 1
             assert ("prunekit-rows" in cands) == rows, notes
+            if isinstance(granularity, (NM, Unstructured)):  # blocks may happen to fit some N:M pattern too
+                assert ("prunekit-nm" in cands) == isinstance(granularity, NM), notes
             with torch.inference_mode():
                 ref = lin(x)
                 for fmt, module in cands.items():
@@ -195,3 +197,116 @@ def test_prunekit_rows_arguments():
     with pytest.raises(TypeError, match="float32"):
         SparseLinear(w.double(), None, "prunekit-rows", 4)
     assert "blocksize=4" in repr(SparseLinear(w, None, "prunekit-rows", 4))
+
+
+# ---- N:M kernel ----
+
+def _nm_weight(out_f: int, in_f: int, n: int, m: int, seed: int, holes: float = 0.0,
+               zero_rows: bool = True) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    w = w * NM(n, m).mask(torch.rand(out_f, in_f, generator=g), 1 - n / m)
+    w = w * (torch.rand(out_f, in_f, generator=g) >= holes)  # some groups keep fewer than n
+    if zero_rows:
+        w[: out_f // 4] = 0  # fully pruned rows: all padding
+    return w
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (2, 8), (8, 16), (1, 2), (16, 32)])
+@pytest.mark.parametrize("groups", [1, 3, 17, 40])
+def test_nm_kernel_matches_dense_oracle(seed, n, m, groups):
+    w = _nm_weight(37, m * groups, n, m, seed, holes=0.15 * seed)
+    b = torch.randn(37, generator=torch.Generator().manual_seed(seed + 9))
+    packed = kernels.nm_pack(w, n, m)
+    for batch in BATCHES:
+        x = torch.randn(batch, m * groups, generator=torch.Generator().manual_seed(seed + batch))
+        y = kernels.spmm_nm(*packed, n, m, b, x)
+        assert relative_error(y, _oracle(w, b, x)) <= RTOL, (n, m, groups, batch)
+        assert relative_error(kernels.spmm_nm(*packed, n, m, None, x), _oracle(w, None, x)) <= RTOL
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch", [1, 2, 64, 65, 200])
+def test_nm_kernel_thread_count_does_not_change_bits(batch):
+    w = _nm_weight(300, 96, 2, 4, 5, holes=0.1)
+    x = torch.randn(batch, 96)
+    packed = kernels.nm_pack(w, 2, 4)
+    outs = [kernels.spmm_nm(*packed, 2, 4, None, x, threads) for threads in (1, 2, 3, 4)]
+    for y in outs[1:]:
+        assert torch.equal(y, outs[0])
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (4, 8)])
+def test_nm_pack_round_trip(n, m):
+    w = _nm_weight(12, 4 * m, n, m, 3, holes=0.3)
+    offsets, values = kernels.nm_pack(w, n, m)
+    assert offsets.dtype == torch.uint8 and values.shape == offsets.shape == (12, 4 * n)
+    rebuilt = torch.zeros_like(w)
+    cols = torch.arange(4 * n) // n * m + offsets.long()
+    rebuilt.scatter_(1, cols, values)
+    assert torch.equal(rebuilt, w)
+    assert (cols.diff(dim=1) > 0).all()  # column order within each row: distinct, ascending
+    module = SparseLinear(w, None, "prunekit-nm", pattern=(n, m))
+    assert torch.equal(module.to_dense_weight(), w)
+
+
+def test_nm_pack_rejects_what_does_not_fit():
+    w = _nm_weight(8, 16, 2, 4, 0)
+    with pytest.raises(ValueError, match="more than 1"):
+        kernels.nm_pack(w, 1, 4)
+    with pytest.raises(ValueError, match="power of two"):
+        kernels.nm_pack(w, 3, 4)
+    with pytest.raises(ValueError, match="in_features"):
+        kernels.nm_pack(w, 2, 32)
+
+
+def test_nm_pattern_detects_nm_only():
+    assert nm_pattern(_nm_weight(16, 64, 2, 4, 0, zero_rows=False)) == (2, 4)
+    assert nm_pattern(_nm_weight(16, 64, 1, 8, 0, zero_rows=False)) == (1, 8)
+    assert nm_pattern(_nm_weight(16, 64, 4, 8, 0, zero_rows=False)) == (4, 8)
+    assert nm_pattern(_nm_weight(16, 64, 2, 4, 0, zero_rows=True)) is None  # a quarter of the rows is padding
+    g = torch.Generator().manual_seed(0)
+    dense_ish = torch.randn(16, 64, generator=g) * (torch.rand(16, 64, generator=g) > 0.5)
+    assert nm_pattern(dense_ish) is None
+    assert nm_pattern(torch.zeros(4, 8)) is None
+    assert nm_pattern(torch.ones(4, 6)) is None  # no group size divides the inputs and leaves zeros
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prunekit_nm_falls_back_without_kernel(dtype, monkeypatch):
+    w = _nm_weight(16, 32, 2, 4, 1)
+    b = torch.randn(16)
+    module = SparseLinear(w, b, "prunekit-nm", pattern=(2, 4)).to(dtype)
+    monkeypatch.setattr(kernels, "_state", (False, "disabled for the test", None))
+    x = torch.randn(5, 32, dtype=dtype)
+    with torch.no_grad():
+        assert relative_error(module(x), _oracle(w, b, x)) <= RTOL
+        assert relative_error(module(x[:1]), _oracle(w, b, x[:1])) <= RTOL
+
+
+def test_prunekit_nm_arguments():
+    w = _nm_weight(16, 32, 2, 4, 1)
+    with pytest.raises(ValueError, match="pattern"):
+        SparseLinear(w, None, "prunekit-nm")
+    with pytest.raises(ValueError, match="pattern"):
+        SparseLinear(w, None, "csr", pattern=(2, 4))
+    with pytest.raises(TypeError, match="pattern"):
+        SparseLinear(w, None, "prunekit-nm", pattern="2:4")
+    with pytest.raises(TypeError, match="float32"):
+        SparseLinear(w.double(), None, "prunekit-nm", pattern=(2, 4))
+    with pytest.raises(ValueError, match="more than"):
+        SparseLinear(torch.ones(4, 8), None, "prunekit-nm", pattern=(2, 4))
+    assert "pattern=2:4" in repr(SparseLinear(w, None, "prunekit-nm", pattern=(2, 4)))
+
+
+@needs_kernel
+def test_accelerate_records_nm_choice():
+    model = _pruned_mlp(NM(2, 4), 0.5, 0)
+    fast, report = accelerate(model, torch.randn(64, 48), formats=("prunekit-nm",), repeats=2, progress=False)
+    assert [layer.pattern for layer in report.layers] == ["2:4"] * 3
+    assert "prunekit-nm 2:4" in report.table()
+    assert all(m.fmt == "prunekit-nm" for m in fast if isinstance(m, SparseLinear))
+    state = fast.state_dict()
+    assert any(k.endswith("offsets") and v.dtype == torch.uint8 for k, v in state.items())

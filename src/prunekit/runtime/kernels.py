@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "spmm_t", "spmm", "spmm_rows", "row_blocks"]
+__all__ = ["available", "spmm_t", "spmm", "spmm_rows", "row_blocks", "spmm_nm", "nm_pack"]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -59,11 +59,12 @@ _SOURCE = r"""
 #include <immintrin.h>
 /* Columns b0..b0+16*NV of one output row: NV AVX-512 accumulators (four sets, nonzeros k mod 4,
    summed at the end), masks for a partial last vector. Fixed order: deterministic. */
-#define CHUNKV(NAME, NV)                                                                          \
-static inline void NAME(const int32_t *restrict col, const float *restrict val,        \
+#define CHUNKV(NAME, NV, COLT, COL)                                                          \
+static inline void NAME(const COLT *restrict col, const float *restrict val,                   \
                               int64_t k0, int64_t k1, const float *restrict xt, int64_t ldx,  \
                               float *restrict out, float bias, const __mmask16 *m,            \
-                              int first, int last) {                                          \
+                              int first, int last, int sh, int64_t mm) {                      \
+    (void)sh; (void)mm;                                                                      \
     __m512 a[NV], c[NV], d[NV], e[NV];                                                       \
     _Pragma("GCC unroll 4")                                                                  \
     for (int v = 0; v < NV; ++v) {                                                           \
@@ -74,8 +75,8 @@ static inline void NAME(const int32_t *restrict col, const float *restrict val, 
     for (; k + 4 <= k1; k += 4) {                                                            \
         const __m512 w0 = _mm512_set1_ps(val[k]), w1 = _mm512_set1_ps(val[k + 1]);          \
         const __m512 w2 = _mm512_set1_ps(val[k + 2]), w3 = _mm512_set1_ps(val[k + 3]);      \
-        const float *p0 = xt + (int64_t)col[k] * ldx, *p1 = xt + (int64_t)col[k + 1] * ldx;  \
-        const float *p2 = xt + (int64_t)col[k + 2] * ldx, *p3 = xt + (int64_t)col[k + 3] * ldx; \
+        const float *p0 = xt + COL(k) * ldx, *p1 = xt + COL(k + 1) * ldx;                    \
+        const float *p2 = xt + COL(k + 2) * ldx, *p3 = xt + COL(k + 3) * ldx;                \
         _Pragma("GCC unroll 4")                                                              \
         for (int v = 0; v < NV; ++v) {                                                       \
             a[v] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m[v], p0 + 16 * v), a[v]);      \
@@ -86,7 +87,7 @@ static inline void NAME(const int32_t *restrict col, const float *restrict val, 
     }                                                                                        \
     for (; k < k1; ++k) {                                                                    \
         const __m512 w0 = _mm512_set1_ps(val[k]);                                            \
-        const float *p0 = xt + (int64_t)col[k] * ldx;                                        \
+        const float *p0 = xt + COL(k) * ldx;                                                 \
         _Pragma("GCC unroll 4")                                                              \
         for (int v = 0; v < NV; ++v)                                                         \
             a[v] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m[v], p0 + 16 * v), a[v]);      \
@@ -101,10 +102,18 @@ static inline void NAME(const int32_t *restrict col, const float *restrict val, 
 /* Batch columns per chunk of the row-block kernel (two vectors per row, up to 8 rows at once), and
    the smallest chunk of the CSR kernel (which takes 32, 48 or 64 from its caller). */
 #define BCHUNK 32
-CHUNKV(chunkv4, 4)
-CHUNKV(chunkv3, 3)
-CHUNKV(chunkv2, 2)
-CHUNKV(chunkv1, 1)
+/* CSR: the column index is stored. N:M: entry k of a row (local index k - k0) lies in group
+   (k - k0) >> sh (n = 2^sh kept per group) at the stored 1-byte offset within its group of mm. */
+#define COL_CSR(k) ((int64_t)col[k])
+#define COL_NM(k) (((int64_t)((k) - k0) >> sh) * mm + (int64_t)col[k])
+CHUNKV(chunkv4, 4, int32_t, COL_CSR)
+CHUNKV(chunkv3, 3, int32_t, COL_CSR)
+CHUNKV(chunkv2, 2, int32_t, COL_CSR)
+CHUNKV(chunkv1, 1, int32_t, COL_CSR)
+CHUNKV(nmv4, 4, uint8_t, COL_NM)
+CHUNKV(nmv3, 3, uint8_t, COL_NM)
+CHUNKV(nmv2, 2, uint8_t, COL_NM)
+CHUNKV(nmv1, 1, uint8_t, COL_NM)
 #define PRUNEKIT_SIMD "avx512"
 #else
 #define PRUNEKIT_SIMD "generic"
@@ -188,10 +197,10 @@ void prunekit_spmm_t(int64_t M, int64_t N, int64_t B, const int32_t *restrict cr
                         if (ke == k0 && !first && !last) continue;
                         const float bi = bias ? bias[i] : 0.0f;
                         float *restrict yr = yt + i * ldy + b;
-                        if (nv == 4) chunkv4(col, val, k0, ke, xt + b, ldx, yr, bi, m, first, last);
-                        else if (nv == 3) chunkv3(col, val, k0, ke, xt + b, ldx, yr, bi, m, first, last);
-                        else if (nv == 2) chunkv2(col, val, k0, ke, xt + b, ldx, yr, bi, m, first, last);
-                        else chunkv1(col, val, k0, ke, xt + b, ldx, yr, bi, m, first, last);
+                        if (nv == 4) chunkv4(col, val, k0, ke, xt + b, ldx, yr, bi, m, first, last, 0, 0);
+                        else if (nv == 3) chunkv3(col, val, k0, ke, xt + b, ldx, yr, bi, m, first, last, 0, 0);
+                        else if (nv == 2) chunkv2(col, val, k0, ke, xt + b, ldx, yr, bi, m, first, last, 0, 0);
+                        else chunkv1(col, val, k0, ke, xt + b, ldx, yr, bi, m, first, last, 0, 0);
                     }
                 }
             }
@@ -337,13 +346,93 @@ void prunekit_rows_t(int64_t G, int64_t R, int64_t N, int64_t B, const int32_t *
     }
 }
 
-int prunekit_abi_version(void) { return 7; }
+/* ---- N:M along the input dimension: every row keeps exactly K = N / mm * n entries (n = 2^sh,
+   zero-padded where a group keeps fewer), stored row after row: val[i * K + k] and a 1-byte offset
+   off[i * K + k] within its group of mm inputs. No row pointers, no 4-byte indices: 5 bytes per kept
+   weight instead of CSR's 8, and every row has the same length. ---- */
+#ifdef __AVX512F__
+/* Batch 1: 16 entries at a time; their columns are ((k + j) >> sh) * mm + off[k + j]. */
+static inline float nm_dot1(const uint8_t *restrict off, const float *restrict val, int64_t K, int sh,
+                            int64_t mm, const float *restrict x) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i mmv = _mm512_set1_epi32((int)mm);
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m512i c0 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(
+            _mm512_add_epi32(iota, _mm512_set1_epi32((int)k)), sh), mmv),
+            _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(off + k))));
+        const __m512i c1 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(
+            _mm512_add_epi32(iota, _mm512_set1_epi32((int)k + 16)), sh), mmv),
+            _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(off + k + 16))));
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(val + k), _mm512_i32gather_ps(c0, x, 4), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(val + k + 16), _mm512_i32gather_ps(c1, x, 4), s1);
+    }
+    for (; k < K; k += 16) {
+        const int64_t n = K - k;
+        const __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+        const __m512i o = _mm512_maskz_cvtepu8_epi32(m, _mm_maskz_loadu_epi8(m, off + k));
+        const __m512i c = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(
+            _mm512_add_epi32(iota, _mm512_set1_epi32((int)k)), sh), mmv), o);
+        const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, c, x, 4);
+        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, val + k), g, s0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+#endif
+
+void prunekit_nm_t(int64_t M, int64_t N, int64_t B, int64_t K, int sh, int64_t mm,
+                   const uint8_t *restrict off, const float *restrict val, const float *restrict xt, int64_t ldx,
+                   const float *restrict bias, float *restrict yt, int64_t ldy, int64_t bchunk, int nthreads) {
+    (void)N;
+    if (nthreads < 1) nthreads = 1;
+    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int64_t lo = M * tid / nth, hi = M * (tid + 1) / nth;
+#ifdef __AVX512F__
+        const int64_t BC = bchunk >= 64 ? 64 : bchunk >= 48 ? 48 : BCHUNK;
+        if (B > 1) {
+            for (int64_t b = 0; b < B; b += BC) {
+                const int64_t r = B - b < BC ? B - b : BC;
+                __mmask16 m[4];
+                for (int v = 0; v < 4; ++v) {
+                    const int64_t n = r - 16 * v;
+                    m[v] = n >= 16 ? (__mmask16)0xFFFF : n > 0 ? (__mmask16)((1u << n) - 1u) : (__mmask16)0;
+                }
+                const int nv = (int)((r + 15) / 16);
+                for (int64_t i = lo; i < hi; ++i) {
+                    const float bi = bias ? bias[i] : 0.0f;
+                    float *restrict yr = yt + i * ldy + b;
+                    const int64_t k0 = i * K, k1 = k0 + K;
+                    if (nv == 4) nmv4(off, val, k0, k1, xt + b, ldx, yr, bi, m, 1, 1, sh, mm);
+                    else if (nv == 3) nmv3(off, val, k0, k1, xt + b, ldx, yr, bi, m, 1, 1, sh, mm);
+                    else if (nv == 2) nmv2(off, val, k0, k1, xt + b, ldx, yr, bi, m, 1, 1, sh, mm);
+                    else nmv1(off, val, k0, k1, xt + b, ldx, yr, bi, m, 1, 1, sh, mm);
+                }
+            }
+        } else if (ldx == 1) {
+            for (int64_t i = lo; i < hi; ++i)
+                yt[i * ldy] = nm_dot1(off + i * K, val + i * K, K, sh, mm, xt) + (bias ? bias[i] : 0.0f);
+        } else
+#endif
+        for (int64_t i = lo; i < hi; ++i)
+            for (int64_t b = 0; b < B; ++b) {
+                float s = 0.0f;
+                for (int64_t k = 0; k < K; ++k)
+                    s += val[i * K + k] * xt[((k >> sh) * mm + off[i * K + k]) * ldx + b];
+                yt[i * ldy + b] = s + (bias ? bias[i] : 0.0f);
+            }
+    }
+}
+
+int prunekit_abi_version(void) { return 8; }
 const char *prunekit_simd(void) { return PRUNEKIT_SIMD; }
 """
 
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=c11",
           "-fno-fast-math"]
-_ABI = 7
+_ABI = 8
 _lock = threading.Lock()
 _state: tuple[bool, str, object] | None = None
 # Below this many multiply-adds a call runs on one thread (thread start-up would dominate).
@@ -428,6 +517,10 @@ def _load() -> object:
     rows.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int]
     rows.restype = None
     fn._rows = rows
+    nm = lib.prunekit_nm_t
+    nm.argtypes = [i64, i64, i64, i64, ctypes.c_int, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
+    nm.restype = None
+    fn._nm = nm
     return fn
 
 
@@ -446,6 +539,10 @@ def _self_test(fn: object) -> None:
             y = _call_rows(fn._rows, *row_blocks(w[:36], r), r, b[:36], x.t().contiguous(), 2).t()
             if not torch.allclose(y, ref[:, :36], rtol=1e-5, atol=1e-5):
                 raise RuntimeError(f"row-block self-test failed at batch {batch}, {r} rows per block")
+        wnm = w[:, :28] * _nm_mask(w[:, :28], 2, 4)
+        y = _call_nm(fn._nm, *nm_pack(wnm, 2, 4), 2, 4, b, x[:, :28].t().contiguous(), 2).t()
+        if not torch.allclose(y, (x[:, :28].double() @ wnm.double().t() + b.double()).float(), rtol=1e-5, atol=1e-5):
+            raise RuntimeError(f"N:M self-test failed at batch {batch}")
 
 
 def _csr32(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -533,6 +630,98 @@ def spmm_rows(gptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, rows:
         raise ValueError("spmm_rows: bias must have one value per output row")
     xt = x.t().contiguous()
     return _call_rows(fn._rows, gptr, col, values, rows, bias, xt, num_threads or torch.get_num_threads()).t()
+
+
+def _nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` largest |w| of every ``m`` consecutive inputs (for the self-test)."""
+    groups = w.abs().reshape(w.shape[0], -1, m)
+    idx = groups.topk(n, dim=2).indices
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True).reshape(w.shape)
+
+
+def nm_pack(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (out x in) with at most ``n`` nonzeros in every ``m`` consecutive inputs, packed for the N:M kernel.
+
+    Returns ``(offsets, values)``, both ``(out, in // m * n)``: for every group
+    of ``m`` inputs its ``n`` entries in column order, with their offsets
+    (uint8) inside the group; a group with fewer than ``n`` nonzeros is padded
+    with zeros at unused offsets. ``n`` must be a power of two dividing 16,
+    ``m`` at most 256, and ``m`` must divide ``in``.
+
+    Raises:
+        ValueError: the pattern or the sizes do not allow it (the message says which).
+
+    Example:
+        >>> off, val = nm_pack(torch.tensor([[0.0, 5.0, 0.0, 7.0, 1.0, 0.0, 0.0, 0.0]]), 2, 4)
+        >>> off.tolist(), val.tolist()
+        ([[1, 3, 0, 1]], [[5.0, 7.0, 1.0, 0.0]])
+    """
+    out_f, in_f = w.shape
+    if n < 1 or n > 16 or 16 % n or not 1 <= n < m <= 256 or in_f % m:
+        raise ValueError(f"nm_pack: {n}:{m} needs n a power of two dividing 16, n < m <= 256 and m dividing "
+                         f"in_features={in_f}")
+    groups = w.detach().reshape(out_f, in_f // m, m)
+    nonzero = groups != 0
+    if nonzero.numel() and int(nonzero.sum(dim=2).max()) > n:
+        raise ValueError(f"nm_pack: some group of {m} inputs has more than {n} nonzeros")
+    # Stable sort puts nonzeros first in column order, then the unused offsets (padding, value 0).
+    order = torch.sort((~nonzero).to(torch.uint8), dim=2, stable=True).indices[..., :n]
+    order = order.sort(dim=2).values  # column order within the group: the CSR summation order
+    values = torch.gather(groups, 2, order).to(torch.float32)
+    return order.to(torch.uint8).reshape(out_f, -1).contiguous(), values.reshape(out_f, -1).contiguous()
+
+
+def _call_nm(fn, offsets, values, n, m, bias, xt, nthreads) -> torch.Tensor:
+    out_f, per_row = values.shape
+    n_in, batch = xt.shape
+    yt = torch.empty(out_f, batch, dtype=torch.float32)
+    if out_f == 0 or batch == 0:
+        return yt
+    threads = nthreads if values.numel() * batch >= PARALLEL_MIN_WORK else 1
+    fn(out_f, n_in, batch, per_row, n.bit_length() - 1, m, offsets.data_ptr(), values.data_ptr(), xt.data_ptr(),
+       xt.stride(0) if n_in else batch, 0 if bias is None else bias.data_ptr(), yt.data_ptr(), batch, BATCH_CHUNK,
+       threads)
+    return yt
+
+
+def nm_linear_unchecked(offsets: torch.Tensor, values: torch.Tensor, n: int, m: int, bias: torch.Tensor | None,
+                        x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T + bias`` with ``W`` as :func:`nm_pack`, without argument checks (for
+    :class:`~prunekit.runtime.SparseLinear`, which checked dtypes, devices and availability)."""
+    xt = x.t()
+    if xt.stride(1) != 1 and xt.shape[1] > 1 or xt.shape[1] == 1 and xt.stride(0) != 1:
+        xt = xt.contiguous()
+    return _call_nm(_state[2]._nm, offsets, values, n, m, bias, xt, torch.get_num_threads()).t()
+
+
+def spmm_nm(offsets: torch.Tensor, values: torch.Tensor, n: int, m: int, bias: torch.Tensor | None,
+            x: torch.Tensor, num_threads: int | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for an N:M weight packed by :func:`nm_pack`; ``x`` is ``(B, in)`` float32.
+
+    Every row has the same number of entries and each costs 5 bytes (value and
+    a 1-byte offset) instead of CSR's 8. Results are identical for every thread
+    count. Raises ``RuntimeError`` if the kernel is not available.
+
+    Example:
+        >>> w = torch.tensor([[0.0, 5.0, 0.0, 7.0]])
+        >>> spmm_nm(*nm_pack(w, 2, 4), 2, 4, None, torch.ones(1, 4))  # doctest: +SKIP
+        tensor([[12.]])
+    """
+    ok, why, fn = _get()
+    if not ok:
+        raise RuntimeError(f"prunekit kernel unavailable: {why}")
+    for name, t, dt in (("offsets", offsets, torch.uint8), ("values", values, torch.float32), ("x", x, torch.float32)
+                        ) + ((("bias", bias, torch.float32),) if bias is not None else ()):
+        if t.dtype != dt or t.device.type != "cpu" or (name != "x" and not t.is_contiguous()):
+            raise TypeError(f"spmm_nm: {name} must be a contiguous {dt} CPU tensor, got {t.dtype} on {t.device}")
+    if x.dim() != 2 or values.dim() != 2 or offsets.shape != values.shape:
+        raise ValueError("spmm_nm: x must be 2-D and offsets/values of one (out, in // m * n) shape")
+    if n < 1 or n > 16 or 16 % n or not n < m <= 256 or x.shape[1] % m or values.shape[1] != x.shape[1] // m * n:
+        raise ValueError(f"spmm_nm: {n}:{m} does not fit values {tuple(values.shape)} and inputs {tuple(x.shape)}")
+    if bias is not None and bias.numel() != values.shape[0]:
+        raise ValueError("spmm_nm: bias must have one value per output row")
+    xt = x.t().contiguous()
+    return _call_nm(fn._nm, offsets, values, n, m, bias, xt, num_threads or torch.get_num_threads()).t()
 
 
 def _get() -> tuple[bool, str, object]:

@@ -20,6 +20,12 @@ weights stored side by side), the layout of ``Blocks((r, c))`` pruning with
 ``r > 1``; prunekit's row-block kernel reuses every loaded activation across
 the block's rows. Without the kernel it falls back to CSR.
 
+Format ``"prunekit-nm"`` is for N:M sparsity along the input dimension
+(``NM(n, m)`` pruning): it stores the weight as ``"csr"`` (every row the same
+length, groups with fewer than ``n`` nonzeros padded with zeros) plus 1-byte
+offsets within each group of ``m`` (buffer ``offsets``), which is all the N:M
+kernel reads: 5 bytes per kept weight instead of CSR's 8, no row pointers.
+
 Format ``"prunekit"`` stores the weight exactly as ``"csr"`` (int32 indices)
 and runs prunekit's own kernel (:mod:`prunekit.runtime.kernels`, compiled at
 first use) for float32 on the CPU: it keeps each output row's accumulators for
@@ -42,8 +48,8 @@ from . import kernels
 
 __all__ = ["SparseLinear", "FORMATS", "SPARSE_FORMATS"]
 
-FORMATS = ("dense", "csr", "bsr", "prunekit", "prunekit-rows")
-SPARSE_FORMATS = ("csr", "bsr", "prunekit", "prunekit-rows")
+FORMATS = ("dense", "csr", "bsr", "prunekit", "prunekit-rows", "prunekit-nm")
+SPARSE_FORMATS = ("csr", "bsr", "prunekit", "prunekit-rows", "prunekit-nm")
 
 
 class SparseLinear(nn.Module):
@@ -54,10 +60,14 @@ class SparseLinear(nn.Module):
             usually with most entries exactly zero.
         bias: dense ``(out_features,)`` bias or ``None``.
         fmt: ``"csr"``, ``"bsr"``, ``"prunekit"`` (CSR run by prunekit's own kernel) or
-            ``"prunekit-rows"`` (row blocks run by prunekit's row-block kernel; see the module docs).
+            ``"prunekit-rows"`` (row blocks run by prunekit's row-block kernel) or ``"prunekit-nm"``
+            (N:M run by prunekit's N:M kernel; see the module docs).
         blocksize: for ``fmt="bsr"`` the block edge ``b`` (blocks are ``b x b``; both weight
             dimensions must be multiples of ``b``); for ``fmt="prunekit-rows"`` the number of
             consecutive output rows per block (must divide ``out_features``). Only for those two.
+        pattern: ``(n, m)`` for ``fmt="prunekit-nm"`` (at most ``n`` nonzeros in every ``m``
+            consecutive inputs; ``n`` a power of two dividing 16, ``m <= 256`` dividing
+            ``in_features``). Only for that format.
 
     Inputs of any shape ``(*, in_features)`` are accepted, as for ``nn.Linear``.
     The module has no parameters (the sparse weight is stored as buffers
@@ -83,7 +93,7 @@ class SparseLinear(nn.Module):
     bias: torch.Tensor | None
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, fmt: str = "csr",
-                 blocksize: int | None = None) -> None:
+                 blocksize: int | None = None, pattern: tuple[int, int] | None = None) -> None:
         super().__init__()
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.layout != torch.strided:
             raise TypeError(f"SparseLinear: weight must be a dense 2-D tensor, got "
@@ -105,10 +115,18 @@ class SparseLinear(nn.Module):
         if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,)):
             raise ValueError(f"SparseLinear: bias must be a tensor of shape ({out_features},), "
                              f"got {tuple(getattr(bias, 'shape', ()))}")
+        if (fmt == "prunekit-nm") != (pattern is not None):
+            raise ValueError(f"SparseLinear: pattern=(n, m) is required for fmt='prunekit-nm' and only for it, "
+                             f"got pattern={pattern!r} with fmt={fmt!r}")
         self.in_features, self.out_features, self.blocksize = in_features, out_features, blocksize
+        self.pattern = None if pattern is None else _check_pattern(pattern)
         with torch.no_grad(), _quiet():
             w = weight.detach()
-            crow, col, values = _compress(w, fmt, blocksize)
+            if fmt == "prunekit-nm":
+                crow, col, values, offsets = _compress_nm(w, *self.pattern)
+                self.register_buffer("offsets", offsets)
+            else:
+                crow, col, values = _compress(w, fmt, blocksize)
             self.register_buffer("crow_indices", crow.contiguous())
             self.register_buffer("col_indices", col.contiguous())
             self.register_buffer("values", values.contiguous())
@@ -117,11 +135,12 @@ class SparseLinear(nn.Module):
         self._cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: str = "csr", blocksize: int | None = None) -> "SparseLinear":
+    def from_linear(cls, linear: nn.Linear, fmt: str = "csr", blocksize: int | None = None,
+                    pattern: tuple[int, int] | None = None) -> "SparseLinear":
         """Build from an ``nn.Linear`` (its weight's exact zeros are dropped); ``linear`` is not changed."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseLinear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
-        return cls(linear.weight, linear.bias, fmt, blocksize)
+        return cls(linear.weight, linear.bias, fmt, blocksize, pattern)
 
     @property
     def density(self) -> float:
@@ -166,6 +185,10 @@ class SparseLinear(nn.Module):
         b = self.bias
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if self.fmt == "prunekit-nm" and self._kernel_ok(x2):
+            n, m = self.pattern
+            y = kernels.nm_linear_unchecked(self.offsets, self.values.view(self.out_features, -1), n, m, b, x2)
+            return y.reshape(*lead, self.out_features)
         if self.fmt == "prunekit-rows" and self._kernel_ok(x2):
             y = kernels.rows_linear_unchecked(self.crow_indices, self.col_indices, self.values, self.blocksize, b, x2)
             return y.reshape(*lead, self.out_features)
@@ -199,8 +222,29 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         block = f", blocksize={self.blocksize}" if self.blocksize is not None else ""
+        block += f", pattern={self.pattern[0]}:{self.pattern[1]}" if self.pattern is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.fmt}{block}, density={_pct(self.density)}")
+
+
+def _check_pattern(pattern: Any) -> tuple[int, int]:
+    if (isinstance(pattern, (str, bytes)) or not isinstance(pattern, (tuple, list)) or len(pattern) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in pattern)):
+        raise TypeError(f"SparseLinear: pattern must be a pair (n, m) of integers, got {pattern!r}")
+    return int(pattern[0]), int(pattern[1])
+
+
+def _compress_nm(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, ...]:
+    """CSR of the zero-padded N:M weight (every row ``in // m * n`` entries) and the 1-byte group offsets."""
+    if w.dtype != torch.float32:
+        raise TypeError(f"SparseLinear: fmt='prunekit-nm' is float32 only, got {w.dtype}")
+    if w.numel() >= 2**31 - 1:
+        raise ValueError(f"SparseLinear: fmt='prunekit-nm' needs int32 indices; weight {tuple(w.shape)} is too large")
+    offsets, values = kernels.nm_pack(w, n, m)
+    per_row = values.shape[1]
+    cols = (torch.arange(per_row) // n * m).unsqueeze(0) + offsets.long()
+    crow = torch.arange(w.shape[0] + 1, dtype=torch.int64) * per_row
+    return crow.to(torch.int32), cols.reshape(-1).to(torch.int32), values.reshape(-1), offsets
 
 
 def _compress(w: torch.Tensor, fmt: str, blocksize: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

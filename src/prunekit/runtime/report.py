@@ -22,6 +22,7 @@ class LayerChoice:
         format: one of :data:`prunekit.runtime.modules.FORMATS` — what the accelerated model runs.
         blocksize: BSR block edge when ``format == "bsr"``, rows per block when
             ``format == "prunekit-rows"``, else ``None``.
+        pattern: ``"n:m"`` when ``format == "prunekit-nm"``, else ``None``.
         timings_ms: median milliseconds per call for every timed candidate (empty if not timed).
         notes: why candidates were skipped (below ``min_sparsity``, not blocky, unavailable, ...).
     """
@@ -33,6 +34,7 @@ class LayerChoice:
     sparsity: float
     format: str
     blocksize: int | None = None
+    pattern: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -100,6 +102,8 @@ class AccelerationReport:
 
 
 def _block_label(layer: LayerChoice) -> str:
+    if layer.pattern:
+        return f" {layer.pattern}"
     if not layer.blocksize:
         return ""
     b = layer.blocksize

@@ -5,7 +5,8 @@ in BSR when the weight's zeros come in square blocks (MKL's BSR supports
 square blocks only), "prunekit" (prunekit's own float32 kernel) when
 :func:`prunekit.runtime.kernels.available` says it built here, and
 "prunekit-rows" (its row-block kernel) when consecutive output rows also share
-their zeros (:func:`row_blocksize`). Each candidate
+their zeros (:func:`row_blocksize`), and "prunekit-nm" (its N:M kernel) for N:M
+patterns along the inputs (:func:`nm_pattern`). Each candidate
 is first checked against the dense layer on the captured input; one that errors or disagrees is dropped with a note.
 Timing interleaves the candidates (one call each per round, in rotating order)
 and takes the median per candidate, so drifting machine load hits all alike.
@@ -23,7 +24,7 @@ from torch import nn
 from . import kernels
 from .modules import SparseLinear, _quiet
 
-__all__ = ["blocky_blocksize", "row_blocksize", "build_candidates", "relative_error", "time_candidates"]
+__all__ = ["blocky_blocksize", "row_blocksize", "nm_pattern", "build_candidates", "relative_error", "time_candidates"]
 
 # Square BSR block edges tried, largest first.
 BLOCK_EDGES = (16, 8, 4, 2)
@@ -32,6 +33,8 @@ MIN_BLOCK_FILL = 0.8
 WARMUP = 2
 # Rows per block tried for "prunekit-rows", largest first.
 ROW_BLOCKS = (16, 8, 4, 2)
+# Group sizes m tried for "prunekit-nm".
+NM_GROUPS = (4, 8, 16, 32)
 
 
 def blocky_blocksize(weight: torch.Tensor) -> int | None:
@@ -82,6 +85,33 @@ def row_blocksize(weight: torch.Tensor) -> int | None:
     return None
 
 
+def nm_pattern(weight: torch.Tensor) -> tuple[int, int] | None:
+    """The sparsest ``(n, m)`` with at most ``n`` nonzeros in every ``m`` consecutive inputs, or ``None``.
+
+    Tries ``m`` in ``NM_GROUPS`` and ``n`` the smallest power of two holding the
+    fullest group; a pattern qualifies when ``n < m`` and the kept entries are at
+    least ``MIN_BLOCK_FILL`` nonzero (padding wastes little). Ties go to the smaller ``m``.
+
+    Example:
+        >>> w = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 4.0, 0.0, 0.0]])
+        >>> nm_pattern(w), nm_pattern(torch.ones(2, 8))
+        ((2, 4), None)
+    """
+    nonzero = weight.detach() != 0
+    rows, cols = weight.shape
+    nnz = int(nonzero.sum())
+    best: tuple[int, int] | None = None
+    for m in NM_GROUPS:
+        if cols % m or nnz == 0:
+            continue
+        fullest = int(nonzero.reshape(rows, cols // m, m).sum(dim=2).max())
+        n = 1 << max(fullest - 1, 0).bit_length()
+        if n < m and n <= 16 and nnz >= MIN_BLOCK_FILL * rows * (cols // m) * n:
+            if best is None or n / m < best[0] / best[1]:
+                best = (n, m)
+    return best
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``max|out - ref| / max|ref|`` (absolute when ``ref`` is all zeros); inf on a shape mismatch."""
     if out.shape != ref.shape:
@@ -119,7 +149,13 @@ def build_candidates(linear: nn.Linear, formats: tuple[str, ...], x: torch.Tenso
             if blocksize is None:
                 notes[fmt] = "rows do not share their zeros"
                 continue
-        if fmt in ("prunekit", "prunekit-rows"):
+        pattern = None
+        if fmt == "prunekit-nm":
+            pattern = nm_pattern(linear.weight)
+            if pattern is None:
+                notes[fmt] = "no N:M pattern along the inputs"
+                continue
+        if fmt.startswith("prunekit"):
             ok, why = kernels.available()
             if not ok:
                 notes[fmt] = f"skipped: kernel not available ({why})"
@@ -128,7 +164,7 @@ def build_candidates(linear: nn.Linear, formats: tuple[str, ...], x: torch.Tenso
                 notes[fmt] = f"skipped: kernel is float32 only (weight {linear.weight.dtype}, input {x.dtype})"
                 continue
         try:
-            module = SparseLinear.from_linear(linear, fmt, blocksize)
+            module = SparseLinear.from_linear(linear, fmt, blocksize, pattern)
             with torch.inference_mode(), _quiet():
                 err = relative_error(module(x), ref)
         except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:

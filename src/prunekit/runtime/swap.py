@@ -52,9 +52,10 @@ def accelerate(
             layer is timed on the input it receives from it.
         formats: candidate formats, a subset of :data:`prunekit.runtime.modules.FORMATS`
             (``"dense"``, ``"csr"``, ``"bsr"``, ``"prunekit"`` — the own kernel, used where it builds —
-            and ``"prunekit-rows"``, its row-block kernel). ``"bsr"`` is tried only for weights whose
-            zeros form square blocks, ``"prunekit-rows"`` only where blocks of consecutive output rows
-            share their zeros (``Blocks((r, c))`` pruning with ``r > 1``).
+            ``"prunekit-rows"`` and ``"prunekit-nm"``, its row-block and N:M kernels). ``"bsr"`` is
+            tried only for weights whose zeros form square blocks, ``"prunekit-rows"`` only where blocks
+            of consecutive output rows share their zeros (``Blocks((r, c))`` pruning with ``r > 1``),
+            ``"prunekit-nm"`` only for N:M patterns along the inputs (``NM(n, m)`` pruning).
         min_sparsity: layers with a smaller fraction of zero weights stay dense, untimed.
         repeats: timed calls per candidate (interleaved; the median counts).
         rtol: largest allowed ``max|y - y_dense| / max|y_dense|``, per layer and end to end.
@@ -138,6 +139,8 @@ def accelerate(
             if best != "dense":
                 module = cands[best]
                 layer.blocksize = getattr(module, "blocksize", None)
+                pattern = getattr(module, "pattern", None)
+                layer.pattern = None if pattern is None else f"{pattern[0]}:{pattern[1]}"
                 chosen[id(lin)] = module
     if unavailable:
         model_notes.append(f"sparse format(s) {sorted(unavailable)} failed on this platform for some layers; "
