@@ -1,15 +1,18 @@
 """Sparse inference on CPU: torch dense vs torch CSR vs ``prunekit.accelerate`` on BERT-FFN-4.
 
 Workload (DESIGN.md §6): four blocks of Linear(768→3072)–ReLU–Linear(3072→768)–ReLU,
-fp32, magnitude-pruned layer-wise (``prunekit.Pruner(model, s)`` then
-``prunekit.strip``) at each sparsity, batch 1 and 64, under ``torch.inference_mode()``.
+fp32, magnitude-pruned layer-wise (``prunekit.Pruner(model, s, granularity=g)`` then
+``prunekit.strip``): unstructured at each sparsity, 2:4 along the inputs, and 8x1
+blocks (8 consecutive output rows share their zeros) at 90%; batch 1 and 64, under
+``torch.inference_mode()``.
 
 - **dense**: the stripped model as is (the oracle).
 - **torch CSR**: what a user writes with plain torch: each weight as
   ``weight.to_sparse_csr()`` and ``torch.sparse.mm(W, x.T).T + b``.
-- **prunekit kernel**: every Linear as ``SparseLinear(fmt="prunekit")``, i.e. prunekit's
-  own CSR x dense kernel (``prunekit.runtime.kernels``, compiled at first use) alone,
-  with no per-layer selection. If the kernel is unavailable its column says so.
+- **prunekit kernel**: every Linear as a ``SparseLinear`` in prunekit's own kernel for the
+  pattern (``prunekit.runtime.kernels``, compiled at first use): CSR for unstructured,
+  ``prunekit-nm`` for 2:4, ``prunekit-rows`` for 8x1 blocks; no per-layer selection. If
+  the kernel is unavailable its column says so.
 - **accelerate**: ``prunekit.accelerate(model, x)`` with x of the measured batch;
   it times dense/CSR/BSR/prunekit-kernel per layer and keeps the fastest.
 
@@ -62,6 +65,13 @@ from prunekit.runtime import kernels
 from prunekit.runtime.selection import relative_error
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
+# (label, granularity, sparsity): unstructured at every sparsity, then the structured patterns whose
+# kernels prunekit has (N:M along the inputs; blocks of consecutive output rows).
+PATTERNS = ([("unstructured", prunekit.Unstructured(), s) for s in SPARSITIES]
+            + [("2:4", prunekit.NM(2, 4), 0.5), ("8x1 blocks", prunekit.Blocks((8, 1)), 0.9)])
+QUICK_PATTERNS = (PATTERNS[3], PATTERNS[5], PATTERNS[6])
+# Which own kernel the "prunekit kernel" column runs for each pattern.
+KERNEL_FORMAT = {"2:4": ("prunekit-nm", None, (2, 4)), "8x1 blocks": ("prunekit-rows", 8, None)}
 BATCHES = (1, 64)
 SEED = 0
 FULL_REPEATS, QUICK_REPEATS = 60, 5
@@ -96,10 +106,11 @@ def torch_csr(model: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*[TorchCSRLinear(m) if isinstance(m, nn.Linear) else m for m in model])
 
 
-def kernel_model(model: nn.Sequential) -> nn.Sequential:
-    """Every Linear run by prunekit's own kernel (``SparseLinear(fmt="prunekit")``), no selection."""
-    return nn.Sequential(*[prunekit.SparseLinear.from_linear(m, "prunekit") if isinstance(m, nn.Linear) else m
-                           for m in model])
+def kernel_model(model: nn.Sequential, label: str) -> nn.Sequential:
+    """Every Linear run by prunekit's own kernel for the pattern (CSR, N:M or row blocks), no selection."""
+    fmt, blocksize, pattern = KERNEL_FORMAT.get(label, ("prunekit", None, None))
+    return nn.Sequential(*[prunekit.SparseLinear.from_linear(m, fmt, blocksize, pattern) if isinstance(m, nn.Linear)
+                           else m for m in model])
 
 
 def _time(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -136,17 +147,19 @@ class OrtModel:
         return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
 
 
-def _pruned(sparsity: float) -> nn.Sequential:
+def _pruned(granularity: prunekit.Granularity, sparsity: float) -> nn.Sequential:
     torch.manual_seed(SEED)
     dense = bert_ffn4().eval()
-    prunekit.Pruner(dense, sparsity)
+    prunekit.Pruner(dense, sparsity, granularity=granularity)
     prunekit.strip(dense)
     return dense
 
 
-def _row(sparsity: float, batch: int, repeats: int, tmp: Path, io: dict[str, np.ndarray]) -> dict:
-    dense = _pruned(sparsity)
-    onnx_path = tmp / f"bert_ffn4_s{sparsity:g}.onnx"
+def _row(pattern: tuple, batch: int, repeats: int, tmp: Path, io: dict[str, np.ndarray]) -> dict:
+    label, granularity, sparsity = pattern
+    dense = _pruned(granularity, sparsity)
+    tag = label.replace(":", "of").replace(" ", "_")
+    onnx_path = tmp / f"bert_ffn4_{tag}_s{sparsity:g}.onnx"
     if not onnx_path.exists():  # one export per sparsity, shared by both batches (dynamic batch dim)
         prunekit.export_onnx(dense, torch.randn(2, 768, generator=torch.Generator().manual_seed(SEED)), onnx_path,
                              dynamic_batch=True, rtol=ORT_RTOL)
@@ -154,7 +167,7 @@ def _row(sparsity: float, batch: int, repeats: int, tmp: Path, io: dict[str, np.
     fast, report = prunekit.accelerate(dense, x, repeats=max(repeats // 2, 3), progress=False)
     models = {"dense": dense, "torch_csr": torch_csr(dense)}
     if kernels.available()[0]:
-        models["prunekit_kernel"] = kernel_model(dense)
+        models["prunekit_kernel"] = kernel_model(dense, label)
     models |= {"accelerate": fast, "onnxruntime": OrtModel(onnx_path, torch.get_num_threads())}
     with torch.inference_mode():
         ref = dense(x)
@@ -162,11 +175,11 @@ def _row(sparsity: float, batch: int, repeats: int, tmp: Path, io: dict[str, np.
     if not errors["onnxruntime"] <= ORT_RTOL:
         raise RuntimeError(f"onnxruntime output differs from dense by {errors['onnxruntime']:.2e} relative "
                            f"(> {ORT_RTOL:g}) at sparsity {sparsity}, batch {batch}")
-    key = f"s{sparsity:g}_b{batch}"
+    key = f"{tag}_s{sparsity:g}_b{batch}"
     io[f"x_{key}"], io[f"ref_{key}"] = x.numpy().copy(), ref.numpy().copy()
     ms = _time(models, x, repeats)
     return {
-        "key": key, "onnx": str(onnx_path),
+        "key": key, "onnx": str(onnx_path), "pattern": label,
         "sparsity": sparsity, "batch": batch, "ms": ms,
         "ratio_vs_dense": {n: ms["dense"] / ms[n] for n in ms},
         "max_relative_error": errors,
@@ -256,17 +269,17 @@ def _ds_cell(r: dict) -> tuple[str, str]:
 
 def run(out: Path, quick: bool) -> str:
     repeats = QUICK_REPEATS if quick else FULL_REPEATS
-    sparsities = (0.9,) if quick else SPARSITIES
+    patterns = QUICK_PATTERNS if quick else PATTERNS
     rows: list[dict] = []
     io: dict[str, np.ndarray] = {}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="prunekit-bench-runtime-") as tmpdir:
         tmp = Path(tmpdir)
         for batch in BATCHES:
-            for s in sparsities:
-                rows.append(_row(s, batch, repeats, tmp, io))
+            for pattern in patterns:
+                rows.append(_row(pattern, batch, repeats, tmp, io))
                 r = rows[-1]
-                print(f"  batch {batch:>2} sparsity {s:.0%}: " + ", ".join(
+                print(f"  batch {batch:>2} {pattern[0]} {pattern[2]:.0%}: " + ", ".join(
                     f"{n} {r['ms'][n]:.3f} ms" for n in VARIANTS if n in r["ms"]), flush=True)
         torch_s = time.perf_counter() - t_start
         ds = _deepsparse(rows, tmp, io, repeats)
@@ -277,7 +290,8 @@ def run(out: Path, quick: bool) -> str:
     timing = {"torch_and_onnxruntime_s": torch_s, "deepsparse_setup_s": ds.get("setup_s"),
               "deepsparse_worker_s": ds.get("worker_s"), "total_s": time.perf_counter() - t_start}
     atomic_write_json(out / "runtime.json", {
-        "workload": "BERT-FFN-4 (4x Linear 768-3072-768 + ReLU), fp32, layer-wise magnitude pruning",
+        "workload": "BERT-FFN-4 (4x Linear 768-3072-768 + ReLU), fp32, layer-wise magnitude pruning "
+                    "(unstructured, 2:4 along the inputs, 8x1 blocks of output rows)",
         "seed": SEED, "repeats": repeats, "prunekit_kernel": list(kernels.available()), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,
         "machine": platform.processor() or platform.machine(), "quick": quick, "rows": rows,
@@ -291,16 +305,18 @@ def run(out: Path, quick: bool) -> str:
         f"fp32, {torch.get_num_threads()} threads, `torch.inference_mode()`, median of {repeats} interleaved "
         "forwards per variant; ratio = dense time / variant time (>1 = faster than dense). "
         "torch CSR = `torch.sparse.mm(W_csr, x.T).T + b`; prunekit kernel = every layer as "
-        "`SparseLinear(fmt=\"prunekit\")` (prunekit's own CSR x dense kernel, no selection); accelerate = "
-        "`prunekit.accelerate` (per-layer choice among dense/CSR/BSR/prunekit kernel, timed on this machine); onnxruntime = `prunekit.export_onnx` + "
+        "`SparseLinear` in prunekit's own kernel for the pattern (`prunekit`: CSR; `prunekit-nm` for 2:4; "
+        "`prunekit-rows` for 8x1 blocks; no selection); accelerate = "
+        "`prunekit.accelerate` (per-layer choice among dense/CSR/BSR/prunekit kernels, timed on this machine); "
+        "onnxruntime = `prunekit.export_onnx` + "
         "`InferenceSession` (same threads, sequential), interleaved with the torch variants.\n",
         "DeepSparse 1.8.0 runs in a separate process (`.venv-deepsparse`, `bench/deepsparse_worker.py`), "
         "interleaved there with its own onnxruntime session: \"vs its ORT\" is that side-by-side ratio "
         "(ORT time / DeepSparse time). Its × vs dense and \"accel / DS\" (accelerate time / DeepSparse time; "
         ">1 = DeepSparse faster) divide times from two processes measured minutes apart.\n",
-        "| batch | sparsity | dense ms | torch CSR ms (×) | prunekit kernel ms (×) | accelerate ms (×) "
+        "| batch | pattern | sparsity | dense ms | torch CSR ms (×) | prunekit kernel ms (×) | accelerate ms (×) "
         "| onnxruntime ms (×) | DeepSparse ms (×) | accel / DS | accelerate layers | max rel err |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         ms, x = r["ms"], r["ratio_vs_dense"]
@@ -309,7 +325,7 @@ def run(out: Path, quick: bool) -> str:
         err = max([*r["max_relative_error"].values(), r["deepsparse"].get("max_relative_error") or 0.0])
         kern = (f"{ms['prunekit_kernel']:.3f} ({x['prunekit_kernel']:.2f}×)" if "prunekit_kernel" in ms
                 else f"unavailable: {kernels.available()[1]}")
-        lines.append(f"| {r['batch']} | {r['sparsity']:.0%} | {ms['dense']:.3f} | {ms['torch_csr']:.3f} "
+        lines.append(f"| {r['batch']} | {r['pattern']} | {r['sparsity']:.0%} | {ms['dense']:.3f} | {ms['torch_csr']:.3f} "
                      f"({x['torch_csr']:.2f}×) | {kern} | **{ms['accelerate']:.3f} ({x['accelerate']:.2f}×)** "
                      f"| {ms['onnxruntime']:.3f} ({x['onnxruntime']:.2f}×) | {ds_cell} | {ratio} | {choice} "
                      f"| {err:.1e} |")

@@ -15,7 +15,7 @@ from .granularity import NM, Blocks, Granularity, Unstructured
 from .iterative import iterative_prune, round_sparsities
 from .pruner import Pruner, strip
 from .report import LayerSparsity, SparsityReport, sparsity_report
-from .runtime import AccelerationReport, SparseLinear, accelerate
+from .runtime import AccelerationReport, SparseConv2d, SparseLinear, accelerate
 from .schedules import ConstantSparsity, PolynomialDecay, Schedule, schedule_from_dict
 from .scope import prunable_parameter_names, register_prunable
 
@@ -38,6 +38,7 @@ __all__ = [
     "Random",
     "Schedule",
     "ScoreContext",
+    "SparseConv2d",
     "SparseLinear",
     "SparsityReport",
     "Taylor",

@@ -12,11 +12,12 @@ __all__ = ["AccelerationReport", "LayerChoice"]
 
 @dataclass
 class LayerChoice:
-    """The decision for one ``nn.Linear``.
+    """The decision for one ``nn.Linear`` or ``nn.Conv2d``.
 
     Attributes:
         name: module name in the model.
-        in_features, out_features: the layer's shape.
+        in_features, out_features: the layer's weight as a matrix (a convolution's
+            ``in_features`` is ``in_channels * kh * kw``).
         input_shape: shape of the layer's input during ``example_input`` (``None`` if never called).
         sparsity: fraction of exact zeros in the weight.
         format: one of :data:`prunekit.runtime.modules.FORMATS` — what the accelerated model runs.
@@ -25,6 +26,7 @@ class LayerChoice:
         pattern: ``"n:m"`` when ``format == "prunekit-nm"``, else ``None``.
         timings_ms: median milliseconds per call for every timed candidate (empty if not timed).
         notes: why candidates were skipped (below ``min_sparsity``, not blocky, unavailable, ...).
+        kind: the layer's class name (``"Linear"``, ``"Conv2d"``).
     """
 
     name: str
@@ -37,6 +39,7 @@ class LayerChoice:
     pattern: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    kind: str = "Linear"
 
     @property
     def speedup(self) -> float | None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import kernels
+from .conv import SparseConv2d
 from .modules import SparseLinear, _quiet
 
 __all__ = ["blocky_blocksize", "row_blocksize", "nm_pattern", "build_candidates", "relative_error", "time_candidates"]
@@ -123,15 +124,19 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def build_candidates(linear: nn.Linear, formats: tuple[str, ...], x: torch.Tensor, rtol: float
+def build_candidates(linear: nn.Linear | nn.Conv2d, formats: tuple[str, ...], x: torch.Tensor, rtol: float
                      ) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Candidate modules by format name, and notes on formats that were dropped.
 
-    ``"bsr"`` is a candidate only when :func:`blocky_blocksize` finds blocks.
-    Each sparse candidate must reproduce ``linear(x)`` within ``rtol``.
+    ``linear`` is an ``nn.Linear`` (candidates are :class:`SparseLinear`) or an
+    ``nn.Conv2d`` (candidates are :class:`~prunekit.runtime.conv.SparseConv2d`,
+    whose weight is seen as ``(out_channels, in_channels*kh*kw)``). ``"bsr"`` is a
+    candidate only when :func:`blocky_blocksize` finds blocks. Each sparse
+    candidate must reproduce ``linear(x)`` within ``rtol``.
     """
     cands: dict[str, nn.Module] = {}
     notes: dict[str, str] = {}
+    weight = linear.weight.detach().reshape(linear.weight.shape[0], -1)
     with torch.inference_mode():
         ref = linear(x)
     for fmt in formats:
@@ -140,18 +145,18 @@ def build_candidates(linear: nn.Linear, formats: tuple[str, ...], x: torch.Tenso
             continue
         blocksize = None
         if fmt == "bsr":
-            blocksize = blocky_blocksize(linear.weight)
+            blocksize = blocky_blocksize(weight)
             if blocksize is None:
                 notes[fmt] = "zeros not blocky"
                 continue
         if fmt == "prunekit-rows":
-            blocksize = row_blocksize(linear.weight)
+            blocksize = row_blocksize(weight)
             if blocksize is None:
                 notes[fmt] = "rows do not share their zeros"
                 continue
         pattern = None
         if fmt == "prunekit-nm":
-            pattern = nm_pattern(linear.weight)
+            pattern = nm_pattern(weight)
             if pattern is None:
                 notes[fmt] = "no N:M pattern along the inputs"
                 continue
@@ -164,7 +169,8 @@ def build_candidates(linear: nn.Linear, formats: tuple[str, ...], x: torch.Tenso
                 notes[fmt] = f"skipped: kernel is float32 only (weight {linear.weight.dtype}, input {x.dtype})"
                 continue
         try:
-            module = SparseLinear.from_linear(linear, fmt, blocksize, pattern)
+            module = (SparseConv2d(linear, fmt, blocksize, pattern) if isinstance(linear, nn.Conv2d)
+                      else SparseLinear.from_linear(linear, fmt, blocksize, pattern))
             with torch.inference_mode(), _quiet():
                 err = relative_error(module(x), ref)
         except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:

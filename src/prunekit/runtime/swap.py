@@ -1,7 +1,7 @@
-"""``accelerate``: swap pruned ``nn.Linear`` layers for the fastest measured sparse module.
+"""``accelerate``: swap pruned ``nn.Linear`` / ``nn.Conv2d`` layers for the fastest measured sparse module.
 
 Pipeline: copy the model (unless ``inplace``); run ``example_input`` once with
-forward pre-hooks that capture each ``nn.Linear``'s real input (this run's
+forward pre-hooks that capture each layer's real input (this run's
 output is the dense-with-zeros oracle); for each layer at or above
 ``min_sparsity``, time the candidate formats on its captured input and keep
 the fastest; swap the chosen modules in; check the new model's output
@@ -21,7 +21,8 @@ from torch import nn
 from tqdm import tqdm
 
 from .._validate import check_int, check_real
-from .modules import FORMATS, SparseLinear, _quiet
+from .conv import conv_supported
+from .modules import FORMATS, _quiet
 from .report import AccelerationReport, LayerChoice
 from .selection import build_candidates, fastest, first_input, relative_error, time_candidates
 
@@ -39,7 +40,12 @@ def accelerate(
     inplace: bool = False,
     progress: bool = True,
 ) -> tuple[nn.Module, AccelerationReport]:
-    """Replace pruned ``nn.Linear`` layers by the fastest of dense / CSR / BSR, measured on this machine.
+    """Replace pruned ``nn.Linear`` and ``nn.Conv2d`` layers by the fastest execution measured on this machine.
+
+    Candidates per layer: the dense layer itself, torch CSR/BSR and prunekit's
+    own kernels (:data:`prunekit.runtime.modules.FORMATS`); convolutions run as
+    im2col + sparse product (:class:`~prunekit.runtime.conv.SparseConv2d`) and
+    are replaced only where that is faster than the dense convolution.
 
     The model should be a plain model whose pruned weights are exact zeros
     (:func:`prunekit.strip`). The result is for inference only: run it under
@@ -94,7 +100,7 @@ def accelerate(
 
     work = model if inplace else copy.deepcopy(model)
     work.eval()
-    linears = _linears(work)
+    linears = _layers(work)
     inputs = _capture_inputs(work, linears, call)
     oracle = inputs.pop(None)
 
@@ -106,10 +112,13 @@ def accelerate(
         weight = lin.weight.detach()
         sparsity = float((weight == 0).sum()) / weight.numel() if weight.numel() else 0.0
         x = inputs.get(id(lin))
-        layer = LayerChoice(name, lin.in_features, lin.out_features, None if x is None else tuple(x.shape),
-                            sparsity, "dense")
+        layer = LayerChoice(name, weight[0].numel() if len(weight) else 0, weight.shape[0],
+                            None if x is None else tuple(x.shape), sparsity, "dense", kind=type(lin).__name__)
         layers.append(layer)
-        if x is None:
+        unsupported = conv_supported(lin) if isinstance(lin, nn.Conv2d) else None
+        if unsupported is not None:
+            layer.notes.append(f"dense only: {unsupported}")
+        elif x is None:
             layer.notes.append("not called as a module by example_input")
         elif sparsity < min_sparsity:
             layer.notes.append(f"sparsity below min_sparsity={min_sparsity:g}")
@@ -186,17 +195,17 @@ def _check_formats(formats: Any) -> tuple[str, ...]:
     return out
 
 
-def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """Every distinct ``nn.Linear`` (and subclass) with a plain weight, in model order."""
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every distinct ``nn.Linear`` / ``nn.Conv2d`` (and subclass) with a plain weight, in model order."""
     out = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and isinstance(module.weight, nn.Parameter) \
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and isinstance(module.weight, nn.Parameter) \
                 and not hasattr(module, "parametrizations"):
             out.append((name or "(model)", module))
     return out
 
 
-def _capture_inputs(model: nn.Module, linears: list[tuple[str, nn.Linear]], call: Any) -> dict[Any, Any]:
+def _capture_inputs(model: nn.Module, linears: list[tuple[str, nn.Module]], call: Any) -> dict[Any, Any]:
     """Run ``call(model)`` once; return ``{id(linear): its first input}`` plus ``{None: output}``."""
     captured: dict[Any, Any] = {}
 
