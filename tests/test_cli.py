@@ -69,3 +69,31 @@ def test_console_script_help():
         pytest.skip("console script not installed next to this interpreter")
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "demo" in proc.stdout
+
+
+COMMANDS = ("demo", "prune", "inspect", "export", "bench", "experiment")
+
+
+def test_top_level_help_lists_every_command_in_order(capsys):
+    assert _exit_code(["--help"]) == 0
+    out = capsys.readouterr().out
+    positions = [out.index(f"    {name}") for name in COMMANDS]
+    assert positions == sorted(positions)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    assert _exit_code([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: prunekit {command}") and "-h, --help" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["prune"], "the following arguments are required: --recipe"),
+    (["export", "x", "--out", "m"], "the following arguments are required: --to"),
+    (["bench", "x", "--rounds", "-1"], "--rounds: must be a positive integer, got '-1'"),
+])
+def test_recipe_commands_usage_errors_are_one_line(argv, message, capsys):
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

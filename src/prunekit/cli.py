@@ -18,7 +18,10 @@ from . import __version__
 # Modules providing subcommands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "prunekit.demo",
+    "prunekit.recipe.prune_cli",
     "prunekit.formats.inspect",
+    "prunekit.recipe.export_cli",
+    "prunekit.recipe.bench",
     "prunekit.experiments.cli",
 )
 

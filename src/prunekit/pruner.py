@@ -18,6 +18,7 @@ from torch import nn
 
 from ._validate import check_choice, check_int, check_sparsity
 from .criteria import Criterion, Magnitude, ScoreContext
+from .distributed import sync_keeps
 from .granularity import Granularity, Unstructured, rank_units
 from .schedules import ConstantSparsity, Schedule, schedule_from_dict
 from .scope import Selector, Target, resolve_scope
@@ -360,6 +361,7 @@ class Pruner:
         except ValueError as exc:  # e.g. a shape the pattern does not tile: say which parameter
             names = ", ".join(f"'{slot.target.name}'" for slot in group)
             raise ValueError(f"cannot prune {names} with {self.granularity!r}: {exc}") from None
+        keeps = sync_keeps(keeps)  # DDP: every rank takes rank 0's masks (see prunekit.distributed)
         for slot, keep in zip(group, keeps):
             if keep.shape != slot.param.shape or keep.dtype != torch.bool:
                 raise ValueError(f"{self.granularity!r} returned a mask of shape {tuple(keep.shape)} / {keep.dtype} "

@@ -1,0 +1,22 @@
+"""Recipes: a whole pruning run (model, data, schedule, criterion, granularity, scope, training, export) in YAML.
+
+* :func:`load_recipe` / :func:`parse_recipe`: YAML (``yaml.safe_load``) or plain data -> a validated :class:`Recipe`;
+  errors name the field path (``recipe.training.epochs: must be a positive integer, got -1``).
+* :func:`run_recipe` / ``prunekit prune --recipe R.yaml``: run it in ``runs/<name>-<hash12>``, stage by stage
+  (dense-train, prune-train, export, evaluate); finished stages are skipped, an interrupted one resumes from its
+  last checkpoint (safetensors + JSON, no pickle).
+
+Example:
+    >>> from prunekit.recipe import run_recipe
+    >>> result = run_recipe("examples/demo.yaml", "runs")  # doctest: +SKIP
+"""
+
+from .config import (CriterionConfig, DataConfig, ExportConfig, GranularityConfig, ModelConfig, Recipe, RecipeError,
+                     ScopeConfig, TrainingConfig, load_recipe, parse_recipe)
+from .run import RunResult, resolve_run, run_dir_for, run_recipe
+
+__all__ = [
+    "CriterionConfig", "DataConfig", "ExportConfig", "GranularityConfig", "ModelConfig", "Recipe", "RecipeError",
+    "RunResult", "ScopeConfig", "TrainingConfig", "load_recipe", "parse_recipe", "resolve_run", "run_dir_for",
+    "run_recipe",
+]
