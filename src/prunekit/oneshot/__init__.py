@@ -1,0 +1,33 @@
+"""One-shot pruning of pretrained models from calibration data: magnitude, Wanda and SparseGPT.
+
+* :func:`prune_oneshot` — the entry point: block-by-block calibration with
+  pruned outputs propagated, per-layer solvers, a :class:`OneShotReport`.
+* :mod:`~prunekit.oneshot.solvers` — the per-layer solvers on a weight and its
+  inputs' Gram matrix (:func:`magnitude_prune`, :func:`wanda_prune`, :func:`sparsegpt_prune`).
+* :mod:`~prunekit.oneshot.calibration` — hooks, block discovery and input capture.
+
+Example:
+    >>> import torch, prunekit.oneshot as oneshot
+    >>> net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    >>> report = oneshot.prune_oneshot(net, [torch.randn(32, 16)], method="wanda", sparsity=0.5)
+    >>> round(report.sparsity, 2)
+    0.5
+"""
+
+from .calibration import GramAccumulator, find_blocks
+from .prune import METHODS, LayerResult, OneShotReport, prune_oneshot
+from .solvers import Target, magnitude_prune, relative_error, sparsegpt_prune, wanda_prune
+
+__all__ = [
+    "GramAccumulator",
+    "LayerResult",
+    "METHODS",
+    "OneShotReport",
+    "Target",
+    "find_blocks",
+    "magnitude_prune",
+    "prune_oneshot",
+    "relative_error",
+    "sparsegpt_prune",
+    "wanda_prune",
+]
