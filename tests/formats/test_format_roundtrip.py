@@ -165,3 +165,13 @@ def test_max_bytes_must_be_a_non_negative_integer(max_bytes, small_file, tmp_pat
     (tmp_path / "f").write_bytes(small_file)
     with pytest.raises((TypeError, ValueError), match="max_bytes"):
         pf.load(tmp_path / "f", max_bytes=max_bytes)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_same_model_same_bytes(small_state, quantize):
+    first = pf.dumps(small_state, quantize=quantize, metadata={"b": "2", "a": "1", "c": "3"})
+    for _ in range(8):  # safetensors' own header order varies from call to call
+        assert pf.dumps(small_state, quantize=quantize, metadata={"b": "2", "a": "1", "c": "3"}) == first
+    import safetensors.numpy
+
+    assert sorted(safetensors.numpy.load(first)) == ["manifest", "payload"]  # still a valid safetensors file

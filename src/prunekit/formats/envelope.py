@@ -53,7 +53,22 @@ def pack(manifest_codec: str, manifest_size: int, manifest: bytes, payload: byte
     meta = {"format": FORMAT, "version": VERSION, "manifest_codec": manifest_codec,
             "manifest_size": str(manifest_size), "sha256": digest.hexdigest()}
     arrays = {"manifest": np.frombuffer(manifest, dtype=np.uint8), "payload": np.frombuffer(payload, dtype=np.uint8)}
-    return safetensors.numpy.save(arrays, metadata=meta)
+    return _sorted_header(safetensors.numpy.save(arrays, metadata=meta))
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted.
+
+    safetensors writes the metadata in hash-map order, which varies between
+    calls; sorting makes the same model give the same bytes (and hashes). Tensor
+    offsets are relative to the end of the header, so only the header changes;
+    it stays padded with spaces to a multiple of 8 bytes, as safetensors writes it.
+    """
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
 
 
 def unpack(data: bytes | bytearray | memoryview, max_bytes: int) -> Envelope:
