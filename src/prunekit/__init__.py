@@ -18,6 +18,7 @@ from .report import LayerSparsity, SparsityReport, sparsity_report
 from .runtime import AccelerationReport, SparseConv2d, SparseLinear, accelerate
 from .schedules import ConstantSparsity, PolynomialDecay, Schedule, schedule_from_dict
 from .scope import prunable_parameter_names, register_prunable
+from .structural import StructuredPruner, apply_shapes, prune_channels, register_surgery
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "Pruner",
     "Random",
     "Schedule",
+    "StructuredPruner",
     "ScoreContext",
     "SparseConv2d",
     "SparseLinear",
@@ -44,12 +46,15 @@ __all__ = [
     "Taylor",
     "Unstructured",
     "accelerate",
+    "apply_shapes",
     "export_onnx",
     "iterative_prune",
     "load",
     "prunable_parameter_names",
+    "prune_channels",
     "quantize_int8",
     "register_prunable",
+    "register_surgery",
     "round_sparsities",
     "save",
     "schedule_from_dict",

@@ -1,0 +1,53 @@
+"""Structural pruning: remove channels, convolution groups, attention heads and LSTM units for real.
+
+A dependency graph traced with ``torch.fx`` finds which dimensions are coupled
+(conv -> BatchNorm -> conv, residual additions, concatenation, chunk, flatten
+into a linear layer, depthwise and grouped convolutions, attention heads, LSTM
+hidden units); :func:`prune_channels` ranks the coupled units and rebuilds the
+layers smaller, keeping module names and ``state_dict`` keys.
+:class:`StructuredPruner` zeroes whole units gradually during training and
+removes them at the end. :func:`register_surgery` teaches it a custom layer.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from prunekit.structural import prune_channels
+    >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10))
+    >>> net, report = prune_channels(net, torch.randn(1, 3, 8, 8), sparsity=0.5)
+    >>> net[0].out_channels, net[3].in_features
+    (8, 288)
+"""
+
+from .flow import Flow, GraphError
+from .gradual import StructuredPruner
+from .graph import Context, DependencyGraph, build_graph
+from .groups import Group, find_groups, param_masks
+from .importance import group_scores
+from .macs import count_macs, count_params
+from .prune import GroupResult, StructuralReport, prune_channels, select_units
+from .recurrent import PrunedMultiheadAttention
+from .registry import register_surgery, slice_state
+from .surgery import apply_shapes
+
+__all__ = [
+    "Context",
+    "DependencyGraph",
+    "Flow",
+    "GraphError",
+    "Group",
+    "GroupResult",
+    "PrunedMultiheadAttention",
+    "StructuralReport",
+    "StructuredPruner",
+    "apply_shapes",
+    "build_graph",
+    "count_macs",
+    "count_params",
+    "find_groups",
+    "group_scores",
+    "param_masks",
+    "prune_channels",
+    "register_surgery",
+    "select_units",
+    "slice_state",
+]

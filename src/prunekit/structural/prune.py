@@ -1,0 +1,170 @@
+"""One-shot structural pruning: rank the units of every group, remove the weakest for real."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .._validate import check_choice, check_int, check_sparsity
+from ..granularity import lowest_k, prune_count
+from .graph import DependencyGraph, build_graph
+from .groups import Group, find_groups, kept_indices
+from .importance import METHODS, Importance, group_scores
+from .macs import count_macs, count_params
+from .surgery import Shapes, shrink
+
+__all__ = ["GroupResult", "StructuralReport", "prune_channels", "select_units", "score_groups"]
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """Units kept out of ``total`` in group ``name``."""
+
+    name: str
+    kept: int
+    total: int
+
+
+@dataclass(frozen=True)
+class StructuralReport:
+    """What structural pruning removed.
+
+    Attributes:
+        params_before / params_after: parameter entries.
+        macs_before / macs_after: multiply-accumulates of one forward on the example input.
+        groups: per-group units kept.
+        shapes: ``{module path: {tensor: shape}}`` of every rebuilt layer (JSON-able);
+            :func:`~prunekit.structural.apply_shapes` rebuilds the architecture from it.
+    """
+
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    groups: tuple[GroupResult, ...]
+    shapes: Shapes = field(default_factory=dict)
+
+    @property
+    def mac_reduction(self) -> float:
+        """``macs_before / macs_after`` (how many times fewer MACs)."""
+        return self.macs_before / max(self.macs_after, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict."""
+        return {"params_before": self.params_before, "params_after": self.params_after,
+                "macs_before": self.macs_before, "macs_after": self.macs_after,
+                "groups": [vars(g) for g in self.groups], "shapes": self.shapes}
+
+    def __str__(self) -> str:
+        return (f"params {self.params_before:,} -> {self.params_after:,}, MACs {self.macs_before:,} -> "
+                f"{self.macs_after:,} ({self.mac_reduction:.2f}x fewer), {len(self.groups)} groups")
+
+
+def select_units(scores: torch.Tensor, sparsity: float, round_to: int = 1) -> torch.Tensor:
+    """Keep-vector over units: drop ``round(n * sparsity)`` lowest, keep a multiple of ``round_to`` (>= 1).
+
+    The kept count is rounded *up* to a multiple of ``round_to`` (never above ``n``).
+
+    Example:
+        >>> select_units(torch.tensor([4.0, 1.0, 3.0, 2.0, 5.0]), 0.5)  # prune round(2.5) = 2
+        tensor([ True, False,  True, False,  True])
+        >>> select_units(torch.tensor([4.0, 1.0, 3.0, 2.0, 5.0]), 0.5, round_to=2)  # keep 3 -> 4
+        tensor([ True, False,  True,  True,  True])
+    """
+    n = scores.numel()
+    keep_n = max(1, n - prune_count(n, sparsity))
+    keep_n = min(n, math.ceil(keep_n / round_to) * round_to)
+    return lowest_k(scores, n - keep_n)
+
+
+def score_groups(model: nn.Module, groups: Sequence[Group], importance: Importance = "l2",
+                 reduction: str = "sum") -> dict[str, torch.Tensor]:
+    """``{group name: unit scores}`` (see :mod:`prunekit.structural.importance`)."""
+    return {g.name: group_scores(model, g, importance, reduction) for g in groups}
+
+
+def _check_importance(importance: Importance) -> None:
+    if not callable(importance):
+        check_choice("prune_channels", "importance", importance, METHODS)
+
+
+def _gradients(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> None:
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError("prune_channels: loss_fn(model) must return a scalar tensor")
+    loss.backward()
+
+
+def prune_channels(
+    model: nn.Module,
+    example_input: torch.Tensor | Sequence[torch.Tensor],
+    sparsity: float = 0.5,
+    *,
+    importance: Importance = "l2",
+    reduction: str = "sum",
+    round_to: int = 1,
+    ignore: Iterable[str | type] | None = None,
+    loss_fn: Callable[[nn.Module], torch.Tensor] | None = None,
+) -> tuple[nn.Module, StructuralReport]:
+    """Remove the least important ``sparsity`` fraction of every group's units, physically, in place.
+
+    Channels, convolution groups, attention heads and LSTM hidden units coupled
+    by the model's dataflow (see :func:`~prunekit.structural.build_graph`) are
+    removed together; the model's inputs and outputs never change shape.
+
+    Args:
+        model: the model; its layers are replaced by smaller ones of the same
+            kind, under the same names (``copy.deepcopy`` it first to keep the original).
+        example_input: a tensor or tuple of tensors for tracing and MAC counting.
+        sparsity: fraction of each group's units to remove, in [0, 1).
+        importance: ``"l1"``, ``"l2"``, ``"bn"``, ``"taylor"`` or a callable
+            ``(tensor, dim) -> scores`` (see :mod:`prunekit.structural.importance`).
+        reduction: ``"sum"`` or ``"mean"`` of a unit's scores over its members.
+        round_to: keep a multiple of this many units per group (rounded up).
+        ignore: module paths or types whose channels are never pruned.
+        loss_fn: ``model -> scalar loss`` whose gradients feed ``"taylor"``.
+
+    Returns:
+        ``(model, report)``; ``report.shapes`` rebuilds the architecture later.
+
+    Raises:
+        GraphError: an op or layer the graph cannot follow (names op and module path).
+        ValueError / TypeError: bad arguments.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 3))
+        >>> net, report = prune_channels(net, torch.randn(1, 3, 8, 8), 0.5)
+        >>> net[0].out_channels, net[1].num_features, net[3].in_channels
+        (8, 8, 8)
+    """
+    sparsity = check_sparsity("prune_channels", "sparsity", sparsity)
+    round_to = check_int("prune_channels", "round_to", round_to, minimum=1)
+    check_choice("prune_channels", "reduction", reduction, ("sum", "mean"))
+    _check_importance(importance)
+    if importance == "taylor" and loss_fn is None:
+        raise ValueError("prune_channels: importance='taylor' needs loss_fn (model -> scalar loss)")
+    graph = build_graph(model, example_input, ignore)
+    groups = find_groups(graph)
+    if loss_fn is not None:
+        _gradients(model, loss_fn)
+    scores = score_groups(model, groups, importance, reduction)
+    keeps = {name: select_units(s, sparsity, round_to) for name, s in scores.items()}
+    return remove(graph, groups, keeps, example_input)
+
+
+def remove(graph: DependencyGraph, groups: Sequence[Group], keeps: dict[str, torch.Tensor],
+           example_input: torch.Tensor | Sequence[torch.Tensor]) -> tuple[nn.Module, StructuralReport]:
+    """Physically remove the units not kept (``keeps``: ``{group name: bool per unit}``)."""
+    model = graph.model
+    macs_before, params_before = count_macs(model, example_input), count_params(model)
+    model.zero_grad(set_to_none=True)
+    model, shapes = shrink(model, kept_indices(list(groups), keeps))
+    results = tuple(GroupResult(g.name, int(keeps[g.name].sum()), g.size) for g in groups)
+    report = StructuralReport(params_before, count_params(model), macs_before, count_macs(model, example_input),
+                              results, shapes)
+    return model, report
