@@ -104,17 +104,41 @@ def accelerate(
     inputs = _capture_inputs(work, linears, call)
     oracle = inputs.pop(None)
 
-    layers: list[LayerChoice] = []
-    chosen: dict[int, nn.Module] = {}
+    layers, todo = _plan(linears, inputs, formats, min_sparsity)
+    chosen, unavailable = _choose(todo, formats, rtol, repeats, progress)
     model_notes: list[str] = []
-    todo = []
-    for name, lin in linears:
+    if unavailable:
+        model_notes.append(f"sparse format(s) {sorted(unavailable)} failed on this platform for some layers; "
+                           "those layers fall back to the remaining formats (see per-layer notes)")
+
+    originals = _swap(work, chosen)
+    if id(work) in chosen:
+        work = chosen[id(work)]
+    try:
+        with torch.inference_mode(), _quiet():
+            err = _max_error(call(work), oracle)
+    except Exception:
+        _restore(originals)
+        raise
+    if not err <= rtol:
+        _restore(originals)
+        raise RuntimeError(f"accelerate: accelerated model differs from the dense model by relative error "
+                           f"{err:.3e} > rtol={rtol:g}; no layers were replaced")
+    report = AccelerationReport(layers, err, repeats, torch.get_num_threads(), model_notes)
+    return work, report
+
+
+def _plan(layers: list[tuple[str, nn.Module]], inputs: dict[Any, Any], formats: tuple[str, ...],
+          min_sparsity: float) -> tuple[list[LayerChoice], list[tuple[LayerChoice, nn.Module, torch.Tensor]]]:
+    """One :class:`LayerChoice` per layer, and the layers worth timing (with their captured input)."""
+    choices, todo = [], []
+    for name, lin in layers:
         weight = lin.weight.detach()
         sparsity = float((weight == 0).sum()) / weight.numel() if weight.numel() else 0.0
         x = inputs.get(id(lin))
         layer = LayerChoice(name, weight[0].numel() if len(weight) else 0, weight.shape[0],
                             None if x is None else tuple(x.shape), sparsity, "dense", kind=type(lin).__name__)
-        layers.append(layer)
+        choices.append(layer)
         unsupported = conv_supported(lin) if isinstance(lin, nn.Conv2d) else None
         if unsupported is not None:
             layer.notes.append(f"dense only: {unsupported}")
@@ -128,7 +152,13 @@ def accelerate(
             layer.notes.append("only 'dense' requested")
         else:
             todo.append((layer, lin, x))
+    return choices, todo
 
+
+def _choose(todo: list[tuple[LayerChoice, nn.Module, torch.Tensor]], formats: tuple[str, ...], rtol: float,
+            repeats: int, progress: bool) -> tuple[dict[int, nn.Module], set[str]]:
+    """Time the candidates of every layer in ``todo``; ``({id(layer): fastest module}, failed formats)``."""
+    chosen: dict[int, nn.Module] = {}
     unavailable: set[str] = set()
     with tqdm(todo, desc="accelerate", unit="layer", disable=not progress or not todo, delay=2.0,
               file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
@@ -151,25 +181,7 @@ def accelerate(
                 pattern = getattr(module, "pattern", None)
                 layer.pattern = None if pattern is None else f"{pattern[0]}:{pattern[1]}"
                 chosen[id(lin)] = module
-    if unavailable:
-        model_notes.append(f"sparse format(s) {sorted(unavailable)} failed on this platform for some layers; "
-                           "those layers fall back to the remaining formats (see per-layer notes)")
-
-    originals = _swap(work, chosen)
-    if isinstance(work, nn.Linear) and id(work) in chosen:
-        work = chosen[id(work)]
-    try:
-        with torch.inference_mode(), _quiet():
-            err = _max_error(call(work), oracle)
-    except Exception:
-        _restore(originals)
-        raise
-    if not err <= rtol:
-        _restore(originals)
-        raise RuntimeError(f"accelerate: accelerated model differs from the dense model by relative error "
-                           f"{err:.3e} > rtol={rtol:g}; no layers were replaced")
-    report = AccelerationReport(layers, err, repeats, torch.get_num_threads(), model_notes)
-    return work, report
+    return chosen, unavailable
 
 
 def _as_call(example_input: Any) -> Any:
