@@ -12,7 +12,7 @@ from torch import nn
 
 from ._validate import check_int
 
-__all__ = ["LeNet5", "LeNet300100"]
+__all__ = ["LeNet5", "LeNet300100", "RowLSTM"]
 
 
 class LeNet5(nn.Module):
@@ -97,3 +97,40 @@ class LeNet300100(nn.Module):
         x = self.relu1(self.fc1(self.flatten(x)))
         x = self.relu2(self.fc2(x))
         return self.fc3(x)
+
+
+class RowLSTM(nn.Module):
+    """An LSTM classifier for row-sequential MNIST: an image is read one pixel row per time step.
+
+    reshape to ``(N, steps, features)`` (28 rows of 28 pixels) -> ``lstm``
+    (``nn.LSTM(features, hidden_size, batch_first=True)``) -> last hidden
+    state ``h_T`` ``(N, hidden_size)`` -> ``fc`` ``num_classes`` (logits).
+    82,186 parameters with the defaults (80,896 in the LSTM).
+
+    Shapes: input ``(N, *)`` with ``steps * features`` entries per sample (e.g.
+    ``(N, 1, 28, 28)``, ``(N, 28, 28)`` or ``(N, 784)``); output ``(N, num_classes)``.
+
+    Args:
+        num_classes: number of output logits (>= 1).
+        hidden_size: LSTM hidden units (>= 1).
+        steps: time steps (image rows) per sample (>= 1).
+        features: inputs per time step (pixels per row, >= 1).
+
+    Example:
+        >>> RowLSTM()(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, num_classes: int = 10, hidden_size: int = 128, steps: int = 28, features: int = 28) -> None:
+        super().__init__()
+        num_classes = check_int("RowLSTM", "num_classes", num_classes, minimum=1)
+        hidden_size = check_int("RowLSTM", "hidden_size", hidden_size, minimum=1)
+        self.steps = check_int("RowLSTM", "steps", steps, minimum=1)
+        self.features = check_int("RowLSTM", "features", features, minimum=1)
+        self.lstm = nn.LSTM(self.features, hidden_size, batch_first=True)
+        self.fc = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)`` for inputs ``(N, *)`` with ``steps * features`` entries each."""
+        _, (h, _) = self.lstm(x.reshape(-1, self.steps, self.features))
+        return self.fc(h[-1])
