@@ -118,8 +118,11 @@ def _transformers() -> Any:
     return transformers
 
 
-def load_minilm() -> tuple[torch.nn.Module, Any]:
+def load_minilm(progress: bool = True) -> tuple[torch.nn.Module, Any]:
     """all-MiniLM-L6-v2 as ``(transformers BertModel in eval mode, tokenizer)``, from local files only.
+
+    Args:
+        progress: let transformers show its loading progress bar.
 
     Raises:
         ImportError: transformers or the model package is missing.
@@ -134,8 +137,16 @@ def load_minilm() -> tuple[torch.nn.Module, Any]:
     pooling = json.loads((path / "1_Pooling" / "config.json").read_text())
     if not pooling.get("pooling_mode_mean_tokens") or pooling.get("pooling_mode_cls_token"):
         raise ValueError(f"{NAME}: expected mean pooling in {path / '1_Pooling'}, got {pooling}")
-    model = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    bars = transformers.utils.logging
+    was_enabled = bars.is_progress_bar_enabled()
+    if not progress:
+        bars.disable_progress_bar()
+    try:
+        model = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    finally:
+        if was_enabled:
+            bars.enable_progress_bar()
     return model, tokenizer
 
 
@@ -513,8 +524,8 @@ def run(out: str | Path, *, quick: bool = False, seeds: Sequence[int] | None = N
     if out.exists() and not out.is_dir():
         raise ValueError(f"{NAME}: out must be a directory, but {str(out)!r} is an existing file")
     started = time.perf_counter()
-    model, tokenizer = load_minilm()
     show = sys.stderr.isatty() if progress is None else bool(progress)
+    model, tokenizer = load_minilm(progress=show)
     total = len(seeds) * len(METHODS) * len(config.levels)
     with tqdm(total=total, desc=NAME, unit="run", disable=not show, file=sys.stderr) as bar:
         per_seed = [_run_seed(config, seed, model, tokenizer, bar) for seed in seeds]

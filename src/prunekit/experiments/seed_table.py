@@ -332,7 +332,7 @@ class _MiniSetup:
 
 
 def _mini_setup(api: dict[str, Any], config: Config) -> _MiniSetup:
-    model, tokenizer = api["load"]()
+    model, tokenizer = api["load"](progress=False)  # the experiment's own bar reports progress
     model.eval()
     chosen = api["split"]("calibration")[:config.calibration_sentences]
     # One sentence per sample: no padding, so no padded positions enter the layer statistics.
