@@ -19,8 +19,10 @@ batch; inputs ``x_<stem>_b<B>`` / references ``ref_<stem>_b<B>`` from the npz if
 
 For each case: compile ``deepsparse.Engine(model, batch_size=B, num_cores=N)`` and an
 ``onnxruntime.InferenceSession`` (N intra-op threads, sequential, spinning off so the two
-thread pools do not steal each other's cores), warm both up, then time one run of each
-per round, alternating which goes first, for ``repeats`` rounds; report medians. Inputs
+thread pools do not steal each other's cores), warm both up, then time them in rounds,
+rotating which goes first: each runs ``BLOCK`` calls in a row per round and the first
+call after a switch is not counted (it pays for caches the other engine evicted), until
+about ``repeats`` calls of each are counted; report medians. Inputs
 come from the npz (so they match the caller's) or else seeded numpy. Outputs are checked
 against the npz reference: DeepSparse within ``rtol`` relative (``max|out-ref|/max|ref|``;
 it reorders reductions), else the case is marked failed and not timed.
@@ -56,6 +58,9 @@ import numpy as np  # noqa: E402
 _STABLE_OPS = {"Gemm", "MatMul", "Relu", "Add", "Mul", "Sub", "Div", "Identity", "Transpose",
                "Tanh", "Sigmoid", "Constant", "Softmax", "Erf", "Sqrt"}
 _DS_MAX_IR, _DS_MAX_OPSET = 8, 17
+
+
+BLOCK = 4  # calls in a row per engine per round (keep equal to bench/runtime.py's BLOCK)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -149,12 +154,14 @@ def _case(case: dict, arrays: dict, repeats: int, cores: int, seed: int, rtol: f
     for n in names:  # warm-up
         runners[n]()
         runners[n]()
-    for r in range(repeats):
+    for r in range(max(repeats // (BLOCK - 1), 1)):
         k = r % max(len(names), 1)
         for n in names[k:] + names[:k]:
-            t0 = time.perf_counter_ns()
-            runners[n]()
-            samples[n].append((time.perf_counter_ns() - t0) / 1e6)
+            for i in range(BLOCK):  # steady state: the first call after a switch is not counted
+                t0 = time.perf_counter_ns()
+                runners[n]()
+                if i:
+                    samples[n].append((time.perf_counter_ns() - t0) / 1e6)
     res["ms"] = {n: statistics.median(v) for n, v in samples.items() if v}
     if "deepsparse" in res["ms"] and "onnxruntime" in res["ms"]:
         res["ort_over_deepsparse"] = res["ms"]["onnxruntime"] / res["ms"]["deepsparse"]

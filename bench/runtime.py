@@ -16,8 +16,11 @@ blocks (8 consecutive output rows share their zeros) at 90%; batch 1 and 64, und
 - **accelerate**: ``prunekit.accelerate(model, x)`` with x of the measured batch;
   it times dense/CSR/BSR/prunekit-kernel per layer and keeps the fastest.
 
-The four run side by side in one process, interleaved (one forward of each per
-round, rotating order) and the median per variant is reported; ratios are
+The variants run side by side in one process, interleaved in rounds (rotating
+order): per round each runs ``BLOCK`` forwards in a row and the first one after a
+switch is not counted, so the figures are steady-state latencies with warm caches,
+as when a model is served, while drifting machine load still hits all alike. The
+median per variant is reported; ratios are
 dense time / variant time (> 1 is faster than dense). Every variant's output is
 checked against dense (max relative error). Seed 0.
 
@@ -74,7 +77,11 @@ QUICK_PATTERNS = (PATTERNS[3], PATTERNS[5], PATTERNS[6])
 KERNEL_FORMAT = {"2:4": ("prunekit-nm", None, (2, 4)), "8x1 blocks": ("prunekit-rows", 8, None)}
 BATCHES = (1, 64)
 SEED = 0
-FULL_REPEATS, QUICK_REPEATS = 60, 5
+FULL_REPEATS, QUICK_REPEATS = 60, 6
+# Calls in a row per variant per round; the first after a switch is not counted. Per-call
+# alternation would time every variant with caches cold from the others (the dense models'
+# 75 MB of weights evict the sparse ones' ~9 MB from L3), which is not how a model is served.
+BLOCK = 4
 VARIANTS = ("dense", "torch_csr", "prunekit_kernel", "accelerate", "onnxruntime")
 ORT_RTOL, DEEPSPARSE_RTOL = 1e-4, 1e-3
 BENCH_DIR = Path(__file__).resolve().parent
@@ -120,12 +127,14 @@ def _time(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[s
         for n in names:  # warm-up
             models[n](x)
             models[n](x)
-        for r in range(repeats):
+        for r in range(max(repeats // (BLOCK - 1), 1)):
             k = r % len(names)
             for n in names[k:] + names[:k]:
-                t0 = time.perf_counter_ns()
-                models[n](x)
-                samples[n].append((time.perf_counter_ns() - t0) / 1e6)
+                for i in range(BLOCK):  # steady state: the first call after a switch is not counted
+                    t0 = time.perf_counter_ns()
+                    models[n](x)
+                    if i:
+                        samples[n].append((time.perf_counter_ns() - t0) / 1e6)
     return {n: statistics.median(v) for n, v in samples.items()}
 
 
@@ -302,8 +311,9 @@ def run(out: Path, quick: bool) -> str:
     })
     lines = [
         "## runtime: sparse inference, BERT-FFN-4\n",
-        f"fp32, {torch.get_num_threads()} threads, `torch.inference_mode()`, median of {repeats} interleaved "
-        "forwards per variant; ratio = dense time / variant time (>1 = faster than dense). "
+        f"fp32, {torch.get_num_threads()} threads, `torch.inference_mode()`, median of about {repeats} forwards per "
+        f"variant, interleaved in rounds of {BLOCK} forwards in a row (the first after a switch not counted: "
+        "steady state, warm caches); ratio = dense time / variant time (>1 = faster than dense). "
         "torch CSR = `torch.sparse.mm(W_csr, x.T).T + b`; prunekit kernel = every layer as "
         "`SparseLinear` in prunekit's own kernel for the pattern (`prunekit`: CSR; `prunekit-nm` for 2:4; "
         "`prunekit-rows` for 8x1 blocks; no selection); accelerate = "
