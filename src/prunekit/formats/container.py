@@ -193,6 +193,11 @@ def loads(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, expected: Mapping[
 
     Raises:
         FormatError: anything wrong with ``data``.
+
+    Example:
+        >>> state = loads(dumps({"w": torch.tensor([[0.0, 1.5], [0.0, 0.0]])}))
+        >>> state["w"].tolist()
+        [[0.0, 1.5], [0.0, 0.0]]
     """
     parsed = parse(data, max_bytes=max_bytes)
     if expected is not None:

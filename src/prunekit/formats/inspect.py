@@ -128,6 +128,13 @@ def inspect_bytes(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> FileRep
 
     Raises:
         FormatError: anything wrong with the file.
+
+    Example:
+        >>> import torch
+        >>> from prunekit.formats import dumps
+        >>> report = inspect_bytes(dumps({"w": torch.zeros(64, 64)}))
+        >>> report.file_bytes < 64 * 64 * 4
+        True
     """
     parsed = parse(data, max_bytes=max_bytes)
     state = {e.spec.name: decode_entry(parsed, e) for e in parsed.entries}

@@ -101,6 +101,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
 
     The products are exact in float32 (7-bit codes times 8-bit bfloat16
     mantissas), so writer and reader compute identical bits.
+
+    Example:
+        >>> dequantize(torch.tensor([[2, -1], [0, 4]], dtype=torch.int8), torch.tensor([0.5, 0.25]), torch.float32)
+        tensor([[ 1.0000, -0.5000],
+                [ 0.0000,  1.0000]])
     """
     work = torch.float64 if dtype == torch.float64 else torch.float32
     rows = _rows(q).to(work) * scale.to(work)[:, None]

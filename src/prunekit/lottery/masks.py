@@ -137,7 +137,12 @@ def rank_masks(model: nn.Module, names: list[str], targets: Targets, *, prior: M
 
 
 def kept_counts(masks: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
-    """``{name: (kept, numel)}`` of keep masks."""
+    """``{name: (kept, numel)}`` of keep masks.
+
+    Example:
+        >>> kept_counts({"fc.weight": torch.tensor([[True, False], [True, True]])})
+        {'fc.weight': (3, 4)}
+    """
     return {name: (int(mask.sum()), mask.numel()) for name, mask in masks.items()}
 
 

@@ -112,6 +112,17 @@ def param_masks(graph: DependencyGraph, groups: list[Group],
     Every member of a removed unit is zeroed: conv rows, BatchNorm weight and
     bias, the next layer's input columns, biases, attention rows and columns.
     Buffers (running statistics) are left alone: they do not change the output.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from prunekit.structural import build_graph, find_groups
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> graph = build_graph(net, torch.randn(1, 4))
+        >>> groups = find_groups(graph)
+        >>> masks = param_masks(graph, groups, {g.name: torch.tensor([True, False, True]) for g in groups})
+        >>> sorted(masks), masks["2.weight"][0].tolist()
+        (['0.bias', '0.weight', '2.weight'], [True, False, True])
     """
     params = dict(graph.model.named_parameters())
     masks: dict[str, torch.Tensor] = {}
