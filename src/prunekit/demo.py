@@ -310,7 +310,7 @@ def format_table(results: dict[str, Any]) -> str:
                  f"{onnx['max_rel_error']:.1e}" if "skipped" not in onnx else f"ONNX: skipped: {onnx['skipped']}")
     sparse = [name for name, fmt in lat["formats"].items() if fmt != "dense"]
     lat_line = ("latency: the stripped model with dense kernels -> after prunekit.accelerate, which runs "
-                + (f"{', '.join(sparse)} sparse; convolutions stay dense" if sparse
+                + (f"{', '.join(sparse)} sparse; the other layers measured faster dense" if sparse
                    else "every layer dense (no sparse format was faster)"))
     return "\n".join([title, *lines, f"gzip -9 of the pruned file is {ratio:.2f}x smaller than of the dense one; "
                        "x = smaller than the dense fp32 file", onnx_line, lat_line])
