@@ -90,13 +90,8 @@ def reference_forward(model: SeqModel, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny recurrent steps gain nothing from threads, and OpenMP threads competing
-    # with other processes for the cores slow them down many times over.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(single_thread):
+    """Tiny recurrent steps gain nothing from threads: every test here runs with ``single_thread``."""
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import prunekit.structural.registry as _registry
 
@@ -18,9 +17,5 @@ def _restore_surgery_registry():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and avoids oversubscribing a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(single_thread):
+    """Tiny models: every test here runs with the shared ``single_thread`` fixture."""

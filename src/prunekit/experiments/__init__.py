@@ -17,8 +17,11 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Sequence
 
-__all__ = ["Experiment", "EXPERIMENTS", "get_experiment"]
+from .._validate import check_int
+
+__all__ = ["Experiment", "EXPERIMENTS", "check_seeds", "get_experiment"]
 
 
 @dataclass(frozen=True)
@@ -74,3 +77,24 @@ def get_experiment(name: str) -> Experiment:
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS))}")
     return EXPERIMENTS[name]
+
+
+def check_seeds(name: str, seeds: Sequence[int] | None, default_count: int) -> list[int]:
+    """The seeds an experiment runs: ``seeds`` checked, or ``0 .. default_count - 1``.
+
+    Raises:
+        TypeError: ``seeds`` is not a non-empty sequence of integers.
+        ValueError: a seed is negative, or seeds repeat.
+
+    Example:
+        >>> check_seeds("demo", None, 3), check_seeds("demo", [4, 7], 3)
+        ([0, 1, 2], [4, 7])
+    """
+    if seeds is None:
+        return list(range(default_count))
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or not seeds:
+        raise TypeError(f"{name}: seeds must be a non-empty list of non-negative integers, got {seeds!r}")
+    checked = [check_int(name, "seed", s, minimum=0) for s in seeds]
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"{name}: seeds must be distinct, got {checked}")
+    return checked

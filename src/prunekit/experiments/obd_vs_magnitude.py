@@ -35,10 +35,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import check_seeds
 from .. import hessian
 from .._io import atomic_open, atomic_write_json
 from .._repro import seeded
-from .._validate import check_int
 from ..criteria import OBD, Criterion, Magnitude, Precomputed, Random, ScoreContext, Taylor
 from ..data import load_mnist5k
 from ..iterative import iterative_prune
@@ -491,15 +491,6 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 # -- entry point --------------------------------------------------------------------------------
 
 
-def _check_seeds(seeds: Sequence[int] | None, config: Config) -> list[int]:
-    if seeds is None:
-        return list(range(config.seeds))
-    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or not seeds:
-        raise TypeError(f"{NAME}: seeds must be a non-empty list of non-negative integers, got {seeds!r}")
-    seeds = [check_int(NAME, "seed", s, minimum=0) for s in seeds]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"{NAME}: seeds must be distinct, got {seeds}")
-    return seeds
 
 
 def run(out: str | Path, *, quick: bool = False, seeds: Sequence[int] | None = None,
@@ -525,7 +516,7 @@ def run(out: str | Path, *, quick: bool = False, seeds: Sequence[int] | None = N
     if not isinstance(quick, bool):
         raise TypeError(f"{NAME}: quick must be a bool, got {type(quick).__name__}")
     config = QUICK if quick else FULL
-    seeds = _check_seeds(seeds, config)
+    seeds = check_seeds(NAME, seeds, config.seeds)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{NAME}: out must be a directory, but {str(out)!r} is an existing file")

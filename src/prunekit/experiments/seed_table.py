@@ -50,9 +50,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import check_seeds
 from .._io import atomic_open, atomic_write_json
 from .._repro import seeded
-from .._validate import check_int
 from ..data import load_mnist5k
 from ..formats import load, save
 from ..models import LeNet5, LeNet300100, RowLSTM
@@ -603,15 +603,6 @@ def _plot_schedule(results: dict[str, Any], path: Path) -> None:
 # -- entry point ---------------------------------------------------------------------------------------
 
 
-def _check_seeds(seeds: Sequence[int] | None, config: Config) -> list[int]:
-    if seeds is None:
-        return list(range(config.seeds))
-    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or not seeds:
-        raise TypeError(f"{NAME}: seeds must be a non-empty list of non-negative integers, got {seeds!r}")
-    seeds = [check_int(NAME, "seed", s, minimum=0) for s in seeds]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"{NAME}: seeds must be distinct, got {seeds}")
-    return seeds
 
 
 def _run_small(data: _Data, config: Config, seeds: list[int], bar: tqdm) -> dict[str, Any]:
@@ -649,7 +640,7 @@ def run(out: str | Path, *, quick: bool = False, seeds: Sequence[int] | None = N
     if not isinstance(quick, bool):
         raise TypeError(f"{NAME}: quick must be a bool, got {type(quick).__name__}")
     config = QUICK if quick else FULL
-    seeds = _check_seeds(seeds, config)
+    seeds = check_seeds(NAME, seeds, config.seeds)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{NAME}: out must be a directory, but {str(out)!r} is an existing file")

@@ -57,6 +57,15 @@ _SOURCE = r"""
 
 #ifdef __AVX512F__
 #include <immintrin.h>
+/* Lane masks of the nvec vectors covering r batch columns (full, partial, empty); returns how
+   many vectors hold columns. */
+static inline int chunk_masks(int64_t r, __mmask16 *m, int nvec) {
+    for (int v = 0; v < nvec; ++v) {
+        const int64_t n = r - 16 * v;
+        m[v] = n >= 16 ? (__mmask16)0xFFFF : n > 0 ? (__mmask16)((1u << n) - 1u) : (__mmask16)0;
+    }
+    return (int)((r + 15) / 16);
+}
 /* Columns b0..b0+16*NV of one output row: NV AVX-512 accumulators (four sets, nonzeros k mod 4,
    summed at the end), masks for a partial last vector. Fixed order: deterministic. */
 #define CHUNKV(NAME, NV, COLT, COL)                                                          \
@@ -179,11 +188,7 @@ void prunekit_spmm_t(int64_t M, int64_t N, int64_t B, const int32_t *restrict cr
             for (int64_t b = 0; b < B; b += BC) {
                 const int64_t r = B - b < BC ? B - b : BC;
                 __mmask16 m[4];
-                for (int v = 0; v < 4; ++v) {
-                    const int64_t n = r - 16 * v;
-                    m[v] = n >= 16 ? (__mmask16)0xFFFF : n > 0 ? (__mmask16)((1u << n) - 1u) : (__mmask16)0;
-                }
-                const int nv = (int)((r + 15) / 16);
+                const int nv = chunk_masks(r, m, 4);
                 for (int64_t i = lo; i < hi; ++i) cur[i - lo] = crow[i];
                 for (int64_t t = 0; t < ntile; ++t) {
                     const int64_t cend = (t + 1) * tile;
@@ -321,11 +326,7 @@ void prunekit_rows_t(int64_t G, int64_t R, int64_t N, int64_t B, const int32_t *
             for (int64_t b = 0; b < B; b += BCHUNK) {
                 const int64_t r = B - b < BCHUNK ? B - b : BCHUNK;
                 __mmask16 m[2];
-                for (int v = 0; v < 2; ++v) {
-                    const int64_t n = r - 16 * v;
-                    m[v] = n >= 16 ? (__mmask16)0xFFFF : n > 0 ? (__mmask16)((1u << n) - 1u) : (__mmask16)0;
-                }
-                const int nv = (int)((r + 15) / 16);
+                const int nv = chunk_masks(r, m, 2);
                 for (int64_t g = lo; g < hi; ++g)
                     rows_chunk(R, col, val, gptr[g], gptr[g + 1], xt + b, ldx, yt + g * R * ldy + b, ldy,
                                bias ? bias + g * R : 0, m, nv);
@@ -396,11 +397,7 @@ void prunekit_nm_t(int64_t M, int64_t N, int64_t B, int64_t K, int sh, int64_t m
             for (int64_t b = 0; b < B; b += BC) {
                 const int64_t r = B - b < BC ? B - b : BC;
                 __mmask16 m[4];
-                for (int v = 0; v < 4; ++v) {
-                    const int64_t n = r - 16 * v;
-                    m[v] = n >= 16 ? (__mmask16)0xFFFF : n > 0 ? (__mmask16)((1u << n) - 1u) : (__mmask16)0;
-                }
-                const int nv = (int)((r + 15) / 16);
+                const int nv = chunk_masks(r, m, 4);
                 for (int64_t i = lo; i < hi; ++i) {
                     const float bi = bias ? bias[i] : 0.0f;
                     float *restrict yr = yt + i * ldy + b;
