@@ -387,3 +387,66 @@ def test_exports_and_repr():
     assert {"NM", "Blocks"} <= set(prunekit.__all__)
     assert repr(Blocks([4, 1])) == "Blocks((4, 1))" and Blocks((4, 1)) == Blocks([4, 1]) != Blocks((1, 4))
     assert Blocks((1, 4)).supports_global
+
+
+# --------------------------------------------------------------------------------------
+# Channels
+# --------------------------------------------------------------------------------------
+
+def ref_channels(scores: list, sparsity: float, priors: list | None = None) -> list[np.ndarray]:
+    """Channel masks by brute force: rank row means (dead rows first, ties by index) over all tensors."""
+    means = [torch.as_tensor(s).double().reshape(s.shape[0] if s.dim() > 1 else 1, -1).mean(dim=1) for s in scores]
+    row_priors = None if priors is None else [
+        torch.as_tensor(p).reshape(p.shape[0] if p.dim() > 1 else 1, -1).any(dim=1) for p in priors]
+    rows = reference_keep(means, sparsity, row_priors)
+    return [np.broadcast_to(r.reshape(-1, 1), (r.size, s[0].numel() if s.dim() > 1 else s.numel())).reshape(s.shape)
+            for r, s in zip(rows, scores)]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("shape", [(8, 12), (16, 3, 3, 3), (5,), (7, 1)])
+def test_channels_layerwise_matches_reference(shape, seed):
+    scores = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    g = prunekit.Channels()
+    for s in SPARSITIES:
+        keep = g.mask(scores, s)
+        np.testing.assert_array_equal(keep.numpy(), ref_channels([scores], s)[0], err_msg=f"{shape} {s}")
+        rows = keep.reshape(keep.shape[0] if keep.dim() > 1 else 1, -1)
+        assert (rows.all(dim=1) | ~rows.any(dim=1)).all(), "a channel was split"
+        assert int((~rows.any(dim=1)).sum()) == round(rows.shape[0] * s)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_channels_global_ranking_uses_means_and_priors(seed):
+    gen = torch.Generator().manual_seed(seed)
+    scores = [torch.rand(8, 4, generator=gen), torch.rand(6, 2, 3, 3, generator=gen) * 2, torch.rand(4, 50, generator=gen)]
+    g = prunekit.Channels()
+    for s in [0.25, 0.5, 0.75]:
+        for got, ref in zip(rank_units(g, scores, [None] * 3, s), ref_channels(scores, s)):
+            np.testing.assert_array_equal(got.numpy(), ref)
+    priors = [g.expand(torch.rand(sc.shape[0], generator=gen) < 0.6, sc.shape).clone() for sc in scores]
+    for got, ref in zip(rank_units(g, scores, priors, 0.5), ref_channels(scores, 0.5, priors)):
+        np.testing.assert_array_equal(got.numpy(), ref)
+
+
+def test_pruner_channels_gradual_keeps_whole_channels_through_training():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 16), nn.ReLU(),
+                          nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    schedule = prunekit.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=20, frequency=5)
+    pruner = Pruner(model, schedule, granularity=prunekit.Channels(), optimizer=opt)
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,))
+    for step in range(25):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        for name, p in model.named_parameters():
+            if name.endswith("weight"):
+                rows = (p.detach() != 0).reshape(p.shape[0], -1)
+                assert (rows.all(dim=1) | ~rows.any(dim=1)).all(), (step, name)
+    params = dict(model.named_parameters())
+    for name, zero_rows in {"0.weight": 4, "3.weight": 8, "5.weight": 2}.items():  # round(rows * 0.5)
+        w = params[name].detach()
+        assert int((w.reshape(w.shape[0], -1) == 0).all(dim=1).sum()) == zero_rows, name
+    assert pruner.report().to_dict()["sparsity"] == pytest.approx(0.5)

@@ -11,7 +11,7 @@ Example:
 
 from .criteria import OBD, Criterion, Magnitude, Precomputed, Random, ScoreContext, Taylor
 from .formats import FormatError, export_onnx, load, quantize_int8, save, size_summary
-from .granularity import NM, Blocks, Granularity, Unstructured
+from .granularity import NM, Blocks, Channels, Granularity, Unstructured
 from .iterative import iterative_prune, round_sparsities
 from .pruner import Pruner, strip
 from .report import LayerSparsity, SparsityReport, sparsity_report
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccelerationReport",
     "Blocks",
+    "Channels",
     "ConstantSparsity",
     "Criterion",
     "FormatError",

@@ -22,7 +22,7 @@ import torch
 
 from ._validate import check_int
 
-__all__ = ["Granularity", "Unstructured", "NM", "Blocks", "prune_count", "lowest_k", "rank_units"]
+__all__ = ["Granularity", "Unstructured", "NM", "Blocks", "Channels", "prune_count", "lowest_k", "rank_units"]
 
 
 def prune_count(n: int, sparsity: float) -> int:
@@ -358,3 +358,40 @@ class Blocks(Granularity):
 
     def __hash__(self) -> int:
         return hash((Blocks, self.shape))
+
+
+class Channels(Granularity):
+    """Whole output channels: row ``i`` of the ``(shape[0], prod(shape[1:]))`` view is one unit.
+
+    A Linear weight loses whole output rows, a Conv weight whole filters
+    (``ln_structured`` in ``torch.nn.utils.prune``, tensor by tensor). A channel's
+    score is the **mean** of its entries' scores, so channels of layers with
+    different fan-in compare under global ranking. A 1-D tensor is one unit.
+    This zeroes channels of each tensor on its own; to remove channels
+    physically, with BatchNorm shifts, biases and the next layer's inputs pruned
+    together, use :class:`prunekit.structural.StructuredPruner` or
+    :func:`prunekit.structural.prune_channels`.
+
+    Example:
+        >>> Channels().mask(torch.tensor([[1.0, 1.0], [5.0, 0.0], [0.5, 0.0]]), 1 / 3)
+        tensor([[ True,  True],
+                [ True,  True],
+                [False, False]])
+    """
+
+    def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Mean score of every channel, as a 1-D tensor of ``shape[0]`` entries."""
+        rows, cols = _rows_cols(scores.shape)
+        view = scores.reshape(rows, cols).to(torch.promote_types(scores.dtype, torch.float32))
+        return view.mean(dim=1) if cols else view.sum(dim=1)
+
+    def expand(self, unit_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Broadcast one keep flag per channel over its entries."""
+        rows, cols = _rows_cols(shape)
+        return unit_keep.reshape(rows, 1).expand(rows, cols).reshape(shape)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Channels)
+
+    def __hash__(self) -> int:
+        return hash(Channels)

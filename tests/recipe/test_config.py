@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from prunekit import NM, Blocks, PolynomialDecay
+from prunekit import NM, Blocks, Channels, PolynomialDecay, Unstructured
 from prunekit.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 from prunekit.recipe.build import build_granularity
 from recipe_helpers import EXAMPLES, TINY, merged, write_recipe
@@ -44,7 +44,7 @@ BAD = [
      "recipe.criterion.params: unknown key 'samples'; allowed: seed"),
     ("bad estimator", dict(criterion={"name": "obd", "params": {"estimator": "kfac"}}),
      "recipe.criterion.params.estimator: must be one of gauss-newton, fisher, hutchinson, exact"),
-    ("bad pattern", dict(granularity="2-4"), "recipe.granularity: must be 'unstructured', an N:M pattern"),
+    ("bad pattern", dict(granularity="2-4"), "recipe.granularity: must be 'unstructured', 'channels', an N:M pattern"),
     ("n >= m", dict(granularity="4:2"), "recipe.granularity: n must be < m"),
     ("bad block", dict(granularity={"type": "blocks", "block": [4]}),
      "recipe.granularity.block: must be a pair [rows, cols] of positive integers, got [4]"),
@@ -96,7 +96,9 @@ def test_digest_follows_content_not_spelling():
 
 
 @pytest.mark.parametrize("spec,expected", [("2:4", NM(2, 4)), ({"type": "nm", "n": 1, "m": 8}, NM(1, 8)),
-                                           ({"type": "blocks", "block": [1, 4]}, Blocks((1, 4)))])
+                                           ({"type": "blocks", "block": [1, 4]}, Blocks((1, 4))),
+                                           ("channels", Channels()), ({"type": "channels"}, Channels()),
+                                           ("unstructured", Unstructured())])
 def test_granularity_forms(spec, expected):
     built = build_granularity(parse_recipe(merged(TINY, granularity=spec)).granularity)
     assert type(built) is type(expected) and repr(built) == repr(expected)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..criteria import OBD, Criterion, Magnitude, Random, Taylor
 from ..data import load_digits, load_mnist5k
-from ..granularity import NM, Blocks, Granularity, Unstructured
+from ..granularity import NM, Blocks, Channels, Granularity, Unstructured
 from .config import CriterionConfig, DataConfig, GranularityConfig, ModelConfig, Recipe, RecipeError, TrainingConfig
 
 __all__ = ["Data", "resolve_factory", "build_model", "load_data", "build_criterion", "build_granularity",
@@ -144,6 +144,8 @@ def build_granularity(config: GranularityConfig) -> Granularity:
         return NM(config.n, config.m)
     if config.type == "blocks":
         return Blocks(config.block)
+    if config.type == "channels":
+        return Channels()
     return Unstructured()
 
 

@@ -202,7 +202,7 @@ class CriterionConfig:
 
 @dataclass(frozen=True)
 class GranularityConfig:
-    """Unit of pruning: ``unstructured``, ``n:m`` (e.g. ``"2:4"``) or ``blocks`` of ``block`` = (rows, cols)."""
+    """Unit of pruning: ``unstructured``, ``channels``, ``n:m`` (e.g. ``"2:4"``) or ``blocks`` of ``block`` = (rows, cols)."""
 
     type: str = "unstructured"
     n: int | None = None
@@ -211,17 +211,19 @@ class GranularityConfig:
 
     @classmethod
     def parse(cls, value: Any, path: str = "recipe.granularity") -> "GranularityConfig":
-        """Validate ``granularity``: ``"unstructured"``, ``"N:M"``, or a mapping ``{type, n, m, block}``."""
+        """Validate ``granularity``: ``"unstructured"``, ``"channels"``, ``"N:M"``, or a mapping ``{type, n, m, block}``."""
         if value is None or value == "unstructured":
             return cls()
+        if value == "channels":
+            return cls("channels")
         if isinstance(value, str):
             match = re.fullmatch(r"(\d+):(\d+)", value.strip())
             if not match:
-                raise _fail(path, "'unstructured', an N:M pattern like '2:4', or a mapping {type: blocks, block: "
-                            "[rows, cols]}", value)
+                raise _fail(path, "'unstructured', 'channels', an N:M pattern like '2:4', or a mapping "
+                            "{type: blocks, block: [rows, cols]}", value)
             value = {"type": "nm", "n": int(match[1]), "m": int(match[2])}
         raw = _mapping(path, value, ("type", "n", "m", "block"), ("type",))
-        kind = _choice(f"{path}.type", raw["type"], ("unstructured", "nm", "blocks"))
+        kind = _choice(f"{path}.type", raw["type"], ("unstructured", "channels", "nm", "blocks"))
         if kind == "nm":
             n, m = _int(f"{path}.n", raw.get("n"), 1), _int(f"{path}.m", raw.get("m"), 2)
             if n >= m:
@@ -235,7 +237,7 @@ class GranularityConfig:
         extra = [k for k in ("n", "m", "block") if raw.get(k) is not None]
         if extra:
             raise RecipeError(f"{path}.{extra[0]}: only allowed with type nm (n, m) or blocks (block)")
-        return cls()
+        return cls(kind)
 
 
 @dataclass(frozen=True)
