@@ -9,6 +9,11 @@ loaded weight is reused across them (larger batches are done in chunks of
 :data:`BATCH_CHUNK`). Batch 1 is a sparse matrix-vector product with 16-lane
 AVX-512 gathers.
 
+N:M (:func:`nm_pack`, for ``NM(n, m)`` along the inputs): every row has the same
+number of entries, each a value and a 1-byte offset inside its group of ``m``; at
+batch 1, when ``m`` divides 32, the entries of a 32-input window are picked from
+two loaded vectors of the input by one in-register permute instead of a gather.
+
 Row blocks (:func:`row_blocks`, for ``(r, c)`` block sparsity with ``r > 1``):
 groups of ``r`` consecutive output rows share one column list, and the kernel
 keeps the accumulators of up to 8 rows at once, so every loaded activation
@@ -353,28 +358,50 @@ void prunekit_rows_t(int64_t G, int64_t R, int64_t N, int64_t B, const int32_t *
    weight instead of CSR's 8, and every row has the same length. ---- */
 #ifdef __AVX512F__
 /* Batch 1: 16 entries at a time; their columns are ((k + j) >> sh) * mm + off[k + j]. */
+/* Batch 1 when m divides 32: the E = 32 / m * n entries of a 32-input window are picked from two
+   loaded vectors of x with one in-register permute instead of a 16-load gather. */
+static inline float nm_dot1_window(const uint8_t *restrict off, const float *restrict val, int64_t K, int sh,
+                                   int64_t mm, const float *restrict x, int64_t N) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const int E = (int)(32 / mm) << sh;
+    const __m512i rel = _mm512_mullo_epi32(_mm512_srli_epi32(iota, sh), _mm512_set1_epi32((int)mm));
+    __m512 s[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t k = 0, c = 0;
+    for (int u = 0; k < K; k += E, c += 32, u ^= 1) {
+        const int64_t left = K - k, xl = N - c;
+        const __mmask16 me = left >= E ? (__mmask16)((1u << E) - 1u) : (__mmask16)((1u << left) - 1u);
+        const __mmask16 m0 = xl >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << xl) - 1u);
+        const __mmask16 m1 = xl >= 32 ? (__mmask16)0xFFFF : xl > 16 ? (__mmask16)((1u << (xl - 16)) - 1u) : 0;
+        const __m512 x0 = _mm512_maskz_loadu_ps(m0, x + c), x1 = _mm512_maskz_loadu_ps(m1, x + c + 16);
+        const __m512i idx = _mm512_add_epi32(rel, _mm512_maskz_cvtepu8_epi32(me, _mm_maskz_loadu_epi8(me, off + k)));
+        const __m512 g = _mm512_permutex2var_ps(x0, idx, x1);
+        s[u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(me, val + k), g, s[u]);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s[0], s[1]));
+}
+
 static inline float nm_dot1(const uint8_t *restrict off, const float *restrict val, int64_t K, int sh,
                             int64_t mm, const float *restrict x) {
+    /* Column of entry k + j: ((k + j) >> sh) * mm + off[k + j]. The group part advances by
+       16 >> sh groups per 16 entries, so it is kept in a vector and bumped, not recomputed. */
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i mmv = _mm512_set1_epi32((int)mm);
+    const __m512i step = _mm512_set1_epi32((int)((16 >> sh) * mm));
+    __m512i base = _mm512_mullo_epi32(_mm512_srli_epi32(iota, sh), _mm512_set1_epi32((int)mm));
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-        const __m512i c0 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(
-            _mm512_add_epi32(iota, _mm512_set1_epi32((int)k)), sh), mmv),
-            _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(off + k))));
-        const __m512i c1 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(
-            _mm512_add_epi32(iota, _mm512_set1_epi32((int)k + 16)), sh), mmv),
-            _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(off + k + 16))));
+        const __m512i c0 = _mm512_add_epi32(base, _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(off + k))));
+        base = _mm512_add_epi32(base, step);
+        const __m512i c1 = _mm512_add_epi32(base, _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(off + k + 16))));
+        base = _mm512_add_epi32(base, step);
         s0 = _mm512_fmadd_ps(_mm512_loadu_ps(val + k), _mm512_i32gather_ps(c0, x, 4), s0);
         s1 = _mm512_fmadd_ps(_mm512_loadu_ps(val + k + 16), _mm512_i32gather_ps(c1, x, 4), s1);
     }
     for (; k < K; k += 16) {
         const int64_t n = K - k;
         const __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
-        const __m512i o = _mm512_maskz_cvtepu8_epi32(m, _mm_maskz_loadu_epi8(m, off + k));
-        const __m512i c = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(
-            _mm512_add_epi32(iota, _mm512_set1_epi32((int)k)), sh), mmv), o);
+        const __m512i c = _mm512_add_epi32(base, _mm512_maskz_cvtepu8_epi32(m, _mm_maskz_loadu_epi8(m, off + k)));
+        base = _mm512_add_epi32(base, step);
         const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, c, x, 4);
         s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, val + k), g, s0);
     }
@@ -385,7 +412,6 @@ static inline float nm_dot1(const uint8_t *restrict off, const float *restrict v
 void prunekit_nm_t(int64_t M, int64_t N, int64_t B, int64_t K, int sh, int64_t mm,
                    const uint8_t *restrict off, const float *restrict val, const float *restrict xt, int64_t ldx,
                    const float *restrict bias, float *restrict yt, int64_t ldy, int64_t bchunk, int nthreads) {
-    (void)N;
     if (nthreads < 1) nthreads = 1;
     #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
@@ -408,6 +434,9 @@ void prunekit_nm_t(int64_t M, int64_t N, int64_t B, int64_t K, int sh, int64_t m
                     else nmv1(off, val, k0, k1, xt + b, ldx, yr, bi, m, 1, 1, sh, mm);
                 }
             }
+        } else if (ldx == 1 && mm <= 32 && 32 % mm == 0) {
+            for (int64_t i = lo; i < hi; ++i)
+                yt[i * ldy] = nm_dot1_window(off + i * K, val + i * K, K, sh, mm, xt, N) + (bias ? bias[i] : 0.0f);
         } else if (ldx == 1) {
             for (int64_t i = lo; i < hi; ++i)
                 yt[i * ldy] = nm_dot1(off + i * K, val + i * K, K, sh, mm, xt) + (bias ? bias[i] : 0.0f);
