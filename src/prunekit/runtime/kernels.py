@@ -291,6 +291,14 @@ static inline void rows_chunk(int64_t R, const int32_t *restrict col, const floa
     }
 }
 
+/* w (16, 8 or 4) floats with a plain load, or the lanes of m with a masked one (w == 0). */
+static inline __m512 load_lanes(const float *p, int w, __mmask16 m) {
+    if (w == 16) return _mm512_loadu_ps(p);
+    if (w == 8) return _mm512_castps256_ps512(_mm256_loadu_ps(p));
+    if (w == 4) return _mm512_castps128_ps512(_mm_loadu_ps(p));
+    return _mm512_maskz_loadu_ps(m, p);
+}
+
 /* Batch 1: the R rows of a group are R contiguous values per column, so one vector multiply-add
    per column serves up to 16 rows (four fixed partial vectors, columns k mod 4). */
 static inline void rows_vec1(int64_t R, const int32_t *restrict col, const float *restrict val,
@@ -301,12 +309,14 @@ static inline void rows_vec1(int64_t R, const int32_t *restrict col, const float
         const __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
         __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         int64_t k = k0;
+        /* Plain loads of exactly the block's width where one exists (masked loads stream from memory
+           markedly slower); lanes past it hold other values and are never stored. */
+        const int w = n >= 16 ? 16 : n == 8 ? 8 : n == 4 ? 4 : 0;
         for (; k + 4 <= k1; k += 4)
             for (int u = 0; u < 4; ++u)
-                s[u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, val + (k + u) * R + r),
-                                       _mm512_set1_ps(x[col[k + u]]), s[u]);
+                s[u] = _mm512_fmadd_ps(load_lanes(val + (k + u) * R + r, w, m), _mm512_set1_ps(x[col[k + u]]), s[u]);
         for (; k < k1; ++k)
-            s[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, val + k * R + r), _mm512_set1_ps(x[col[k]]), s[0]);
+            s[0] = _mm512_fmadd_ps(load_lanes(val + k * R + r, w, m), _mm512_set1_ps(x[col[k]]), s[0]);
         __m512 t = _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]));
         if (bias) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, bias + r));
         _mm512_mask_storeu_ps(out + r, m, t);
@@ -367,7 +377,19 @@ static inline float nm_dot1_window(const uint8_t *restrict off, const float *res
     const __m512i rel = _mm512_mullo_epi32(_mm512_srli_epi32(iota, sh), _mm512_set1_epi32((int)mm));
     __m512 s[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     int64_t k = 0, c = 0;
-    for (int u = 0; k < K; k += E, c += 32, u ^= 1) {
+    int u = 0;
+    /* Full windows: plain loads (masked loads stream from memory markedly slower here). */
+    const __mmask16 full = (__mmask16)((1u << E) - 1u);
+    for (; k + 16 <= K && c + 32 <= N; k += E, c += 32, u ^= 1) {
+        const __m512 x0 = _mm512_loadu_ps(x + c), x1 = _mm512_loadu_ps(x + c + 16);
+        const __m512i idx = _mm512_add_epi32(rel, _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(off + k))));
+        const __m512 g = _mm512_permutex2var_ps(x0, idx, x1);
+        /* 16 entries are in bounds (k + 16 <= K); with E < 16 the lanes from E on belong to the next
+           window and are zeroed in the weights (a register mask: no masked load). */
+        const __m512 w = _mm512_loadu_ps(val + k);
+        s[u] = _mm512_fmadd_ps(E == 16 ? w : _mm512_maskz_mov_ps(full, w), g, s[u]);
+    }
+    for (; k < K; k += E, c += 32, u ^= 1) {
         const int64_t left = K - k, xl = N - c;
         const __mmask16 me = left >= E ? (__mmask16)((1u << E) - 1u) : (__mmask16)((1u << left) - 1u);
         const __mmask16 m0 = xl >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << xl) - 1u);
