@@ -17,11 +17,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 from .._validate import check_int
 
-__all__ = ["Experiment", "EXPERIMENTS", "check_seeds", "get_experiment"]
+__all__ = ["Experiment", "EXPERIMENTS", "check_run_args", "check_seeds", "get_experiment"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +99,28 @@ def check_seeds(name: str, seeds: Sequence[int] | None, default_count: int) -> l
     if len(set(checked)) != len(checked):
         raise ValueError(f"{name}: seeds must be distinct, got {checked}")
     return checked
+
+
+def check_run_args(name: str, out: str | Path, quick: Any, seeds: Sequence[int] | None, quick_config: Any,
+                   full_config: Any) -> tuple[Any, list[int], Path]:
+    """The checked arguments of an experiment's ``run``: ``(config, seeds, out)``.
+
+    ``config`` is ``quick_config`` or ``full_config`` (each with a ``seeds`` count,
+    the default number of seeds); ``out`` must not be an existing file.
+
+    Raises:
+        TypeError: ``quick`` is not a bool, or ``seeds`` is malformed.
+        ValueError: ``out`` is an existing file, or seeds are negative or repeated.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> check_run_args("demo", "runs/x", True, None, SimpleNamespace(seeds=1), SimpleNamespace(seeds=3))[1:]
+        ([0], PosixPath('runs/x'))
+    """
+    if not isinstance(quick, bool):
+        raise TypeError(f"{name}: quick must be a bool, got {type(quick).__name__}")
+    config = quick_config if quick else full_config
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name}: out must be a directory, but {str(path)!r} is an existing file")
+    return config, check_seeds(name, seeds, config.seeds), path

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import check_seeds
+from . import check_run_args
 from .. import hessian
 from .._io import atomic_open, atomic_write_json
 from .._repro import seeded
@@ -513,13 +513,7 @@ def run(out: str | Path, *, quick: bool = False, seeds: Sequence[int] | None = N
         >>> sorted({r["phase"] for r in results["rows"]})  # doctest: +SKIP
         ['iterative_pruned', 'oneshot', 'retrained']
     """
-    if not isinstance(quick, bool):
-        raise TypeError(f"{NAME}: quick must be a bool, got {type(quick).__name__}")
-    config = QUICK if quick else FULL
-    seeds = check_seeds(NAME, seeds, config.seeds)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{NAME}: out must be a directory, but {str(out)!r} is an existing file")
+    config, seeds, out = check_run_args(NAME, out, quick, seeds, QUICK, FULL)
     started = time.perf_counter()
     data = _load(config)
     show = sys.stderr.isatty() if progress is None else bool(progress)

@@ -49,7 +49,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from . import check_seeds
+from . import check_run_args
 from .._io import atomic_open, atomic_write_json
 from .._repro import seeded
 from .._validate import check_int
@@ -508,13 +508,7 @@ def run(out: str | Path, *, quick: bool = False, seeds: Sequence[int] | None = N
         >>> results["dense_check"]["cosine"]  # doctest: +SKIP
         1.0
     """
-    if not isinstance(quick, bool):
-        raise TypeError(f"{NAME}: quick must be a bool, got {type(quick).__name__}")
-    config = QUICK if quick else FULL
-    seeds = check_seeds(NAME, seeds, config.seeds)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{NAME}: out must be a directory, but {str(out)!r} is an existing file")
+    config, seeds, out = check_run_args(NAME, out, quick, seeds, QUICK, FULL)
     started = time.perf_counter()
     show = sys.stderr.isatty() if progress is None else bool(progress)
     model, tokenizer = load_minilm(progress=show)
