@@ -68,13 +68,17 @@ class SparseLinear(nn.Module):
         pattern: ``(n, m)`` for ``fmt="prunekit-nm"`` (at most ``n`` nonzeros in every ``m``
             consecutive inputs; ``n`` a power of two dividing 16, ``m <= 256`` dividing
             ``in_features``). Only for that format.
+        transposed: the replaced layer stored its weight ``(in, out)`` (transformers ``Conv1D``);
+            only :attr:`weight` reads back in that layout, the computation is the same.
 
     Inputs of any shape ``(*, in_features)`` are accepted, as for ``nn.Linear``.
     The module has no parameters (the sparse weight is stored as buffers
     ``crow_indices``, ``col_indices``, ``values``; so ``state_dict``,
     ``deepcopy`` and ``.to()`` work). It does not support autograd: calling it
     with grad enabled on an input that requires grad raises ``RuntimeError``;
-    run it under ``torch.inference_mode()`` or ``torch.no_grad()``.
+    run it under ``torch.inference_mode()`` or ``torch.no_grad()``. Code that
+    inspects layers still finds ``weight`` (a read-only dense copy made on each
+    read), ``bias``, ``dtype``, ``device``, ``in_features`` and ``out_features``.
 
     Example:
         >>> lin = nn.Linear(64, 32)
@@ -93,8 +97,12 @@ class SparseLinear(nn.Module):
     bias: torch.Tensor | None
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, fmt: str = "csr",
-                 blocksize: int | None = None, pattern: tuple[int, int] | None = None) -> None:
+                 blocksize: int | None = None, pattern: tuple[int, int] | None = None, *,
+                 transposed: bool = False) -> None:
         super().__init__()
+        if not isinstance(transposed, bool):
+            raise TypeError(f"SparseLinear: transposed must be a bool, got {type(transposed).__name__}")
+        self.transposed = transposed
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.layout != torch.strided:
             raise TypeError(f"SparseLinear: weight must be a dense 2-D tensor, got "
                             f"{getattr(weight, 'layout', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}")
@@ -141,6 +149,68 @@ class SparseLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseLinear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
         return cls(linear.weight, linear.bias, fmt, blocksize, pattern)
+
+    @classmethod
+    def from_conv1d(cls, conv1d: nn.Module, fmt: str = "csr", blocksize: int | None = None,
+                    pattern: tuple[int, int] | None = None) -> "SparseLinear":
+        """Build from a transformers ``Conv1D`` (``y = x @ W + b`` with ``W`` stored ``(in, out)``).
+
+        The result computes the same function; its :attr:`weight` reads back in the
+        ``(in, out)`` layout and it has ``nf`` / ``nx`` like the ``Conv1D``.
+
+        Example:
+            >>> class Conv1D(nn.Module):  # the layout of transformers.pytorch_utils.Conv1D
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.weight, self.bias = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.zeros(4))
+            >>> sp = SparseLinear.from_conv1d(Conv1D())
+            >>> (sp.nx, sp.nf), tuple(sp.weight.shape)
+            ((6, 4), (6, 4))
+        """
+        weight = getattr(conv1d, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise TypeError(f"SparseLinear.from_conv1d: expected a module with a 2-D (in, out) weight, got "
+                            f"{type(conv1d).__name__}")
+        return cls(weight.t(), getattr(conv1d, "bias", None), fmt, blocksize, pattern, transposed=True)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight with its zeros, in the replaced layer's layout (``(out, in)``; ``(in, out)`` when
+        :attr:`transposed`), so code that inspects layers keeps working.
+
+        It is rebuilt from the sparse buffers on every read (the module keeps no dense copy) and is
+        an inference tensor: torch refuses to make it require grad or to edit it in place outside
+        ``torch.inference_mode()``, and edits never reach the module. Reading ``.dtype`` or
+        ``.device`` of the module itself is free.
+        """
+        with torch.inference_mode():
+            dense = self.to_dense_weight()
+            return dense.t().contiguous() if self.transposed else dense
+
+    @weight.setter
+    def weight(self, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__}.weight is read-only (the weight is stored sparse); build a new "
+                             "module from a dense layer instead")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the stored weight values."""
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the stored weight values."""
+        return self.values.device
+
+    @property
+    def nf(self) -> int:
+        """Output features under transformers ``Conv1D``'s name."""
+        return self.out_features
+
+    @property
+    def nx(self) -> int:
+        """Input features under transformers ``Conv1D``'s name."""
+        return self.in_features
 
     @property
     def density(self) -> float:
@@ -223,8 +293,9 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         block = f", blocksize={self.blocksize}" if self.blocksize is not None else ""
         block += f", pattern={self.pattern[0]}:{self.pattern[1]}" if self.pattern is not None else ""
+        layout = ", transposed=True" if self.transposed else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"format={self.fmt}{block}, density={_pct(self.density)}")
+                f"format={self.fmt}{block}, density={_pct(self.density)}{layout}")
 
 
 def _check_pattern(pattern: Any) -> tuple[int, int]:

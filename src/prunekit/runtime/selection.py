@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .conv import SparseConv2d
+from .layers import LayerPlan, build_sparse, layer_plan, weight_matrix
 from .modules import SparseLinear, _quiet
 
 __all__ = ["blocky_blocksize", "row_blocksize", "nm_pattern", "build_candidates", "relative_error", "time_candidates"]
@@ -124,19 +124,27 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def build_candidates(linear: nn.Linear | nn.Conv2d, formats: tuple[str, ...], x: torch.Tensor, rtol: float
-                     ) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def build_candidates(linear: nn.Module, formats: tuple[str, ...], x: torch.Tensor, rtol: float,
+                     plan: LayerPlan | None = None) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Candidate modules by format name, and notes on formats that were dropped.
 
-    ``linear`` is an ``nn.Linear`` (candidates are :class:`SparseLinear`) or an
-    ``nn.Conv2d`` (candidates are :class:`~prunekit.runtime.conv.SparseConv2d`,
-    whose weight is seen as ``(out_channels, in_channels*kh*kw)``). ``"bsr"`` is a
+    ``linear`` is an ``nn.Linear`` or transformers ``Conv1D`` (candidates are
+    :class:`SparseLinear`) or an ``nn.Conv2d`` (candidates are
+    :class:`~prunekit.runtime.conv.SparseConv2d`, whose weight is seen as
+    ``(out_channels, in_channels*kh*kw)``), subclasses included; ``plan`` says how
+    its forward is reproduced (found by :func:`~prunekit.runtime.layers.layer_plan`
+    when ``None``; a layer that cannot be reproduced has only ``"dense"``). ``"bsr"`` is a
     candidate only when :func:`blocky_blocksize` finds blocks. Each sparse
     candidate must reproduce ``linear(x)`` within ``rtol``.
     """
     cands: dict[str, nn.Module] = {}
     notes: dict[str, str] = {}
-    weight = linear.weight.detach().reshape(linear.weight.shape[0], -1)
+    if plan is None:
+        plan, why = layer_plan(linear, x)
+        if plan is None:
+            notes.update({fmt: f"skipped: {why}" for fmt in formats if fmt != "dense"})
+            return ({"dense": linear} if "dense" in formats else {}), notes
+    weight = weight_matrix(linear)
     with torch.inference_mode():
         ref = linear(x)
     for fmt in formats:
@@ -169,8 +177,7 @@ def build_candidates(linear: nn.Linear | nn.Conv2d, formats: tuple[str, ...], x:
                 notes[fmt] = f"skipped: kernel is float32 only (weight {linear.weight.dtype}, input {x.dtype})"
                 continue
         try:
-            module = (SparseConv2d(linear, fmt, blocksize, pattern) if isinstance(linear, nn.Conv2d)
-                      else SparseLinear.from_linear(linear, fmt, blocksize, pattern))
+            module = build_sparse(linear, plan, fmt, blocksize, pattern)
             with torch.inference_mode(), _quiet():
                 err = relative_error(module(x), ref)
         except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:

@@ -1,4 +1,11 @@
-"""``accelerate``: swap pruned ``nn.Linear`` / ``nn.Conv2d`` layers for the fastest measured sparse module.
+"""``accelerate``: swap pruned linear and convolution layers for the fastest measured sparse module.
+
+Layers are ``nn.Linear`` and ``nn.Conv2d`` (subclasses included) and transformers'
+``Conv1D`` (see :mod:`prunekit.runtime.layers`: a subclass with its own forward is
+replaced only where that forward is reproduced exactly, otherwise it stays dense with
+the reason in the report). The sparse modules keep ``weight``, ``bias``, ``dtype``,
+``device`` and the layer's size attributes readable, so model code that inspects its
+layers (ViT reads ``projection.weight.dtype``) runs unchanged.
 
 Pipeline: copy the model (unless ``inplace``); run ``example_input`` once with
 forward pre-hooks that capture each layer's real input (this run's
@@ -21,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .._validate import check_int, check_real
-from .conv import conv_supported
+from .layers import LayerPlan, layer_plan, runtime_layers, static_reason, weight_matrix
 from .modules import FORMATS, _quiet
 from .report import AccelerationReport, LayerChoice
 from .selection import build_candidates, fastest, first_input, relative_error, time_candidates
@@ -40,7 +47,8 @@ def accelerate(
     inplace: bool = False,
     progress: bool = True,
 ) -> tuple[nn.Module, AccelerationReport]:
-    """Replace pruned ``nn.Linear`` and ``nn.Conv2d`` layers by the fastest execution measured on this machine.
+    """Replace pruned ``nn.Linear`` / ``nn.Conv2d`` (and subclasses) and transformers ``Conv1D`` layers by the
+    fastest execution measured on this machine.
 
     Candidates per layer: the dense layer itself, torch CSR/BSR and prunekit's
     own kernels (:data:`prunekit.runtime.modules.FORMATS`); convolutions run as
@@ -100,7 +108,7 @@ def accelerate(
 
     work = model if inplace else copy.deepcopy(model)
     work.eval()
-    linears = _layers(work)
+    linears = runtime_layers(work)
     inputs = _capture_inputs(work, linears, call)
     oracle = inputs.pop(None)
 
@@ -129,17 +137,17 @@ def accelerate(
 
 
 def _plan(layers: list[tuple[str, nn.Module]], inputs: dict[Any, Any], formats: tuple[str, ...],
-          min_sparsity: float) -> tuple[list[LayerChoice], list[tuple[LayerChoice, nn.Module, torch.Tensor]]]:
-    """One :class:`LayerChoice` per layer, and the layers worth timing (with their captured input)."""
+          min_sparsity: float) -> tuple[list[LayerChoice], list[tuple[LayerChoice, nn.Module, torch.Tensor, LayerPlan]]]:
+    """One :class:`LayerChoice` per layer, and the layers worth timing (with their captured input and plan)."""
     choices, todo = [], []
     for name, lin in layers:
-        weight = lin.weight.detach()
+        weight = weight_matrix(lin)
         sparsity = float((weight == 0).sum()) / weight.numel() if weight.numel() else 0.0
         x = inputs.get(id(lin))
-        layer = LayerChoice(name, weight[0].numel() if len(weight) else 0, weight.shape[0],
+        layer = LayerChoice(name, weight.shape[1], weight.shape[0],
                             None if x is None else tuple(x.shape), sparsity, "dense", kind=type(lin).__name__)
         choices.append(layer)
-        unsupported = conv_supported(lin) if isinstance(lin, nn.Conv2d) else None
+        unsupported = static_reason(lin)
         if unsupported is not None:
             layer.notes.append(f"dense only: {unsupported}")
         elif x is None:
@@ -151,19 +159,25 @@ def _plan(layers: list[tuple[str, nn.Module]], inputs: dict[Any, Any], formats: 
         elif formats == ("dense",):
             layer.notes.append("only 'dense' requested")
         else:
-            todo.append((layer, lin, x))
+            plan, why = layer_plan(lin, x)
+            if plan is None:
+                layer.notes.append(f"dense only: {why}")
+            else:
+                if plan.pre_pad is not None:
+                    layer.notes.append(f"forward pads first: reproduced with pre_pad={plan.pre_pad!r}")
+                todo.append((layer, lin, x, plan))
     return choices, todo
 
 
-def _choose(todo: list[tuple[LayerChoice, nn.Module, torch.Tensor]], formats: tuple[str, ...], rtol: float,
+def _choose(todo: list[tuple[LayerChoice, nn.Module, torch.Tensor, LayerPlan]], formats: tuple[str, ...], rtol: float,
             repeats: int, progress: bool) -> tuple[dict[int, nn.Module], set[str]]:
     """Time the candidates of every layer in ``todo``; ``({id(layer): fastest module}, failed formats)``."""
     chosen: dict[int, nn.Module] = {}
     unavailable: set[str] = set()
     with tqdm(todo, desc="accelerate", unit="layer", disable=not progress or not todo, delay=2.0,
               file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
-        for layer, lin, x in bar:
-            cands, notes = build_candidates(lin, formats, x, rtol)
+        for layer, lin, x, plan in bar:
+            cands, notes = build_candidates(lin, formats, x, rtol, plan)
             layer.notes += [f"{fmt}: {why}" for fmt, why in notes.items()]
             unavailable |= {fmt for fmt, why in notes.items() if why.startswith("unavailable")}
             if len(cands) > 1:
@@ -204,16 +218,6 @@ def _check_formats(formats: Any) -> tuple[str, ...]:
     bad = [f for f in out if f not in FORMATS]
     if bad or not out:
         raise ValueError(f"accelerate: formats must be a non-empty subset of {FORMATS}, got {formats!r}")
-    return out
-
-
-def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every distinct ``nn.Linear`` / ``nn.Conv2d`` (and subclass) with a plain weight, in model order."""
-    out = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and isinstance(module.weight, nn.Parameter) \
-                and not hasattr(module, "parametrizations"):
-            out.append((name or "(model)", module))
     return out
 
 
