@@ -28,12 +28,17 @@ class Flow:
     """A traced value: ``shape`` (``None`` for non-tensors), tracked channel ``dim`` and ``atoms``.
 
     ``dim``/``atoms`` are ``None`` when no channel of the tensor is tracked: its
-    shape never changes under pruning.
+    shape never changes under pruning. ``source`` is ``(module path, name)`` when
+    the tensor is a parameter or buffer of the model itself; ``deps`` is
+    ``(atoms, reason)``: atoms to freeze as soon as this value is read (e.g.
+    attention weights averaged over heads).
     """
 
     shape: tuple[int, ...] | None
     dim: int | None = None
     atoms: tuple[int, ...] | None = None
+    source: tuple[str, str] | None = None
+    deps: tuple[tuple[int, ...], str] | None = None
 
     @property
     def tracked(self) -> bool:

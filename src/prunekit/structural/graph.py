@@ -1,27 +1,34 @@
-"""The dependency graph: trace a model, follow its channels, record who owns which slice.
+"""The dependency graph: run a model once, follow its channels, record who owns which slice.
 
-:func:`build_graph` traces the model with ``torch.fx`` (layers with a registered
-surgery, and parameter-free torch layers, stay whole), runs the traced graph on
-the example input, and propagates :class:`~prunekit.structural.flow.Flow`
-values node by node. Layer rules (see :mod:`prunekit.structural.layers`) and op
-rules (:mod:`prunekit.structural.ops`) create atoms, unite them and record
-*members*: ``(module path, parameter, dim, one atom per index)``. Groups of
-coupled units are read from the result (:mod:`prunekit.structural.groups`).
+:func:`build_graph` runs the model's real forward on the example input under a
+``TorchFunctionMode`` that sees every torch function and tensor method, with
+forward hooks on every module: layers with a registered surgery (convolutions,
+linear layers, norms, attention, LSTM, custom layers) and ignored modules run as
+one opaque call, everything else is followed op by op. No symbolic tracing is
+involved, so data-dependent Python control flow (transformers models, vision
+backbones) is fine: the path the example input takes is the one recorded.
+
+Each tensor gets a :class:`~prunekit.structural.flow.Flow`; layer rules (see
+:mod:`prunekit.structural.layers`) and op rules (:mod:`prunekit.structural.ops`)
+create atoms, unite them and record *members*: ``(module path, parameter, dim,
+one atom per index)``. Sizes read from a tracked dim (``x.shape[1]``,
+``x.size(-1) // groups``) come back as :class:`DimInt`, so a reshape written
+with them is known to follow pruning while a literal constant is not.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-import torch.fx as fx
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .flow import Flow, GraphError, UnionFind
 
-__all__ = ["Member", "Context", "DependencyGraph", "build_graph"]
+__all__ = ["Member", "Context", "DependencyGraph", "build_graph", "DimInt", "call_model"]
 
 
 @dataclass(frozen=True)
@@ -34,18 +41,45 @@ class Member:
     atoms: tuple[int, ...]
 
 
+class DimInt(int):
+    """A size read from (or computed from) a tracked channel dim: it follows pruning.
+
+    Example:
+        >>> n = DimInt(12)
+        >>> type(n // 3).__name__, n // 3
+        ('DimInt', 4)
+    """
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+
+def _derived(op: str) -> Callable[..., Any]:
+    base = getattr(int, op)
+
+    def method(self: int, *other: Any) -> Any:
+        result = base(self, *other)
+        return DimInt(result) if type(result) is int else result
+
+    return method
+
+
+for _op in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__",
+            "__rfloordiv__", "__mod__", "__neg__", "__abs__"):
+    setattr(DimInt, _op, _derived(_op))
+
+
 class Context:
     """What a layer's coupling rule sees and may do (see :func:`~prunekit.structural.register_surgery`).
 
     Attributes:
         path: the module's path in the model (``""`` for the model itself).
         module: the module.
-        node: the ``torch.fx`` node of the call.
         value: the module's real output on the example input.
     """
 
-    def __init__(self, graph: "DependencyGraph", node: fx.Node, path: str, module: nn.Module, value: Any) -> None:
-        self.graph, self.node, self.path, self.module, self.value = graph, node, path, module, value
+    def __init__(self, graph: "DependencyGraph", path: str, module: nn.Module, value: Any) -> None:
+        self.graph, self.path, self.module, self.value = graph, path, module, value
 
     def new_atoms(self, n: int) -> tuple[int, ...]:
         """``n`` fresh channels (e.g. a layer's output channels)."""
@@ -101,22 +135,30 @@ class Context:
         """Flow(s) for an output (or output element ``index``) whose shape never changes."""
         return untracked_flow(self.value if index is None else self.value[index])
 
+    def depends(self, atoms: Sequence[int], reason: str, index: int | None = None) -> Flow:
+        """An untracked output that freezes ``atoms`` as soon as anything reads it (or the model returns it)."""
+        value = self.value if index is None else self.value[index]
+        return Flow(tuple(value.shape), deps=(tuple(atoms), f"{self.path or '<model>'}: {reason}"))
+
     def fail(self, message: str) -> None:
         """Raise :class:`GraphError` naming this module and its type."""
         raise GraphError(f"cannot prune through '{self.path}' ({type(self.module).__name__}): {message}")
 
 
 class DependencyGraph:
-    """The traced model: union-find over channel atoms plus member slices.
+    """The recorded model: union-find over channel atoms plus member slices.
 
     Build with :func:`build_graph`. ``members`` lists every recorded slice;
     :meth:`unit_of` maps an atom to its unit (or ``None`` when frozen).
+    ``size_attrs`` lists ``(module path, attribute, atoms)``: an int attribute
+    the forward uses as a size, to be set to the number of kept atoms.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.uf = UnionFind()
         self.members: list[Member] = []
+        self.size_attrs: list[tuple[str, str, tuple[int, ...]]] = []
         self._by_key: dict[tuple[str, str, int], Member] = {}
 
     def add_member(self, member: Member) -> None:
@@ -167,55 +209,57 @@ def flow_leaves(obj: Any) -> list[Flow]:
     return [x for x in leaves if isinstance(x, Flow)]
 
 
-class _Tracer(fx.Tracer):
-    def __init__(self, leaf: Callable[[nn.Module, str], bool]) -> None:
+def call_model(model: nn.Module, example_input: Any) -> Any:
+    """``model(*example_input)``, or ``model(**example_input)`` for a mapping (e.g. tokenizer output)."""
+    if isinstance(example_input, Mapping):
+        return model(**example_input)
+    if isinstance(example_input, torch.Tensor):
+        return model(example_input)
+    return model(*example_input)
+
+
+def check_example_input(fn: str, example_input: Any) -> None:
+    """A tensor, a non-empty tuple/list of tensors, or a mapping of keyword arguments."""
+    if isinstance(example_input, torch.Tensor):
+        return
+    if isinstance(example_input, Mapping):
+        if example_input and all(isinstance(k, str) for k in example_input):
+            return
+    elif isinstance(example_input, (tuple, list)) and example_input and all(
+            isinstance(t, torch.Tensor) for t in example_input):
+        return
+    raise TypeError(f"{fn}: example_input must be a tensor, a non-empty tuple of tensors or a dict of "
+                    "keyword arguments")
+
+
+class _Recorder(TorchFunctionMode):
+    """Hands every torch call made outside an opaque layer to the capture."""
+
+    def __init__(self, capture: Any) -> None:
         super().__init__()
-        self._leaf = leaf
+        self.capture = capture
 
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # noqa: D102
-        return self._leaf(m, qualname) or super().is_leaf_module(m, qualname)
-
-
-def trace(model: nn.Module, leaf: Callable[[nn.Module, str], bool]) -> fx.GraphModule:
-    """``torch.fx`` trace of ``model`` keeping the modules ``leaf(module, path)`` selects whole."""
-    try:
-        graph = _Tracer(leaf).trace(model)
-    except Exception as exc:  # fx raises many types: report one, with the fix
-        raise GraphError(f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
-                         "Data-dependent control flow must sit inside a layer with a registered surgery "
-                         "(prunekit.structural.register_surgery) or a module passed in ignore=") from None
-    return fx.GraphModule(model, graph)
-
-
-class _Runner(fx.Interpreter):
-    """Runs the traced graph on the example input, turning each node into Flows."""
-
-    def __init__(self, gm: fx.GraphModule, propagate: Callable[[fx.Node, Any, Any, Any], Any]) -> None:
-        super().__init__(gm)
-        self.flows: dict[fx.Node, Any] = {}
-        self._propagate = propagate
-
-    def run_node(self, n: fx.Node) -> Any:  # noqa: D102
-        value = super().run_node(n)
-        args = fx.node.map_arg(n.args, lambda a: self.flows[a])
-        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.flows[a])
-        self.flows[n] = self._propagate(n, value, args, kwargs)
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        kwargs = kwargs or {}
+        value = func(*args, **kwargs)
+        if self.capture.opaque == 0:
+            value = self.capture.on_op(func, value, args, kwargs)
         return value
 
 
-def build_graph(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor],
-                ignore: Iterable[str | type] | None = None) -> DependencyGraph:
-    """Trace ``model`` on ``example_input`` and return its :class:`DependencyGraph`.
+def build_graph(model: nn.Module, example_input: Any, ignore: Iterable[str | type] | None = None) -> DependencyGraph:
+    """Run ``model`` on ``example_input`` and return its :class:`DependencyGraph`.
 
     Args:
         model: the model (not modified; run once in eval mode under ``no_grad``).
-        example_input: a tensor or a tuple of tensors, as passed to ``model(...)``.
-        ignore: module paths or types whose channels are never pruned; they are
-            also traced as black boxes, so an unsupported layer can be listed here.
+        example_input: a tensor, a tuple of tensors (``model(*inputs)``) or a
+            dict of keyword arguments (``model(**inputs)``, e.g. ``{"input_ids": ids}``).
+        ignore: module paths or types whose channels are never pruned; they run
+            as black boxes, so an unsupported layer can be listed here.
 
     Raises:
         GraphError: an op or layer the graph cannot follow (the message names
-            the op, the module path and how to register a surgery).
+            the op, the module path and what to pass to skip or register it).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
@@ -223,22 +267,22 @@ def build_graph(model: nn.Module, example_input: torch.Tensor | Sequence[torch.T
         >>> sorted({m.path for m in g.members})
         ['0', '2']
     """
-    from .propagate import Propagator
+    from .propagate import Capture
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"build_graph: model must be an nn.Module, got {type(model).__name__}")
-    inputs = (example_input,) if isinstance(example_input, torch.Tensor) else tuple(example_input)
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise TypeError("build_graph: example_input must be a tensor or a non-empty tuple of tensors")
+    check_example_input("build_graph", example_input)
     graph = DependencyGraph(model)
-    propagator = Propagator(graph, ignore)
-    gm = trace(model, propagator.is_leaf)
-    runner = _Runner(gm, propagator)
+    capture = Capture(graph, ignore)
     was_training = model.training
     model.eval()  # running statistics must not move
+    handles = capture.install()
     try:
-        with torch.no_grad():
-            runner.run(*inputs)
+        with torch.no_grad(), _Recorder(capture):
+            output = call_model(model, example_input)
+        capture.finish(output)
     finally:
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
     return graph
