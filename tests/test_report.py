@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 class Odd(nn.Module):
     def __init__(self):
         super().__init__()
-        self.w = nn.Parameter(torch.ones(3))
+        self.w = nn.Parameter(torch.ones(3, 3))
 
 
 def model():
@@ -76,7 +76,7 @@ def test_to_dict_fields_values_and_json():
     assert [row["name"] for row in d["layers"]] == pruner.names
     first = d["layers"][0]
     assert first == {"name": "0.weight", "layer": "Linear", "shape": [8, 10], "numel": 80, "zeros": 40,
-                     "target": 0.5, "sparsity": 0.5}
+                     "target": 0.5, "aliases": [], "sparsity": 0.5}
     assert d["numel"] == sum(r["numel"] for r in d["layers"]) == 356
     assert d["zeros"] == sum(round(r["numel"] * 0.5) for r in d["layers"]) == 178
     assert d["sparsity"] == 178 / 356

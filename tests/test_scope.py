@@ -241,7 +241,7 @@ def test_unknown_root_with_own_parameters_is_listed_as_root():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.scale = nn.Parameter(torch.ones(3))
+            self.table = nn.Parameter(torch.ones(3, 3))
             self.fc = nn.Linear(3, 3)
 
     scope = resolve_scope(Net())

@@ -13,11 +13,12 @@ from .criteria import OBD, Criterion, Magnitude, Precomputed, Random, ScoreConte
 from .formats import FormatError, export_onnx, load, quantize_int8, save, size_summary
 from .granularity import NM, Blocks, Channels, Granularity, Unstructured
 from .iterative import iterative_prune, round_sparsities
+from .layerspec import WeightSpec, weight_spec
 from .pruner import Pruner, strip
 from .report import LayerSparsity, SparsityReport, sparsity_report
 from .runtime import AccelerationReport, SparseConv2d, SparseLinear, accelerate
 from .schedules import ConstantSparsity, PolynomialDecay, Schedule, schedule_from_dict
-from .scope import prunable_parameter_names, register_prunable
+from .layerspec import prunable_parameter_names, register_prunable
 from .structural import StructuredPruner, apply_shapes, prune_channels, register_surgery
 
 __version__ = "0.1.0"
@@ -46,6 +47,7 @@ __all__ = [
     "SparsityReport",
     "Taylor",
     "Unstructured",
+    "WeightSpec",
     "accelerate",
     "apply_shapes",
     "export_onnx",
@@ -62,4 +64,5 @@ __all__ = [
     "size_summary",
     "sparsity_report",
     "strip",
+    "weight_spec",
 ]

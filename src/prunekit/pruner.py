@@ -351,8 +351,11 @@ class Pruner:
             self.apply_masks()
 
     def _compute_group(self, group: list[_Slot], sparsity: float) -> None:
-        scores = [self._scores(slot) for slot in group]
-        priors = [~slot.pruned if slot.active else None for slot in group]
+        # Granularities see every weight as (out, in, *kernel): N:M groups run along
+        # the inputs and channels are outputs whatever the stored layout (Conv1D, ConvTranspose).
+        specs = [slot.target.spec for slot in group]
+        scores = [spec.canonical(self._scores(slot)) for spec, slot in zip(specs, group)]
+        priors = [spec.canonical(~slot.pruned) if slot.active else None for spec, slot in zip(specs, group)]
         try:
             if len(group) == 1 and not self.granularity.supports_global:
                 keeps = [self.granularity.mask(scores[0], sparsity, priors[0])]
@@ -362,7 +365,9 @@ class Pruner:
             names = ", ".join(f"'{slot.target.name}'" for slot in group)
             raise ValueError(f"cannot prune {names} with {self.granularity!r}: {exc}") from None
         keeps = sync_keeps(keeps)  # DDP: every rank takes rank 0's masks (see prunekit.distributed)
-        for slot, keep in zip(group, keeps):
+        for slot, spec, keep in zip(group, specs, keeps):
+            if keep.dim() == slot.param.dim() >= 2:
+                keep = spec.from_canonical(keep)
             if keep.shape != slot.param.shape or keep.dtype != torch.bool:
                 raise ValueError(f"{self.granularity!r} returned a mask of shape {tuple(keep.shape)} / {keep.dtype} "
                                  f"for '{slot.target.name}' of shape {tuple(slot.param.shape)}; expected bool of that shape")

@@ -26,6 +26,7 @@ class LayerSparsity:
         numel: number of entries.
         zeros: entries that are exactly zero.
         target: the pruner's last target sparsity for it (``None`` without a pruner).
+        aliases: the parameter's other names when it is tied or shared (``lm_head.weight`` ...).
     """
 
     name: str
@@ -34,6 +35,7 @@ class LayerSparsity:
     numel: int
     zeros: int
     target: float | None = None
+    aliases: tuple[str, ...] = ()
 
     @property
     def sparsity(self) -> float:
@@ -65,7 +67,8 @@ class SparsityReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: ``layers`` (list of rows), ``skipped``, and totals."""
-        layers = [{**asdict(r), "shape": list(r.shape), "sparsity": r.sparsity} for r in self.rows]
+        layers = [{**asdict(r), "shape": list(r.shape), "aliases": list(r.aliases), "sparsity": r.sparsity}
+                  for r in self.rows]
         skipped = [{"module": m, "reason": why} for m, why in self.skipped]
         return {"layers": layers, "skipped": skipped, "numel": self.numel, "zeros": self.zeros, "sparsity": self.sparsity}
 
@@ -77,6 +80,7 @@ class SparsityReport:
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += [f"{r.name} is also {', '.join(r.aliases)} (tied)" for r in self.rows if r.aliases]
         lines += [f"skipped {m or '<root>'}: {why}" for m, why in self.skipped]
         return "\n".join(lines)
 
@@ -109,5 +113,5 @@ def sparsity_report(model: nn.Module, pruner: "Pruner | None" = None) -> Sparsit
     for target, goal in items:
         p = target.param
         rows.append(LayerSparsity(target.name, type(target.module).__name__, tuple(p.shape), p.numel(),
-                                  int((p == 0).sum()), goal))
+                                  int((p == 0).sum()), goal, target.aliases[1:]))
     return SparsityReport(rows, list(skipped))

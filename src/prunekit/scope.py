@@ -1,7 +1,7 @@
 """Scope: which parameters of a model are pruned.
 
-A registry maps layer types to the names of their prunable parameters
-(weights; never biases or normalisation parameters). :func:`resolve_scope`
+The layer registry (:mod:`prunekit.layerspec`) says which parameters of each
+layer type are prunable weights and how they are laid out. :func:`resolve_scope`
 walks a model and applies the user's selection:
 
 * ``layers``: ``None`` (the whole model) or a list of selectors;
@@ -14,7 +14,9 @@ matched with ``isinstance``), or a predicate ``(name, module) -> bool``. Names
 and types also select everything inside a matching module (``"encoder"``,
 ``nn.TransformerEncoderLayer``); predicates are asked about each module alone.
 Layers of unknown types are skipped and reported, unless the user named them
-by exact name or type, which is an error.
+by exact name or type, which is an error. A tied or shared parameter is one
+target with all its names (``aliases``): a selector, exclusion or override
+that names any of them applies to it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any, Callable, Mapping, Sequence, Union
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .layerspec import _REGISTRY, DEFAULT_SPEC, POSITION_MODULES, WeightSpec, declared_specs, prunable_parameter_names, register_prunable
+
 __all__ = [
     "register_prunable",
     "prunable_parameter_names",
@@ -36,60 +40,6 @@ __all__ = [
 ]
 
 Selector = Union[str, type, Callable[[str, nn.Module], bool]]
-ParamSpec = Union[Sequence[str], Callable[[nn.Module], Sequence[str]]]
-
-_REGISTRY: dict[type, ParamSpec] = {}
-
-
-def register_prunable(module_type: type, params: ParamSpec) -> None:
-    """Declare which parameters of ``module_type`` (and its subclasses) may be pruned.
-
-    Args:
-        module_type: an ``nn.Module`` subclass.
-        params: parameter names, or a function ``module -> names`` for layers
-            whose parameter names depend on configuration. An empty list
-            marks a layer as known but never pruned (like normalisation layers).
-
-    Example:
-        >>> class Gate(nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.kernel = nn.Parameter(torch.randn(4, 4))
-        >>> register_prunable(Gate, ["kernel"])
-    """
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(f"register_prunable: module_type must be an nn.Module subclass, got {module_type!r}")
-    if isinstance(params, str) or not (callable(params) or isinstance(params, Sequence)):
-        raise TypeError("register_prunable: params must be a list of parameter names or a callable module -> names")
-    if not callable(params) and not all(isinstance(p, str) for p in params):
-        raise TypeError(f"register_prunable: params must contain only strings, got {list(params)!r}")
-    _REGISTRY[module_type] = params if callable(params) else tuple(params)
-
-
-def prunable_parameter_names(module: nn.Module) -> list[str] | None:
-    """Names of ``module``'s own prunable parameters, or ``None`` if its type is unknown.
-
-    The most specific registered class in the module's MRO wins, so a
-    registration for a subclass overrides the one for its base.
-
-    Example:
-        >>> prunable_parameter_names(nn.Linear(2, 3))
-        ['weight']
-        >>> prunable_parameter_names(nn.LayerNorm(3))
-        []
-    """
-    names = _declared_names(module)
-    if names is None:
-        return None
-    return [n for n in names if isinstance(getattr(module, n, None), nn.Parameter)]
-
-
-def _declared_names(module: nn.Module) -> list[str] | None:
-    for cls in type(module).__mro__:
-        spec = _REGISTRY.get(cls)
-        if spec is not None:
-            return list(spec(module) if callable(spec) else spec)
-    return None
 
 
 def _parametrized_names(module: nn.Module) -> list[str]:
@@ -97,32 +47,7 @@ def _parametrized_names(module: nn.Module) -> list[str]:
     # `original` would not make the weight zero (weight norm, orthogonal, ...).
     if not parametrize.is_parametrized(module):
         return []
-    return [n for n in (_declared_names(module) or []) if parametrize.is_parametrized(module, n)]
-
-
-def _rnn_weights(module: nn.Module) -> list[str]:
-    return [n for n in module._flat_weights_names if n.startswith("weight_")]
-
-
-def _mha_weights(module: nn.Module) -> list[str]:
-    if module.in_proj_weight is not None:
-        return ["in_proj_weight"]
-    return ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
-
-
-def _register_defaults() -> None:
-    for cls in (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag):
-        register_prunable(cls, ["weight"])
-    register_prunable(nn.RNNBase, _rnn_weights)
-    register_prunable(nn.RNNCellBase, ["weight_ih", "weight_hh"])
-    register_prunable(nn.MultiheadAttention, _mha_weights)
-    never = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.PReLU,
-             parametrize.ParametrizationList)  # reported on the layer that owns the parametrization
-    for cls in never:
-        register_prunable(cls, [])
-
-
-_register_defaults()
+    return [n for n in (declared_specs(module) or {}) if parametrize.is_parametrized(module, n)]
 
 
 @dataclass(frozen=True)
@@ -135,6 +60,8 @@ class Target:
         module: the owning module.
         param_name: attribute name on the module.
         override: the user's per-layer sparsity override (a float or a schedule), if any.
+        spec: the weight's layout (output and input axes), see :class:`~prunekit.layerspec.WeightSpec`.
+        aliases: every name of the parameter, ``name`` first (more than one when it is tied or shared).
     """
 
     name: str
@@ -142,6 +69,8 @@ class Target:
     module: nn.Module
     param_name: str
     override: Any = None
+    spec: WeightSpec = DEFAULT_SPEC
+    aliases: tuple[str, ...] = ()
 
     @property
     def param(self) -> nn.Parameter:
@@ -203,7 +132,8 @@ def resolve_scope(
         overrides: ``{pattern: value}``; the value is attached to each matched target.
 
     Returns:
-        A :class:`Scope`. Tied parameters appear once, under their first name.
+        A :class:`Scope`. A tied or shared parameter appears once, under its first
+        name, with every name in ``Target.aliases``.
 
     Raises:
         TypeError: a selector of the wrong kind.
@@ -221,27 +151,64 @@ def resolve_scope(
     exclude = _check_selectors("exclude", exclude)
     overrides = _check_overrides(overrides)
     used: set[tuple[str, int]] = set()
-    scope, seen, by_name = Scope(), set(), {}
-    for module_name, module in model.named_modules():
-        by_name[module_name] = module
-        names = prunable_parameter_names(module)
-        if names is None:
-            _handle_unknown(scope, module_name, module, layers, used)
+    scope = Scope()
+    for places in _weights_by_identity(model, scope, layers, used):
+        if not _selected(places, layers, exclude, used):
             continue
-        ancestors = _ancestors(module_name, by_name)
-        for pname in _parametrized_names(module):
-            scope.skipped.append((module_name, f"'{pname}' is parametrized (torch.nn.utils.parametrize); "
-                                               "remove the parametrization to prune it"))
-        for pname in names:
-            param = getattr(module, pname)
-            full = f"{module_name}.{pname}" if module_name else pname
-            if id(param) in seen or not _selected(module_name, full, module, ancestors, layers, exclude, used):
-                continue
-            seen.add(id(param))
-            override = _find_override(full, module_name, module, ancestors, overrides, used)
-            scope.targets.append(Target(full, module_name, module, pname, override))
+        override = _find_override(places, overrides, used)
+        first = places[0]
+        aliases = tuple(p.full for p in places)
+        scope.targets.append(Target(first.full, first.module_name, first.module, first.param_name, override,
+                                    first.spec, aliases))
     _check_all_used(layers, exclude, overrides, used)
     return scope
+
+
+@dataclass(frozen=True)
+class _Place:
+    """One name under which a prunable weight is reachable."""
+
+    full: str
+    module_name: str
+    module: nn.Module
+    param_name: str
+    spec: WeightSpec
+    ancestors: tuple[tuple[str, nn.Module], ...]
+
+
+def _weights_by_identity(model, scope, layers, used) -> list[list[_Place]]:
+    # Tied weights (an embedding shared with an output head) are one parameter
+    # reached under several names: group them, in model order of first sight.
+    groups: dict[int, list[_Place]] = {}
+    by_name: dict[str, nn.Module] = {}
+    seen_modules: set[int] = set()
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        first_sight = id(module) not in seen_modules
+        seen_modules.add(id(module))
+        by_name[module_name] = module
+        specs = declared_specs(module)
+        names = prunable_parameter_names(module)
+        if names is None:
+            if first_sight:
+                _handle_unknown(scope, module_name, module, layers, used)
+            continue
+        ancestors = tuple(_ancestors(module_name, by_name))
+        if first_sight:
+            for pname in _parametrized_names(module):
+                scope.skipped.append((module_name, f"'{pname}' is parametrized (torch.nn.utils.parametrize); "
+                                                   "remove the parametrization to prune it"))
+        if names and _is_position_table(module_name, module) and not _named_explicitly(module_name, module, layers):
+            if first_sight:
+                scope.skipped.append((module_name, "position / token-type embedding, never pruned by default "
+                                                   f"(name '{module_name}' in layers= to prune it)"))
+            continue
+        for pname in names:
+            full = f"{module_name}.{pname}" if module_name else pname
+            places = groups.setdefault(id(getattr(module, pname)), [])
+            if all(p.full != full for p in places):
+                spec = (specs or {}).get(pname, DEFAULT_SPEC)
+                places.append(_Place(full, module_name, module, pname, spec, ancestors))
+    return list(groups.values())
 
 
 def _check_overrides(overrides: Any) -> dict[str, Any] | None:
@@ -264,26 +231,37 @@ def _ancestors(module_name: str, by_name: dict[str, nn.Module]) -> list[tuple[st
     return [(p, by_name[p]) for p in prefixes if p in by_name]
 
 
-def _selected(module_name, full, module, ancestors, layers, exclude, used) -> bool:
-    chosen = layers is None
-    for i, sel in enumerate(layers or ()):
-        if _matches(sel, module_name, full, module, ancestors):
-            used.add(("layers", i))
-            chosen = True
-    if not chosen:
+def _is_position_table(module_name: str, module: nn.Module) -> bool:
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module_name.rsplit(".", 1)[-1] in POSITION_MODULES
+
+
+def _named_explicitly(module_name: str, module: nn.Module, layers) -> bool:
+    return any(_is_explicit(sel) and _matches(sel, module_name, None, module) for sel in layers or ())
+
+
+def _selected(places: list[_Place], layers, exclude, used) -> bool:
+    def hits(selectors):
+        return [i for i, sel in enumerate(selectors or ())
+                if any(_matches(sel, p.module_name, p.full, p.module, p.ancestors) for p in places)]
+
+    chosen = hits(layers)
+    used.update(("layers", i) for i in chosen)
+    if layers is not None and not chosen:
         return False
-    hit = [i for i, sel in enumerate(exclude or ()) if _matches(sel, module_name, full, module, ancestors)]
-    used.update(("exclude", i) for i in hit)
-    return not hit
+    excluded = hits(exclude)
+    used.update(("exclude", i) for i in excluded)
+    return not excluded
 
 
-def _find_override(full, module_name, module, ancestors, overrides, used) -> Any:
+def _find_override(places: list[_Place], overrides, used) -> Any:
     if not overrides:
         return None
-    hits = [(i, key) for i, key in enumerate(overrides) if _matches(key, module_name, full, module, ancestors)]
+    hits = [(i, key) for i, key in enumerate(overrides)
+            if any(_matches(key, p.module_name, p.full, p.module, p.ancestors) for p in places)]
     if len(hits) > 1:
         keys = [key for _, key in hits]
-        raise ValueError(f"overrides: parameter '{full}' is matched by several patterns {keys}; make them disjoint")
+        names = " / ".join(f"'{p.full}'" for p in places)
+        raise ValueError(f"overrides: parameter {names} is matched by several patterns {keys}; make them disjoint")
     if not hits:
         return None
     used.add(("overrides", hits[0][0]))
