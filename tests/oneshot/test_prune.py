@@ -142,7 +142,7 @@ def test_result_saves_and_loads(tmp_path):
         assert torch.equal(p, q), n
 
 
-def test_find_blocks_picks_the_list_with_most_linears():
+def test_find_blocks_takes_lists_of_composite_blocks():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -150,13 +150,13 @@ def test_find_blocks_picks_the_list_with_most_linears():
             self.mixed = nn.ModuleList([nn.Linear(2, 2), nn.ReLU()])
             self.big = nn.ModuleList(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)) for _ in range(2))
 
-    assert find_blocks(Net())[0] == "big" and find_blocks(nn.Linear(2, 2)) is None
+    assert [name for name, _ in find_blocks(Net())] == ["big"] and find_blocks(nn.Linear(2, 2)) == []
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"method": "obs"}, ValueError, "method"),
     ({"sparsity": "3:2"}, ValueError, "n must be < m"),
-    ({"layers": "nothing.*"}, ValueError, "no Linear layer matches 'nothing"),
+    ({"layers": "nothing.*"}, ValueError, "no prunable layer .* matches 'nothing"),
     ({"layers": "head"}, ValueError, "outside the blocks"),
     ({"blocks": "embed"}, ValueError, "ModuleList"),
     ({"blocks": "missing"}, ValueError, "not a submodule"),

@@ -1,26 +1,26 @@
-"""Calibration: feed inputs to a model, find its block list, capture block inputs, gather layer statistics.
+"""Calibration: feed inputs to a model (without a KV cache), gather layer statistics.
 
-The statistic of a ``Linear`` layer is the Gram matrix ``H = X Xᵀ / tokens`` of
-its inputs (``X``: one column per token, every leading dimension flattened),
-accumulated in float64. Its diagonal gives Wanda's squared input norms; the
+The statistic of a layer is the Gram matrix ``H = X Xᵀ / rows`` of its inputs
+as rows of its matrix problem (``X``: one column per token, every leading
+dimension flattened; for a convolution one column per output position, its
+im2col patch), accumulated in float64. Its diagonal gives Wanda's squared input norms; the
 whole matrix is SparseGPT's Hessian and measures the reconstruction error of
-any pruned weight. Memory: ``in_features²`` float64 per hooked layer.
+any pruned weight. Memory: ``(in·k)²`` float64 per hooked layer (per group).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+import inspect
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = [
-    "GramAccumulator", "call_model", "capture_block_inputs", "find_blocks", "first_output", "gather_grams",
-    "replace_hidden", "to_device",
-]
+from .layers import Layer
 
-BlockInput = tuple[tuple[Any, ...], dict[str, Any]]
+__all__ = ["GramAccumulator", "call_model", "cache_disabled", "gather_grams", "to_device"]
 
 
 def to_device(sample: Any, device: torch.device) -> Any:
@@ -34,22 +34,84 @@ def to_device(sample: Any, device: torch.device) -> Any:
     return sample
 
 
+_CACHE_ARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
+
+
+def _accepts_use_cache(model: nn.Module) -> bool:
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def call_model(model: nn.Module, sample: Any) -> Any:
     """``model(**sample)`` for a mapping, ``model(*sample)`` for a tuple/list, else ``model(sample)``.
+
+    A model whose forward takes ``use_cache`` gets ``use_cache=False``: calibration
+    never builds a KV cache, so no cache captured in a block's inputs can carry
+    keys from one calibration call into the next.
+
+    Raises:
+        ValueError: a sample carries a cache (``past_key_values=``/``cache=``).
 
     Example:
         >>> call_model(nn.Identity(), torch.ones(2)).tolist()
         [1.0, 1.0]
     """
+    extra = {"use_cache": False} if _accepts_use_cache(model) else {}
     if isinstance(sample, Mapping):
-        return model(**sample)
+        given = [k for k in _CACHE_ARGS if sample.get(k) is not None]
+        if given:
+            raise ValueError(f"prune_oneshot: calibration samples must not carry a cache ({given[0]}=...): "
+                             "calibration runs each sample from scratch; drop it from the samples")
+        return model(**{**sample, **extra})
     if isinstance(sample, (list, tuple)):
-        return model(*sample)
-    return model(sample)
+        return model(*sample, **extra)
+    return model(sample, **extra)
+
+
+@contextlib.contextmanager
+def cache_disabled(model: nn.Module) -> Iterator[None]:
+    """Set ``use_cache = False`` on every config object of ``model``'s modules, restore the values afterwards.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> with cache_disabled(net):
+        ...     pass
+    """
+    saved: list[tuple[Any, Any]] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        for cfg in _configs(config):
+            if id(cfg) not in seen and hasattr(cfg, "use_cache"):
+                seen.add(id(cfg))
+                saved.append((cfg, cfg.use_cache))
+                cfg.use_cache = False
+    try:
+        yield
+    finally:
+        for cfg, value in saved:
+            cfg.use_cache = value
+
+
+def _configs(config: Any) -> list[Any]:
+    """A config and its nested sub-configs (``text_config``, ``decoder``, …), for composite models."""
+    if config is None or not hasattr(config, "to_dict"):
+        return []
+    found = [config]
+    for value in vars(config).values():
+        if hasattr(value, "to_dict") and hasattr(value, "use_cache") and value is not config:
+            found.append(value)
+    return found
 
 
 class GramAccumulator:
-    """Forward hook summing ``X Xᵀ`` over the tokens a ``Linear`` layer sees.
+    """Forward hook summing ``X Xᵀ`` over the rows of a layer's matrix problem (tokens, or conv patches).
+
+    The first call also checks that the layer computes ``rows(x) @ M.T + b``
+    (:meth:`Layer.verify`), so a layer whose forward does something else is refused.
+    A grouped convolution gets one Gram matrix per group: ``(groups, in·k, in·k)``.
 
     Example:
         >>> layer = nn.Linear(3, 2)
@@ -59,106 +121,33 @@ class GramAccumulator:
         ([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], 4)
     """
 
-    def __init__(self, layer: nn.Linear) -> None:
-        self.sum = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64,
-                               device=layer.weight.device)
+    def __init__(self, layer: nn.Module | Layer, name: str = "") -> None:
+        self.layer = layer if isinstance(layer, Layer) else Layer.of(name or type(layer).__name__, layer)
+        d = self.layer.columns
+        self.sum = torch.zeros(self.layer.groups, d, d, dtype=torch.float64, device=self.layer.weight.device)
         self.tokens = 0
-        self._handle = layer.register_forward_hook(self._hook)
+        self._handle = self.layer.module.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-        self.sum.addmm_(x.t(), x)
+        if self.tokens == 0:
+            self.layer.verify(args, output)
+        x = self.layer.input_rows(args).double()
+        x = x.reshape(x.shape[0], self.layer.groups, -1)
+        self.sum.add_(torch.einsum("tgi,tgj->gij", x, x))
         self.tokens += x.shape[0]
 
     def gram(self) -> torch.Tensor:
-        """The mean ``X Xᵀ`` over tokens (zeros if the layer saw none)."""
-        return self.sum / max(self.tokens, 1)
+        """The mean ``X Xᵀ`` over rows (zeros if the layer saw none): ``(in, in)``, or ``(groups, in, in)``."""
+        mean = self.sum / max(self.tokens, 1)
+        return mean[0] if self.layer.groups == 1 else mean
 
     def remove(self) -> None:
         """Detach the hook."""
         self._handle.remove()
 
 
-def _linear_count(module: nn.Module) -> int:
-    return sum(isinstance(m, nn.Linear) for m in module.modules())
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The model's repeated blocks: the ``ModuleList`` of same-type modules holding the most ``Linear`` layers.
-
-    For a Hugging Face BERT this is ``encoder.layer``; for a GPT-2 ``h``.
-    ``None`` if no such list exists.
-
-    Example:
-        >>> class Net(nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.layers = nn.ModuleList(nn.Sequential(nn.Linear(4, 4)) for _ in range(2))
-        >>> find_blocks(Net())[0]
-        'layers'
-    """
-    best: tuple[str, nn.ModuleList] | None = None
-    best_count = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(m) for m in module}) != 1 or _linear_count(module[0]) == 0:
-            continue
-        count = _linear_count(module)
-        if count > best_count:
-            best, best_count = (name, module), count
-    return best
-
-
-class _Stop(Exception):
-    """Raised by the capture hook to end a forward pass at the first block."""
-
-
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first: nn.Module, calibration: Iterable[Any]) -> list[BlockInput]:
-    """The ``(args, kwargs)`` the block ``first`` receives for each calibration sample.
-
-    The forward pass of each sample stops as soon as ``first`` is reached, so
-    nothing after it runs.
-    """
-    captured: list[BlockInput] = []
-
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append((tuple(args), dict(kwargs)))
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for sample in calibration:
-            try:
-                call_model(model, sample)
-            except _Stop:
-                continue
-            raise ValueError("prune_oneshot: a calibration sample ran through the model without reaching its "
-                             "first block; pass blocks=False to calibrate all Linear layers in one pass")
-    finally:
-        handle.remove()
-    return captured
-
-
-def first_output(output: Any) -> torch.Tensor:
-    """A block's hidden states: the output itself, or the first element of a tuple/list."""
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def replace_hidden(inputs: BlockInput, hidden: torch.Tensor) -> BlockInput:
-    """``inputs`` with the hidden states (first positional argument, else ``hidden_states=``) replaced."""
-    args, kwargs = inputs
-    if args:
-        return (hidden, *args[1:]), kwargs
-    if "hidden_states" in kwargs:
-        return args, {**kwargs, "hidden_states": hidden}
-    raise ValueError("prune_oneshot: cannot tell which input of the block is its hidden state (no positional "
-                     "argument and no 'hidden_states' keyword); pass blocks=False")
-
-
-@torch.no_grad()
-def gather_grams(run: Any, layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+def gather_grams(run: Any, layers: dict[str, Layer]) -> dict[str, torch.Tensor]:
     """Hook ``layers``, call ``run()`` (which feeds calibration data through them), return their mean Gram matrices."""
     accumulators = {name: GramAccumulator(layer) for name, layer in layers.items()}
     try:
@@ -168,6 +157,7 @@ def gather_grams(run: Any, layers: dict[str, nn.Linear]) -> dict[str, torch.Tens
             acc.remove()
     empty = [name for name, acc in accumulators.items() if acc.tokens == 0]
     if empty:
-        raise ValueError(f"prune_oneshot: the calibration data never reached {', '.join(empty)}; "
-                         "exclude these layers or check the inputs")
+        raise ValueError(f"prune_oneshot: the calibration data never reached {', '.join(empty)} (their forward "
+                         "was never called, e.g. a weight used through a functional call); pass "
+                         f"exclude={empty!r} or check the inputs")
     return {name: acc.gram() for name, acc in accumulators.items()}

@@ -1,12 +1,12 @@
-"""``prune_oneshot``: prune a pretrained model's ``Linear`` layers from calibration data, block by block."""
+"""``prune_oneshot``: prune a pretrained model's Linear/Conv layers from calibration data, block by block."""
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
+import math
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -15,9 +15,10 @@ from torch import nn
 from tqdm import tqdm
 
 from .._validate import check_choice
-from .calibration import (
-    call_model, capture_block_inputs, find_blocks, first_output, gather_grams, replace_hidden, to_device,
-)
+from .blocks import BlockFeeder, Inputs, resolve_blocks
+from .calibration import cache_disabled, call_model, gather_grams, to_device
+from .layers import Layer, UnsupportedLayer
+from .select import Selection, globs, select_layers
 from .solvers import Target, check_sparsegpt_args, magnitude_prune, relative_error, sparsegpt_prune, wanda_prune
 
 __all__ = ["METHODS", "LayerResult", "OneShotReport", "prune_oneshot"]
@@ -30,21 +31,24 @@ class LayerResult:
     """One pruned layer.
 
     Attributes:
-        name: the ``Linear`` module's name (its weight is ``name + ".weight"``).
-        shape: the weight's shape ``(out, in)``.
+        name: the module's name (its weight is ``name + ".weight"``).
+        shape: the weight's stored shape (``(out, in)`` for Linear, ``(in, out)`` for
+            transformers ``Conv1D``, ``(out, in/groups, *kernel)`` for convolutions).
         target: the target, ``"0.5"`` or ``"2:4"``.
         sparsity: the fraction of the weight that is now exactly zero.
         error: ``‖(W − Ŵ)X‖²_F / ‖WX‖²_F`` on the calibration inputs the layer saw
             (``None`` without calibration data).
         seconds: time of the solver (mask and weight update) for this layer.
+        aliases: every name of the weight when it is tied/shared (else empty).
     """
 
     name: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     target: str
     sparsity: float
     error: float | None
     seconds: float
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass
@@ -53,10 +57,15 @@ class OneShotReport:
 
     Attributes:
         method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
-        blocks: name of the block list processed in order, or ``None`` (one pass).
+        blocks: the block lists processed in order (``"encoder.block, decoder.block"``),
+            or ``None`` (one pass).
         samples: calibration samples used.
         layers: one :class:`LayerResult` per pruned layer, in processing order.
-        skipped: ``Linear`` layers left dense because they lie outside the blocks.
+        skipped: selected layers left dense (outside the blocks, tied embeddings).
+        reasons: ``{skipped layer: why}``.
+        full_captures: blocks whose inputs came from a forward of the whole partly
+            pruned model (the first block, a decoder's first block, ...); every other
+            block was re-run on its predecessor's pruned outputs.
         seconds: wall time of the whole call (calibration passes included).
     """
 
@@ -65,13 +74,15 @@ class OneShotReport:
     samples: int
     layers: list[LayerResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+    full_captures: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def sparsity(self) -> float:
         """Fraction of zeros over all pruned weights."""
-        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
-        return sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers) / total if total else 0.0
+        total = sum(math.prod(r.shape) for r in self.layers)
+        return sum(r.sparsity * math.prod(r.shape) for r in self.layers) / total if total else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -86,22 +97,37 @@ class OneShotReport:
         return "\n".join(lines)
 
 
+
+BlockObserver = Callable[[str, list[Inputs]], None]
+
+
 def prune_oneshot(model: nn.Module, calibration: Iterable[Any] | None, *, method: str = "wanda",
                   sparsity: float | str | Mapping[str, float | str] = 0.5,
-                  layers: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-                  blocks: str | bool | None = None, percdamp: float = 0.01, blocksize: int = 128,
-                  progress: bool | None = None) -> OneShotReport:
-    """Prune ``model``'s ``Linear`` weights in place, one shot, from calibration data.
+                  layers: str | list[str] | None = None, exclude: str | list[str] | None = None,
+                  blocks: str | bool | list[str | nn.Module] | None = None, percdamp: float = 0.01,
+                  blocksize: int = 128, progress: bool | None = None,
+                  on_block_inputs: BlockObserver | None = None) -> OneShotReport:
+    """Prune ``model``'s Linear / ``Conv1D`` / Conv weights in place, one shot, from calibration data.
 
-    With blocks (found automatically, e.g. ``encoder.layer`` of a BERT), the
-    inputs of the first block are captured once; then for each block its
-    ``Linear`` layers collect input statistics over all samples, are pruned, and
-    the block is run again **with the pruned weights** to give the next block its
-    inputs. Memory holds one block's activations for all samples. All ``Linear``
-    layers of a block see the same (block-input) pass; ``Linear`` layers outside
-    the blocks (a BERT's pooler) stay dense and are listed in ``skipped``.
-    Without blocks (none found, or ``blocks=False``) every ``Linear`` is hooked in
-    one pass of the dense model and then pruned (no propagation of pruned outputs).
+    With blocks (found by structure: GPT-2's ``transformer.h``, Llama's
+    ``model.layers``, BERT's ``encoder.layer``, T5's ``encoder.block`` then
+    ``decoder.block``, a CNN's stages), each block in turn gathers its layers'
+    input statistics over all samples, is pruned, and is then run **with the
+    pruned weights** to give the next block its inputs: every block is
+    calibrated on exactly what the final pruned model feeds it, whatever the
+    model does with attention masks, position ids, rotary embeddings or
+    position biases (see :mod:`prunekit.oneshot.blocks`). The KV cache is off
+    during calibration (``use_cache=False``, config restored afterwards). All
+    layers of a block see the same (block-input) pass; layers outside the blocks
+    (a BERT's pooler, the LM head) stay dense and are listed in ``skipped``.
+    Without blocks (``blocks=False``) every layer is hooked in one pass of the
+    dense model and then pruned (no propagation of pruned outputs).
+
+    Each layer is solved on its ``(out, in·k)`` matrix: a ``Conv1D`` weight
+    (stored ``(in, out)``) transposed, a convolution's weight flattened with its
+    im2col inputs (grouped convolutions per group). N:M groups run along the
+    inputs of that matrix; Wanda compares within output rows. A weight tied to an
+    input embedding is never pruned unless ``layers`` names it exactly.
 
     Pruned weights become exact zeros in the model's own parameters: no wrappers,
     the same ``state_dict`` keys. The model runs in eval mode during calibration
@@ -118,22 +144,27 @@ def prune_oneshot(model: nn.Module, calibration: Iterable[Any] | None, *, method
             ``m`` consecutive inputs, :class:`prunekit.NM`), or a mapping
             ``{name_glob: sparsity}``: each layer takes its first matching glob, layers
             matching none stay dense.
-        layers: glob(s) over module names to prune (default: every ``Linear``).
+        layers: glob(s) over module names to prune (default: every Linear/Conv).
         exclude: glob(s) over module names never pruned.
-        blocks: ``None`` (find them), the dotted name of a ``ModuleList``, or ``False`` (one pass).
+        blocks: ``None`` (find them), ``False`` (one pass), the name of a
+            ``ModuleList``/``Sequential`` (its children are the blocks), or a list of
+            module names / modules (the blocks; a ``ModuleList`` stands for its children).
         percdamp: SparseGPT damping, ``λ = percdamp·mean(diag H)``.
         blocksize: SparseGPT columns per lazy-update block.
-        progress: a tqdm bar over layers (``None``: only on a terminal).
+        progress: a tqdm bar over blocks (``None``: only on a terminal).
+        on_block_inputs: called as ``on_block_inputs(block name, [(args, kwargs) per
+            sample])`` with the inputs each block is calibrated on (checks, debugging).
 
     Returns:
         The :class:`OneShotReport`.
 
     Raises:
-        ValueError / TypeError: a bad argument (the message names it).
+        ValueError / TypeError: a bad argument, no blocks found, or a layer one-shot
+            cannot solve (the message names the module and what to pass to skip it).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
-        >>> report = prune_oneshot(net, [torch.randn(16, 8)], method="sparsegpt", sparsity="2:4")
+        >>> report = prune_oneshot(net, [torch.randn(16, 8)], method="sparsegpt", sparsity="2:4", blocks=False)
         >>> [r.sparsity for r in report.layers]
         [0.5, 0.5]
     """
@@ -141,69 +172,62 @@ def prune_oneshot(model: nn.Module, calibration: Iterable[Any] | None, *, method
     method = check_choice("prune_oneshot", "method", method, METHODS)
     if not isinstance(model, nn.Module):
         raise TypeError(f"prune_oneshot: model must be an nn.Module, got {type(model).__name__}")
-    targets = _select_targets(model, sparsity, _globs("layers", layers), _globs("exclude", exclude))
-    if method == "sparsegpt":  # checked before any calibration pass runs
-        for target in {t for _, t in targets.values()}:
-            check_sparsegpt_args(blocksize, percdamp, target)
+    explicit = layers is not None
+    selection = select_layers(model, sparsity, globs("layers", layers), globs("exclude", exclude))
+    _check_targets(selection, method, blocksize, percdamp)
     samples = _samples(model, calibration, method)
-    block_info = _resolve_blocks(model, blocks)
-    report = OneShotReport(method, block_info[0] if block_info else None, len(samples or []))
-    solve = _solver(method, percdamp, blocksize, report)
+    block_list = None if samples is None else resolve_blocks(model, blocks)
+    report = OneShotReport(method, _describe(model, block_list), len(samples or []))
+    report.skipped, report.reasons = list(selection.left), dict(selection.left)
+    solve = _solver(method, percdamp, blocksize, report, selection.aliases)
     show = sys.stderr.isatty() if progress is None else bool(progress)
-    with _eval_mode(model), torch.no_grad(), tqdm(total=len(targets), desc=f"prune_oneshot[{method}]",
-                                                  unit="layer", disable=not show, file=sys.stderr) as bar:
-        if samples is None:
-            for name, (layer, target) in targets.items():
-                solve(name, layer, target, None)
-                bar.update()
-        elif block_info:
-            _by_block(model, block_info[1], targets, samples, solve, bar, report, explicit=layers is not None)
+    with _eval_mode(model), cache_disabled(model), torch.no_grad():
+        if block_list is not None:
+            _by_block(model, block_list, selection, samples, solve, report, explicit, show, on_block_inputs)
         else:
-            _one_pass(model, targets, samples, solve, bar)
+            _raise_unsupported(selection.unsupported)
+            with tqdm(total=len(selection.targets), desc=f"prune_oneshot[{method}]", unit="layer",
+                      disable=not show, file=sys.stderr) as bar:
+                _one_pass(model, selection.targets, samples, solve, bar)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _globs(name: str, value: Any) -> list[str] | None:
-    if value is None:
+def _check_targets(selection: Selection, method: str, blocksize: int, percdamp: float) -> None:
+    """Checks that need no calibration: SparseGPT arguments, N:M divisibility of each layer's inputs."""
+    for name, (layer, target) in selection.targets.items():
+        if method == "sparsegpt":
+            check_sparsegpt_args(blocksize, percdamp, target)
+        if target.nm is not None and layer.columns % target.nm.m:
+            raise ValueError(
+                f"prune_oneshot: {target} at '{name}' ({type(layer.module).__name__}) needs its inputs per output "
+                f"(in·k = {layer.columns}) to be a multiple of {target.nm.m}; pass exclude=[{name!r}] or give it "
+                f"another target with sparsity={{{name!r}: ...}}")
+
+
+def _raise_unsupported(unsupported: dict[str, str]) -> None:
+    if unsupported:
+        raise UnsupportedLayer(next(iter(unsupported.values())) +
+                               (f" (and {len(unsupported) - 1} more: {', '.join(list(unsupported)[1:])})"
+                                if len(unsupported) > 1 else ""))
+
+
+def _describe(model: nn.Module, blocks: list[tuple[str, nn.Module]] | None) -> str | None:
+    """Block names, with whole lists written as the list's name (``encoder.layer``)."""
+    if blocks is None:
         return None
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, Sequence) or not all(isinstance(g, str) for g in items):
-        raise TypeError(f"prune_oneshot: {name} must be a glob string or a list of them, got {value!r}")
-    return list(items)
-
-
-def _match(name: str, globs: list[str]) -> str | None:
-    return next((g for g in globs if fnmatch.fnmatchcase(name, g)), None)
-
-
-def _select_targets(model: nn.Module, sparsity: Any, layers: list[str] | None,
-                    exclude: list[str] | None) -> dict[str, tuple[nn.Linear, Target]]:
-    """``{module name: (Linear, Target)}`` for every layer to prune."""
-    if isinstance(sparsity, Mapping):
-        if not sparsity or not all(isinstance(k, str) for k in sparsity):
-            raise TypeError("prune_oneshot: a sparsity mapping must be non-empty with glob-string keys, "
-                            f"got {sparsity!r}")
-        per_glob = {g: Target.parse(v, f"sparsity[{g!r}]") for g, v in sparsity.items()}
-    else:
-        per_glob = {"*": Target.parse(sparsity)}
-    used: set[str] = set()
-    targets = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        groups = (layers or ["*"], exclude or [], list(per_glob))
-        used.update(g for globs in groups for g in globs if fnmatch.fnmatchcase(name, g))
-        hits = [_match(name, globs) for globs in groups]
-        if hits[0] and not hits[1] and hits[2] and per_glob[hits[2]].fraction > 0:
-            targets[name] = (module, per_glob[hits[2]])
-    unused = [g for g in (layers or []) + (exclude or []) + (list(per_glob) if isinstance(sparsity, Mapping) else [])
-              if g not in used]
-    if unused:
-        raise ValueError(f"prune_oneshot: no Linear layer matches {', '.join(map(repr, unused))}")
-    if not targets:
-        raise ValueError("prune_oneshot: nothing to prune (no Linear layer selected with a sparsity > 0)")
-    return targets
+    parts: list[str] = []
+    modules = dict(model.named_modules())
+    chosen = {name for name, _ in blocks}
+    for name, _ in blocks:
+        parent = name.rpartition(".")[0]
+        container = modules.get(parent)
+        whole = (isinstance(container, (nn.ModuleList, nn.Sequential)) and
+                 all(f"{parent}.{c}" if parent else c in chosen for c, _ in container.named_children()))
+        label = parent if whole and parent else name
+        if not parts or parts[-1] != label:
+            parts.append(label)
+    return ", ".join(parts)
 
 
 def _samples(model: nn.Module, calibration: Any, method: str) -> list[Any] | None:
@@ -221,23 +245,6 @@ def _samples(model: nn.Module, calibration: Any, method: str) -> list[Any] | Non
     return samples
 
 
-def _resolve_blocks(model: nn.Module, blocks: Any) -> tuple[str, nn.ModuleList] | None:
-    if blocks is None:
-        return find_blocks(model)
-    if blocks is False:
-        return None
-    if not isinstance(blocks, str):
-        raise TypeError(f"prune_oneshot: blocks must be None, False or a module name, got {blocks!r}")
-    try:
-        found = model.get_submodule(blocks)
-    except AttributeError:
-        raise ValueError(f"prune_oneshot: blocks={blocks!r} is not a submodule of the model") from None
-    if not isinstance(found, (nn.ModuleList, nn.Sequential)) or len(found) == 0:
-        raise ValueError(f"prune_oneshot: blocks={blocks!r} must name a non-empty ModuleList or Sequential, "
-                         f"got {type(found).__name__}")
-    return blocks, found
-
-
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     modes = [(m, m.training) for m in model.modules()]
@@ -249,54 +256,74 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-Solve = Callable[[str, nn.Linear, Target, "torch.Tensor | None"], None]
+Solve = Callable[[str, Layer, Target, "torch.Tensor | None"], None]
 
 
-def _solver(method: str, percdamp: float, blocksize: int, report: OneShotReport) -> Solve:
-    """The per-layer step: solve, write the pruned weight in place, record a :class:`LayerResult`."""
+def _solver(method: str, percdamp: float, blocksize: int, report: OneShotReport,
+            aliases: dict[str, tuple[str, ...]]) -> Solve:
+    """The per-layer step: solve the ``(out, in·k)`` problem, write the weight back, record a :class:`LayerResult`."""
 
-    def solve(name: str, layer: nn.Linear, target: Target, H: torch.Tensor | None) -> None:
+    def solve(name: str, layer: Layer, target: Target, H: torch.Tensor | None) -> None:
         start = time.perf_counter()
+        W = layer.matrix()
         if method == "magnitude":
-            new, keep = magnitude_prune(layer.weight, target)
+            new, keep = magnitude_prune(W, target)
         elif method == "wanda":
-            new, keep = wanda_prune(layer.weight, H, target)
+            new, keep = wanda_prune(W, H, target)
         else:
-            new, keep = sparsegpt_prune(layer.weight, H, target, blocksize=blocksize, percdamp=percdamp)
+            new, keep = sparsegpt_prune(W, H, target, blocksize=blocksize, percdamp=percdamp)
         seconds = time.perf_counter() - start
-        new = new.to(layer.weight.dtype).masked_fill(~keep.to(new.device), 0)
-        error = None if H is None else relative_error(layer.weight, new, H)
-        layer.weight.data.copy_(new)
-        sparsity = (layer.weight == 0).sum().item() / layer.weight.numel()
-        report.layers.append(LayerResult(name, tuple(layer.weight.shape), str(target), sparsity, error, seconds))
+        new = new.to(W.dtype).masked_fill(~keep.to(new.device), 0)
+        error = None if H is None else relative_error(W, new, H)
+        layer.write(new)
+        weight = layer.weight
+        sparsity = (weight == 0).sum().item() / weight.numel()
+        report.layers.append(LayerResult(name, tuple(weight.shape), str(target), sparsity, error, seconds,
+                                         aliases.get(name, ())))
 
     return solve
 
 
-def _by_block(model: nn.Module, blocks: nn.ModuleList, targets: dict[str, tuple[nn.Linear, Target]],
-              samples: list[Any], solve: Solve, bar: tqdm, report: OneShotReport, explicit: bool) -> None:
-    owner = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
-    outside = [name for name, (layer, _) in targets.items() if id(layer) not in owner]
+def _by_block(model: nn.Module, blocks: list[tuple[str, nn.Module]], selection: Selection, samples: list[Any],
+              solve: Solve, report: OneShotReport, explicit: bool, show: bool,
+              observer: BlockObserver | None) -> None:
+    owner = {id(m): name for name, block in blocks for m in block.modules()}
+    targets = selection.targets
+    _raise_unsupported({n: e for n, e in selection.unsupported.items()
+                        if id(model.get_submodule(n)) in owner})
+    outside = [name for name, (layer, _) in targets.items() if id(layer.module) not in owner]
     if outside and explicit:
         raise ValueError(f"prune_oneshot: {', '.join(outside)} lie outside the blocks; pass blocks=False to "
-                         "calibrate every Linear in one pass")
-    report.skipped = outside
-    inputs = capture_block_inputs(model, blocks[0], samples)
-    for index, block in enumerate(blocks):
-        mine = {n: layer for n, (layer, _) in targets.items() if owner.get(id(layer)) == index}
-        if mine:
-            bar.set_postfix(block=index)
-            grams = gather_grams(lambda: [block(*a, **k) for a, k in inputs], mine)
-            for name, layer in mine.items():
-                solve(name, layer, targets[name][1], grams.pop(name))
-                bar.update()
-        if index + 1 < len(blocks):  # the next block sees this block's pruned outputs
-            inputs = [replace_hidden((a, k), first_output(block(*a, **k))) for a, k in inputs]
+                         "calibrate every layer in one pass, or blocks=[...] that include them")
+    for name in outside + [n for n in selection.unsupported if id(model.get_submodule(n)) not in owner]:
+        report.skipped.append(name)
+        report.reasons[name] = "outside the blocks (one-shot prunes the layers inside the blocks)"
+    feeder = BlockFeeder(model, blocks, samples)
+    report.full_captures = [feeder.order[p][0] for p in feeder.full_captures]
+    with tqdm(total=len(blocks), desc=f"prune_oneshot[{report.method}]", unit="block", disable=not show,
+              file=sys.stderr) as bar:
+
+        def process(position: int, name: str, block: nn.Module, inputs: list[Inputs]) -> None:
+            bar.set_postfix(block=name)
+            if observer is not None:
+                observer(name, inputs)
+            mine = {n: layer for n, (layer, _) in targets.items() if owner.get(id(layer.module)) == name}
+            if mine:
+                grams = gather_grams(lambda: [block(*a, **k) for a, k in inputs], mine)
+                for layer_name, layer in mine.items():
+                    solve(layer_name, layer, targets[layer_name][1], grams.pop(layer_name))
+            bar.update()
+
+        feeder.run(process)
 
 
-def _one_pass(model: nn.Module, targets: dict[str, tuple[nn.Linear, Target]], samples: list[Any],
+def _one_pass(model: nn.Module, targets: dict[str, tuple[Layer, Target]], samples: list[Any] | None,
               solve: Solve, bar: tqdm) -> None:
-    grams = gather_grams(lambda: [call_model(model, s) for s in samples], {n: l for n, (l, _) in targets.items()})
+    if samples is None:
+        grams: dict[str, torch.Tensor | None] = {name: None for name in targets}
+    else:
+        grams = gather_grams(lambda: [call_model(model, s) for s in samples],
+                             {n: layer for n, (layer, _) in targets.items()})
     for name, (layer, target) in targets.items():
         solve(name, layer, target, grams.pop(name))
         bar.update()

@@ -83,10 +83,16 @@ def _check_weight(weight: torch.Tensor, target: Target) -> None:
 
 
 def _check_gram(H: torch.Tensor, weight: torch.Tensor) -> None:
-    cols = weight.shape[1]
-    if H.shape != (cols, cols):
-        raise ValueError(f"H must be ({cols}, {cols}) for a weight of shape {tuple(weight.shape)}, "
-                         f"got {tuple(H.shape)}")
+    rows, cols = weight.shape
+    grouped = H.dim() == 3 and H.shape[1:] == (cols, cols) and H.shape[0] >= 1 and rows % H.shape[0] == 0
+    if H.shape != (cols, cols) and not grouped:
+        raise ValueError(f"H must be ({cols}, {cols}) (or (groups, {cols}, {cols}) with groups dividing {rows}) "
+                         f"for a weight of shape {tuple(weight.shape)}, got {tuple(H.shape)}")
+
+
+def _grouped(H: torch.Tensor) -> torch.Tensor:
+    """``H`` as ``(groups, in, in)``: a grouped layer's rows ``g·out/groups …`` see only group ``g``'s inputs."""
+    return H if H.dim() == 3 else H[None]
 
 
 def _row_counts(rows: int, cols: int, fraction: float) -> torch.Tensor:
@@ -122,6 +128,8 @@ def wanda_prune(weight: torch.Tensor, H: torch.Tensor, target: Target) -> tuple[
 
     Only the diagonal of ``H`` (the squared input norms) is used. Unstructured
     counts are spread over rows as evenly as possible so the layer's total is exact.
+    A grouped ``H`` ``(groups, in, in)`` gives each block of ``out/groups`` rows its
+    own group's norms (grouped convolutions).
 
     Example:
         >>> w = torch.tensor([[1.0, 1.0, 2.0, 2.0]])
@@ -130,8 +138,10 @@ def wanda_prune(weight: torch.Tensor, H: torch.Tensor, target: Target) -> tuple[
     """
     _check_weight(weight, target)
     _check_gram(H, weight)
-    norms = torch.diagonal(H).double().clamp_min(0).sqrt()
-    scores = weight.detach().double().abs() * norms[None, :]
+    Hg = _grouped(H)
+    norms = torch.diagonal(Hg, dim1=1, dim2=2).double().clamp_min(0).sqrt()  # (groups, in)
+    norms = norms.repeat_interleave(weight.shape[0] // len(Hg), dim=0)
+    scores = weight.detach().double().abs() * norms.to(weight.device)
     keep = target.nm.mask(scores, target.fraction) if target.nm else _per_row_mask(scores, target.fraction)
     return weight.detach().float().masked_fill(~keep, 0.0), keep
 
@@ -187,6 +197,8 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, target: Target, *, bl
     blocksize, percdamp = check_sparsegpt_args(blocksize, percdamp, target)
     if keep is not None and keep.shape != weight.shape:
         raise ValueError(f"keep must have the weight's shape {tuple(weight.shape)}, got {tuple(keep.shape)}")
+    if H.dim() == 3:
+        return _sparsegpt_grouped(weight, H, target, blocksize, percdamp, keep)
     U = _inverse_cholesky(H, percdamp)
     W = weight.detach().double().clone()
     pruned = torch.zeros_like(W, dtype=torch.bool) if keep is None else ~keep.to(W.device, torch.bool)
@@ -199,6 +211,24 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, target: Target, *, bl
             pruned[:, i1:i2] = ~lowest_k(saliency.reshape(-1), k).reshape(rows, i2 - i1)
         _prune_block(W, U, pruned, i1, i2, target if keep is None else None)
     return W.float(), ~pruned
+
+
+def _sparsegpt_grouped(weight: torch.Tensor, H: torch.Tensor, target: Target, blocksize: int, percdamp: float,
+                       keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT on each group's rows with its own ``H``; unstructured counts split so the layer total is exact."""
+    groups, (rows, cols) = len(H), weight.shape
+    per = rows // groups
+    base, extra = divmod(prune_count(rows * cols, target.fraction), groups)
+    outs, keeps = [], []
+    for g in range(groups):
+        sl = slice(g * per, (g + 1) * per)
+        share = base + (g < extra)
+        sub = target if target.nm is not None else Target(share / (per * cols))
+        w, k = sparsegpt_prune(weight[sl], H[g], sub, blocksize=blocksize, percdamp=percdamp,
+                               keep=None if keep is None else keep[sl])
+        outs.append(w)
+        keeps.append(k)
+    return torch.cat(outs), torch.cat(keeps)
 
 
 def _prune_block(W: torch.Tensor, U: torch.Tensor, pruned: torch.Tensor, i1: int, i2: int,
@@ -241,6 +271,8 @@ def relative_error(weight: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor) 
         >>> relative_error(torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 0.0]]), torch.eye(2))
         0.5
     """
-    W, D, H = weight.detach().double(), (weight.detach().double() - pruned.double()), H.double()
-    total = ((W @ H) * W).sum().item()
-    return ((D @ H) * D).sum().item() / total if total > 0 else 0.0
+    Hg = _grouped(H.double().to(weight.device))
+    W = weight.detach().double().reshape(len(Hg), -1, weight.shape[1])
+    D = W - pruned.detach().double().to(weight.device).reshape(W.shape)
+    total = ((W @ Hg) * W).sum().item()
+    return ((D @ Hg) * D).sum().item() / total if total > 0 else 0.0
