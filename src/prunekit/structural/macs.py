@@ -12,10 +12,20 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import sys
+
 import torch
 from torch import nn
 
+from .graph import call_model
+
 __all__ = ["count_macs", "count_params"]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    mod = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(mod, "Conv1D", None) if mod is not None else None
+    return isinstance(conv1d, type) and isinstance(module, conv1d)
 
 
 def count_params(model: nn.Module) -> int:
@@ -29,10 +39,14 @@ def count_params(model: nn.Module) -> int:
 
 
 def _layer_macs(module: nn.Module, inputs: tuple, output: Any) -> int:
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return inputs[0].numel() * module.out_channels // module.groups * math.prod(module.kernel_size)
     if isinstance(module, nn.modules.conv._ConvNd):
         return output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
     if isinstance(module, nn.Linear):
         return output.numel() * module.in_features
+    if _is_conv1d(module):  # transformers' Conv1D: weight (in, out)
+        return output.numel() * module.weight.shape[0]
     if isinstance(module, nn.MultiheadAttention):
         query, key = inputs[0], inputs[1]
         tokens_q, tokens_k = query.numel() // query.shape[-1], key.numel() // key.shape[-1]
@@ -60,19 +74,18 @@ def count_macs(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Te
         >>> count_macs(nn.Conv2d(3, 8, 3, padding=1), torch.randn(1, 3, 4, 4))  # 8*4*4 outputs * 3*3*3
         3456
     """
-    inputs = (example_input,) if isinstance(example_input, torch.Tensor) else tuple(example_input)
     total = [0]
 
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
         total[0] += _layer_macs(module, args, output[0] if isinstance(output, tuple) else output)
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention, nn.LSTM))]
+               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention, nn.LSTM)) or _is_conv1d(m)]
     was_training = model.training
     model.eval()  # running statistics must not move
     try:
         with torch.no_grad():
-            model(*inputs)
+            call_model(model, example_input)
     finally:
         model.train(was_training)
         for handle in handles:

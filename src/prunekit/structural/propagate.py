@@ -205,7 +205,7 @@ def op_name(func: Any) -> str:
     if qual.startswith(("TensorBase.", "Tensor.")):
         return f"Tensor.{name}"
     module = getattr(func, "__module__", None) or ""
-    if module.startswith("torch._C") or not module:
+    if module.startswith("torch._C") or not module or getattr(torch, name, None) is func:
         return f"torch.{name}"
     return f"{module}.{name}"
 

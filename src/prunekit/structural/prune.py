@@ -11,8 +11,10 @@ from torch import nn
 
 from .._validate import check_choice, check_int, check_sparsity
 from ..granularity import lowest_k, prune_count
-from .graph import DependencyGraph, build_graph
-from .groups import Group, find_groups, kept_indices
+from .flow import GraphError
+from .graph import DependencyGraph, build_graph, call_model
+from .groups import Group, find_groups, kept_indices, param_masks
+from .hf import sync_transformers
 from .importance import METHODS, Importance, group_scores
 from .macs import count_macs, count_params
 from .surgery import Shapes, shrink
@@ -39,6 +41,8 @@ class StructuralReport:
         groups: per-group units kept.
         shapes: ``{module path: {tensor: shape}}`` of every rebuilt layer (JSON-able);
             :func:`~prunekit.structural.apply_shapes` rebuilds the architecture from it.
+        notes: what the model's ``config`` could not express (transformers
+            models), so that ``apply_shapes`` is the way to reload it.
     """
 
     params_before: int
@@ -47,6 +51,7 @@ class StructuralReport:
     macs_after: int
     groups: tuple[GroupResult, ...]
     shapes: Shapes = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
     @property
     def mac_reduction(self) -> float:
@@ -57,7 +62,7 @@ class StructuralReport:
         """A JSON-able dict."""
         return {"params_before": self.params_before, "params_after": self.params_after,
                 "macs_before": self.macs_before, "macs_after": self.macs_after,
-                "groups": [vars(g) for g in self.groups], "shapes": self.shapes}
+                "groups": [vars(g) for g in self.groups], "shapes": self.shapes, "notes": list(self.notes)}
 
     def __str__(self) -> str:
         return (f"params {self.params_before:,} -> {self.params_after:,}, MACs {self.macs_before:,} -> "
@@ -110,6 +115,7 @@ def prune_channels(
     round_to: int = 1,
     ignore: Iterable[str | type] | None = None,
     loss_fn: Callable[[nn.Module], torch.Tensor] | None = None,
+    verify: bool = True,
 ) -> tuple[nn.Module, StructuralReport]:
     """Remove the least important ``sparsity`` fraction of every group's units, physically, in place.
 
@@ -128,6 +134,10 @@ def prune_channels(
         round_to: keep a multiple of this many units per group (rounded up).
         ignore: module paths or types whose channels are never pruned.
         loss_fn: ``model -> scalar loss`` whose gradients feed ``"taylor"``.
+        verify: check on ``example_input`` that the pruned model computes what the
+            model with the removed units zeroed computes (one extra forward);
+            a :class:`GraphError` if not. A transformers model's attributes and
+            ``config`` are updated too (see :mod:`prunekit.structural.hf`).
 
     Returns:
         ``(model, report)``; ``report.shapes`` rebuilds the architecture later.
@@ -154,17 +164,92 @@ def prune_channels(
         _gradients(model, loss_fn)
     scores = score_groups(model, groups, importance, reduction)
     keeps = {name: select_units(s, sparsity, round_to) for name, s in scores.items()}
-    return remove(graph, groups, keeps, example_input)
+    return remove(graph, groups, keeps, example_input, verify=verify)
 
 
 def remove(graph: DependencyGraph, groups: Sequence[Group], keeps: dict[str, torch.Tensor],
-           example_input: torch.Tensor | Sequence[torch.Tensor]) -> tuple[nn.Module, StructuralReport]:
+           example_input: Any, verify: bool = True) -> tuple[nn.Module, StructuralReport]:
     """Physically remove the units not kept (``keeps``: ``{group name: bool per unit}``)."""
     model = graph.model
     macs_before, params_before = count_macs(model, example_input), count_params(model)
     model.zero_grad(set_to_none=True)
+    expected = _masked_outputs(graph, groups, keeps, example_input) if verify else None
     model, shapes = shrink(model, kept_indices(list(groups), keeps))
+    _set_size_attributes(graph, groups, keeps)
+    notes = tuple(sync_transformers(model))
+    if expected is not None:
+        _check_outputs(model, example_input, expected)
     results = tuple(GroupResult(g.name, int(keeps[g.name].sum()), g.size) for g in groups)
     report = StructuralReport(params_before, count_params(model), macs_before, count_macs(model, example_input),
-                              results, shapes)
+                              results, shapes, notes)
     return model, report
+
+
+def _outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = call_model(model, example_input)
+    finally:
+        model.train(was_training)
+    leaves: list[torch.Tensor] = []
+    _tensor_leaves(out, leaves)
+    return leaves
+
+
+def _tensor_leaves(obj: Any, into: list[torch.Tensor]) -> None:
+    if isinstance(obj, torch.Tensor):
+        into.append(obj.detach())
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            _tensor_leaves(item, into)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _tensor_leaves(item, into)
+
+
+@torch.no_grad()
+def _masked_outputs(graph: DependencyGraph, groups: Sequence[Group], keeps: dict[str, torch.Tensor],
+                    example_input: Any) -> list[torch.Tensor]:
+    """Outputs with every member of every removed unit zeroed (they are removed next, so zeroing costs nothing)."""
+    params = dict(graph.model.named_parameters())
+    for name, mask in param_masks(graph, list(groups), keeps).items():
+        params[name].mul_(mask.to(params[name].dtype))
+    return _outputs(graph.model, example_input)
+
+
+def _check_outputs(model: nn.Module, example_input: Any, expected: list[torch.Tensor]) -> None:
+    try:
+        got = _outputs(model, example_input)
+    except Exception as exc:
+        raise GraphError(f"the pruned model fails on the example input ({type(exc).__name__}: {exc}); some code "
+                         "uses a constant channel count that pruning cannot see. The model was modified: start "
+                         "again from a copy and pass that module in ignore=") from None
+    if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
+        raise GraphError("the pruned model's outputs changed shape; start again from a copy and pass the "
+                         "module responsible in ignore=")
+    for g, e in zip(got, expected):
+        if e.is_floating_point():
+            scale = float(e.double().abs().max().clamp_min(1e-6))
+            err = float((g.double() - e.double()).abs().max()) / scale
+            if err > 1e-3:
+                raise GraphError(f"the pruned model differs from the model with the removed units zeroed "
+                                 f"(relative error {err:.2e}); some op couples channels in a way prunekit does not "
+                                 "see. The model was modified: start again from a copy and pass that module in "
+                                 "ignore= (or verify=False to accept)")
+
+
+def _set_size_attributes(graph: DependencyGraph, groups: Sequence[Group], keeps: dict[str, torch.Tensor]) -> None:
+    """Int attributes the forward uses as sizes (e.g. a split size) become the kept count."""
+    if not graph.size_attrs:
+        return
+    kept: dict[int, bool] = {}
+    for group in groups:
+        for slot in group.slots:
+            for atom, unit in zip(slot.member.atoms, slot.unit.tolist()):
+                if unit >= 0:
+                    kept[graph.uf.find(atom)] = bool(keeps[group.name][unit])
+    for path, attr, atoms in graph.size_attrs:
+        count = sum(kept.get(graph.uf.find(a), True) for a in atoms)
+        setattr(graph.model.get_submodule(path), attr, count)

@@ -6,9 +6,11 @@ A *surgery* is two functions for one layer type:
   the call's arguments, record which parameter slices follow which channels
   (``ctx.member``), create or couple channels (``ctx.new_atoms``, ``ctx.unite``,
   ``ctx.input_atoms``) and return the Flow(s) of the output (``ctx.out``).
-* ``rebuild(module, keep) -> nn.Module``: a new, smaller module of the same
-  kind, where ``keep = {param: {dim: LongTensor of kept indices}}`` lists only
-  the dims that shrink. :func:`slice_state` gives the sliced state to load.
+* ``rebuild(module, keep) -> nn.Module``: the smaller module, where
+  ``keep = {param: {dim: LongTensor of kept indices}}`` lists only the dims
+  that shrink. The built-in surgeries slice the module in place and return it
+  (:func:`~prunekit.structural.layers.slice_inplace`); a rebuild may also return
+  a new module (:func:`slice_state` gives the sliced state to load).
 
 A type with a surgery is traced as one block (never entered by ``torch.fx``).
 """
@@ -73,8 +75,15 @@ def register_surgery(module_type: type, couple: Callable[..., Any],
     _REGISTRY[module_type] = Surgery(couple, rebuild)
 
 
-def find_surgery(module_type: type) -> Surgery | None:
-    """The surgery for ``module_type``: the most specific registered class in its MRO, or ``None``."""
+def find_surgery(module_type: type, known: bool = True) -> Surgery | None:
+    """The surgery for ``module_type``: the most specific registered class in its MRO, or ``None``.
+
+    ``known`` also registers layers of libraries already imported (transformers' ``Conv1D``).
+    """
+    if known:
+        from .layers import register_known_libraries
+
+        register_known_libraries()
     for cls in module_type.__mro__:
         if cls in _REGISTRY:
             return _REGISTRY[cls]

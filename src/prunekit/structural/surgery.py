@@ -14,6 +14,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from .layers import slice_inplace
 from .registry import Keep, find_surgery
 
 __all__ = ["shrink", "apply_shapes", "Shapes"]
@@ -25,14 +26,21 @@ def shrink(model: nn.Module, keep: Mapping[str, Keep]) -> tuple[nn.Module, Shape
     """Rebuild the layers named in ``keep`` (``{path: {tensor: {dim: kept indices}}}``) smaller.
 
     Returns the model (a new object only when the model itself is the layer
-    rebuilt) and ``{path: {tensor: shape}}`` of every rebuilt layer.
+    rebuilt) and ``{path: {tensor: shape}}`` of every rebuilt layer. Layers with
+    a built-in surgery are sliced in place (same object, same type); a module
+    without a surgery only ever loses entries of its own parameters (a layer
+    scale multiplied in its ``forward``), sliced in place too.
     """
     shapes: Shapes = {}
     for path, layer_keep in keep.items():
         module = model.get_submodule(path)
         surgery = find_surgery(type(module))
         if surgery is None:
-            raise TypeError(f"cannot rebuild '{path}' ({type(module).__name__}): no surgery registered")
+            if any("." in name for name in layer_keep):
+                raise TypeError(f"cannot rebuild '{path}' ({type(module).__name__}): no surgery registered")
+            slice_inplace(module, layer_keep)  # a parameter used directly (layer scale, bias)
+            shapes[path] = {name: list(getattr(module, name).shape) for name in layer_keep}
+            continue
         new = surgery.rebuild(module, layer_keep)
         if not isinstance(new, nn.Module):
             raise TypeError(f"the surgery for {type(module).__name__} returned {type(new).__name__}, not a module")
@@ -78,7 +86,8 @@ def apply_shapes(model: nn.Module, shapes: Mapping[str, Mapping[str, object]]) -
             module = model.get_submodule(path)
         except AttributeError:
             raise ValueError(f"apply_shapes: no module {path!r} in {type(model).__name__}") from None
-        own = module.state_dict()
+        own = module.state_dict() if find_surgery(type(module)) is not None else dict(
+            [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)])
         for name, shape in tensors.items():
             if name not in own:
                 raise ValueError(f"apply_shapes: '{path}' has no tensor {name!r}")
@@ -89,7 +98,11 @@ def apply_shapes(model: nn.Module, shapes: Mapping[str, Mapping[str, object]]) -
             for dim, (s, o) in enumerate(zip(shape, old)):
                 if s != o:
                     keep.setdefault(path, {}).setdefault(name, {})[dim] = torch.arange(s)
-    return shrink(model, keep)[0]
+    model = shrink(model, keep)[0]
+    from .hf import sync_transformers
+
+    sync_transformers(model)
+    return model
 
 
 def _shapes_of_state(model: nn.Module, state: Mapping[str, object]) -> Shapes:
@@ -101,6 +114,15 @@ def _shapes_of_state(model: nn.Module, state: Mapping[str, object]) -> Shapes:
                else shape for name, shape in own.items()}
         if new != own:
             shapes[path] = {name: list(shape) for name, shape in new.items()}
+    inside = [p for p, _ in _outermost_layers(model)]
+    for path, module in model.named_modules():
+        if any(path == p or path.startswith(f"{p}.") or not p for p in inside):
+            continue
+        prefix = f"{path}." if path else ""
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            other = state.get(prefix + name)
+            if isinstance(other, torch.Tensor) and tuple(other.shape) != tuple(t.shape):
+                shapes.setdefault(path, {})[name] = list(other.shape)
     return shapes
 
 

@@ -1,0 +1,150 @@
+"""Keep a transformers model's size attributes and ``config`` in step with its pruned weights.
+
+After heads or MLP units are removed, attention modules get their head counts
+(``num_heads``, ``num_attention_heads``, ``all_head_size``, GPT-2's
+``split_size``, ``num_key_value_heads``) from their projections, and the
+model's ``config`` gets ``num_attention_heads`` / ``num_key_value_heads`` /
+``head_dim`` / ``intermediate_size`` (``n_inner``, ``ffn_dim`` ...) when every
+layer has the same size. The new config is checked by building the model from
+it on the meta device: if some size cannot be expressed (GPT-2, BERT and ViT
+derive ``head_dim = hidden_size // num_attention_heads``, so fewer heads with
+the same hidden size cannot be described; or layers differ), the config keeps
+what it can express and a note says to reload with
+:func:`~prunekit.structural.apply_shapes`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layerspec import weight_spec
+
+__all__ = ["sync_transformers"]
+
+_Q = ("q_proj", "query", "q", "q_lin")
+_FUSED = ("c_attn", "qkv", "Wqkv", "query_key_value")
+_K = ("k_proj", "key", "k", "k_lin")
+_HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+_MLP = ("gate_proj", "up_proj", "c_fc", "fc1", "wi", "w1", "lin1")
+_CONFIG_FFN = ("intermediate_size", "n_inner", "ffn_dim", "encoder_ffn_dim", "d_ff", "hidden_dim")
+
+
+def _out(module: nn.Module | None) -> int | None:
+    if module is None or getattr(module, "weight", None) is None:
+        return None
+    spec = weight_spec(module, "weight")
+    return int(module.weight.shape[spec.out_axis]) if spec is not None else None
+
+
+def _child(module: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | None:
+    for name in names:
+        child = getattr(module, name, None)
+        if isinstance(child, nn.Module) and _out(child) is not None:
+            return name, child
+    return None
+
+
+def _sync_attention(module: nn.Module) -> tuple[int, int | None, int] | None:
+    """Set the head-count attributes of one attention module; ``(heads, kv_heads, head_dim)`` or ``None``."""
+    d = next((getattr(module, a) for a in ("head_dim", "attention_head_size") if type(getattr(module, a, None)) is int),
+             None)
+    q, fused = _child(module, _Q), _child(module, _FUSED)
+    if d is None or (q is None and fused is None):
+        return None
+    width = _out(q[1]) if q is not None else _out(fused[1]) // 3
+    heads = width // d
+    for attr in _HEADS:
+        if type(getattr(module, attr, None)) is int:
+            setattr(module, attr, heads)
+    if type(getattr(module, "all_head_size", None)) is int:
+        module.all_head_size = width
+    if fused is not None and q is None and type(getattr(module, "split_size", None)) is int:
+        module.split_size = width
+    k = _child(module, _K)
+    kv = _out(k[1]) // d if k is not None else None
+    if kv is not None and type(getattr(module, "num_key_value_heads", None)) is int:
+        module.num_key_value_heads = kv
+    return heads, kv, d
+
+
+def sync_transformers(model: nn.Module) -> list[str]:
+    """Update attention attributes and ``model.config`` from the weights; returns notes on what it could not.
+
+    Example:
+        >>> sync_transformers(nn.Linear(2, 2))  # not a transformers model: nothing to do
+        []
+    """
+    attention = [r for r in map(_sync_attention, model.modules()) if r is not None]
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return []
+    widths = [_out(_child(m, _MLP)[1]) for m in model.modules() if _child(m, _MLP) is not None and _is_mlp(m)]
+    widths += [_out(m.intermediate.dense) for m in model.modules()
+               if isinstance(getattr(m, "intermediate", None), nn.Module) and _out(getattr(m.intermediate, "dense",
+                                                                                              None)) is not None]
+    changes: dict[str, Any] = {}
+    notes: list[str] = []
+    if attention:
+        heads = {h for h, _, _ in attention}
+        kvs = {kv for _, kv, _ in attention if kv is not None}
+        dims = {d for _, _, d in attention}
+        if len(heads) == 1 and len(dims) == 1:
+            changes["num_attention_heads"] = heads.pop()
+            changes["head_dim"] = dims.pop()  # many models read getattr(config, "head_dim", hidden // heads)
+        elif len(heads) > 1:
+            notes.append(f"layers keep different numbers of heads {sorted(heads)}: config cannot express it")
+        if len(kvs) == 1 and hasattr(config, "num_key_value_heads"):
+            changes["num_key_value_heads"] = kvs.pop()
+    if widths:
+        key = next((k for k in _CONFIG_FFN if hasattr(config, k)), None)
+        if len(set(widths)) == 1 and key is not None:
+            changes[key] = widths[0]
+        elif len(set(widths)) > 1:
+            notes.append(f"layers keep different MLP widths {sorted(set(widths))}: config cannot express it")
+    return notes + _apply_config(model, config, changes)
+
+
+def _is_mlp(module: nn.Module) -> bool:
+    return any(isinstance(getattr(module, n, None), nn.Module) for n in ("down_proj", "c_proj", "fc2", "wo", "w2",
+                                                                        "lin2"))
+
+
+def _apply_config(model: nn.Module, config: Any, changes: dict[str, Any]) -> list[str]:
+    """Apply ``changes`` to ``config`` keeping only what builds the pruned shapes; notes for the rest."""
+    changes = {k: v for k, v in changes.items() if getattr(config, k, None) != v}
+    if not changes and _builds(model, config):
+        return []
+    for subset in (changes, {k: v for k, v in changes.items() if k not in ("num_attention_heads", "head_dim",
+                                                                            "num_key_value_heads")}):
+        trial = copy.deepcopy(config)
+        for key, value in subset.items():
+            setattr(trial, key, value)
+        if _builds(model, trial):
+            for key, value in subset.items():
+                setattr(config, key, value)
+            return []
+    kept = {k: v for k, v in changes.items() if k not in ("num_attention_heads", "head_dim", "num_key_value_heads")}
+    for key, value in kept.items():
+        setattr(config, key, value)
+    why = ("per-layer channel counts" if not changes else
+           f"{changes} (a model that derives head_dim = hidden_size // num_attention_heads cannot describe fewer "
+           "heads of the same size)")
+    return [f"{type(model).__name__}.config cannot express the pruned sizes: {why}; save_pretrained/from_pretrained "
+            "will not round-trip. Reload with prunekit.structural.apply_shapes(ModelClass(config), report.shapes), "
+            "then load the weights"]
+
+
+def _builds(model: nn.Module, config: Any) -> bool:
+    """Whether ``type(model)(config)`` has exactly the model's parameter shapes (built on the meta device)."""
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(copy.deepcopy(config))
+    except Exception:  # a config the class rejects
+        return False
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    return all(theirs.get(k, s) == s for k, s in mine.items()) and set(theirs) <= set(mine) | set(theirs)
