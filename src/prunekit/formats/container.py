@@ -28,7 +28,7 @@ from .encoding import Encoded, decode, encode, parse_quantize
 from .errors import FormatError
 
 __all__ = ["DEFAULT_MAX_BYTES", "Parsed", "dumps", "loads", "save", "load", "parse", "decode_entry",
-           "encode_state", "pack", "read_bounded"]
+           "encode_state", "pack", "read_bounded", "tied_aliases"]
 
 DEFAULT_MAX_BYTES = 16 << 30  # the most memory a file may make the reader use, unless the caller says otherwise
 
@@ -43,15 +43,42 @@ class Parsed:
     file_size: int
     manifest_size: int  # stored bytes of the manifest
     header_size: int  # bytes of the safetensors header, with its 8-byte length
+    aliases: tuple[tuple[str, str], ...] = ()  # (alias, source): tied tensors, stored once
 
 
 # -- writing ---------------------------------------------------------------------------------
 
 
 def encode_state(obj: nn.Module | Mapping[str, torch.Tensor], quantize: str | None = None) -> list[Encoded]:
-    """Encode every tensor of a model's state_dict (or of a state_dict), in order."""
+    """Encode every tensor of a model's state_dict (or of a state_dict), in order; tied copies once."""
     parse_quantize(quantize)  # reject a bad value before any work
-    return [encode(name, tensor, quantize) for name, tensor in as_state_dict(obj).items()]
+    state = as_state_dict(obj)
+    aliased = {alias for alias, _ in tied_aliases(state)}
+    return [encode(name, tensor, quantize) for name, tensor in state.items() if name not in aliased]
+
+
+def tied_aliases(state: Mapping[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """``(alias, source)`` for every entry that is the very same tensor as an earlier one.
+
+    Tied weights (an LM's input embedding and output head) appear in a
+    ``state_dict`` under each name, as views of one storage; a file stores them once.
+
+    Example:
+        >>> w = torch.ones(2, 2)
+        >>> tied_aliases({"a": w, "b": w.detach(), "c": w.clone()})
+        [('b', 'a')]
+    """
+    first: dict[tuple, str] = {}
+    out = []
+    for name, t in state.items():
+        if t.numel() == 0 or t.layout != torch.strided or t.device.type == "meta":
+            continue
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
+        if key in first:
+            out.append((name, first[key]))
+        else:
+            first[key] = name
+    return out
 
 
 def dumps(obj: nn.Module | Mapping[str, torch.Tensor], *, quantize: str | None = None,
@@ -64,13 +91,15 @@ def dumps(obj: nn.Module | Mapping[str, torch.Tensor], *, quantize: str | None =
         ['bias', 'weight']
     """
     meta = _user_metadata(metadata)
-    return pack(encode_state(obj, quantize), meta)
+    state = as_state_dict(obj)
+    return pack(encode_state(state, quantize), meta, tied_aliases(state))
 
 
-def pack(encoded: list[Encoded], metadata: Mapping[str, str] | None = None) -> bytes:
-    """The file bytes for already-encoded tensors (see :func:`encode_state`)."""
+def pack(encoded: list[Encoded], metadata: Mapping[str, str] | None = None,
+         aliases: list[tuple[str, str]] | tuple = ()) -> bytes:
+    """The file bytes for already-encoded tensors (see :func:`encode_state`) and tied names (:func:`tied_aliases`)."""
     meta = _user_metadata(metadata)
-    text = json.dumps(manifest.build(encoded, meta), separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(manifest.build(encoded, meta, aliases), separators=(",", ":"), ensure_ascii=False).encode()
     codec, stored = codecs.compress_manifest(text)
     payload = b"".join(s.stored for e in encoded for s in e.streams)
     return envelope.pack(codec, len(text), stored, payload)
@@ -201,8 +230,11 @@ def loads(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, expected: Mapping[
     """
     parsed = parse(data, max_bytes=max_bytes)
     if expected is not None:
-        _check_expected(parsed.entries, expected, strict)
-    return OrderedDict((e.spec.name, decode_entry(parsed, e)) for e in parsed.entries)
+        _check_expected(parsed, expected, strict)
+    state = OrderedDict((e.spec.name, decode_entry(parsed, e)) for e in parsed.entries)
+    for alias, source in parsed.aliases:  # tied: one tensor under both names, as in the saved model
+        state[alias] = state[source]
+    return state
 
 
 def read_bounded(path: str | os.PathLike[str], max_bytes: int) -> bytes:
@@ -238,9 +270,9 @@ def parse(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Parsed:
     check_int("parse", "max_bytes", max_bytes, minimum=0)
     env = envelope.unpack(data, max_bytes)
     text = codecs.decompress(env.manifest_codec, bytes(env.manifest), env.manifest_size, "manifest")
-    entries, user_meta = manifest.parse(envelope.strict_json(text, "manifest"), len(env.payload), max_bytes)
+    entries, user_meta, aliases = manifest.parse(envelope.strict_json(text, "manifest"), len(env.payload), max_bytes)
     return Parsed(entries, user_meta, env.payload, len(memoryview(data).cast("B")), len(env.manifest),
-                  env.header_size)
+                  env.header_size, tuple(aliases))
 
 
 def decode_entry(parsed: Parsed, entry: manifest.Entry) -> torch.Tensor:
@@ -256,8 +288,9 @@ def decode_entry(parsed: Parsed, entry: manifest.Entry) -> torch.Tensor:
     return decode(entry.spec, raw)
 
 
-def _check_expected(entries: list[manifest.Entry], expected: Mapping[str, tuple[int, ...]], strict: bool) -> None:
-    found = {e.spec.name: e.spec.shape for e in entries}
+def _check_expected(parsed: Parsed, expected: Mapping[str, tuple[int, ...]], strict: bool) -> None:
+    found = {e.spec.name: e.spec.shape for e in parsed.entries}
+    found.update({alias: found[source] for alias, source in parsed.aliases})
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if strict and (missing or unexpected):
         raise FormatError(f"file does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}"

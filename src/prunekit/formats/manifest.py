@@ -7,7 +7,12 @@ Shape (version 1)::
                   "crc32": 123456789,
                   "streams": [["scales", "lzma", 17, 20], ["gaps", "lzma", 60, 84], ["values", "none", 84, 84]]},
                  ...],
-     "metadata": {"any": "strings"}}
+     "metadata": {"any": "strings"},
+     "aliases": [["lm_head.weight", "transformer.wte.weight"]]}
+
+``aliases`` (present only when the state has tied tensors) names tensors that
+are the very same tensor as an earlier entry: they are stored once and come
+back as one tensor under both names.
 
 Each stream is ``[role, codec, stored size, decoded size]`` (arrays, not
 objects: the manifest of a small model is a visible part of its file). Streams
@@ -60,8 +65,9 @@ class Entry:
         return sum(s.size for s in self.streams)
 
 
-def build(encoded: Sequence[Encoded], metadata: dict[str, str]) -> dict[str, Any]:
-    """The manifest (a JSON-ready dict) for tensors encoded in this order."""
+def build(encoded: Sequence[Encoded], metadata: dict[str, str],
+          aliases: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """The manifest (a JSON-ready dict) for tensors encoded in this order, and ``(alias, source)`` pairs."""
     tensors = []
     for enc in encoded:
         s = enc.spec
@@ -70,10 +76,14 @@ def build(encoded: Sequence[Encoded], metadata: dict[str, str]) -> dict[str, Any
             "encoding": s.encoding, "values": s.values.name, "bits": s.bits, "crc32": s.crc32,
             "streams": [[st.role, st.codec, len(st.stored), st.raw_size] for st in enc.streams],
         })
-    return {"tensors": tensors, "metadata": dict(metadata)}
+    out: dict[str, Any] = {"tensors": tensors, "metadata": dict(metadata)}
+    if aliases:
+        out["aliases"] = [[alias, source] for alias, source in aliases]
+    return out
 
 
-def parse(obj: Any, payload_size: int, max_bytes: int) -> tuple[list[Entry], dict[str, str]]:
+def parse(obj: Any, payload_size: int, max_bytes: int
+          ) -> tuple[list[Entry], dict[str, str], list[tuple[str, str]]]:
     """Validate a decoded manifest against the payload size and the memory limit.
 
     Args:
@@ -82,12 +92,13 @@ def parse(obj: Any, payload_size: int, max_bytes: int) -> tuple[list[Entry], dic
         max_bytes: the most the restored tensors may occupy together.
 
     Returns:
-        The entries in file order and the user metadata.
+        The entries in file order, the user metadata and the ``(alias, source)`` pairs.
 
     Raises:
         FormatError: naming the first field that is wrong and why.
     """
-    _keys(obj, {"tensors", "metadata"}, "manifest")
+    _keys(obj, {"tensors", "metadata", "aliases"} if isinstance(obj, dict) and "aliases" in obj
+          else {"tensors", "metadata"}, "manifest")
     metadata = _metadata(obj["metadata"])
     tensors = obj["tensors"]
     if not isinstance(tensors, list) or len(tensors) > MAX_TENSORS:
@@ -106,7 +117,27 @@ def parse(obj: Any, payload_size: int, max_bytes: int) -> tuple[list[Entry], dic
         entries.append(entry)
     if offset != payload_size:
         raise FormatError(f"manifest: streams cover {offset:,} bytes but the payload holds {payload_size:,}")
-    return entries, metadata
+    return entries, metadata, _aliases(obj.get("aliases", []), names)
+
+
+def _aliases(items: Any, names: set[str]) -> list[tuple[str, str]]:
+    if not isinstance(items, list) or len(items) > MAX_TENSORS:
+        raise FormatError(f"manifest: 'aliases' must be a list of at most {MAX_TENSORS} [alias, source] pairs")
+    out, taken = [], set(names)
+    for i, item in enumerate(items):
+        where = f"manifest: aliases[{i}]"
+        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(n, str) for n in item)):
+            raise FormatError(f"{where} must be [alias, source] (two strings), got {item!r:.80}")
+        alias, source = item
+        if not 0 < len(alias) <= MAX_NAME:
+            raise FormatError(f"{where}: the alias must be a non-empty string of at most {MAX_NAME} characters")
+        if alias in taken:
+            raise FormatError(f"{where}: '{alias:.200}' is already a tensor or alias name")
+        if source not in names:
+            raise FormatError(f"{where}: source '{source:.200}' is not a tensor of the file")
+        taken.add(alias)
+        out.append((alias, source))
+    return out
 
 
 def _entry(item: Any, where: str, offset: int, payload_size: int) -> Entry:

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .container import as_state_dict, encode_state, pack
+from .container import as_state_dict, encode_state, pack, tied_aliases
 from .encoding import TensorSpec, parse_quantize
 from .quantize import is_weight
 
@@ -79,6 +79,9 @@ def size_summary(obj: nn.Module | Mapping[str, torch.Tensor], quantize: str = "i
     """
     parse_quantize(quantize)
     state = as_state_dict(obj)
+    aliases = tied_aliases(state)
+    aliased = {alias for alias, _ in aliases}
+    state = {k: v for k, v in state.items() if k not in aliased}  # tied weights count once, as they are stored
     weights = [t for t in state.values() if is_weight(t)]
     lossless, quantized = encode_state(state), encode_state(state, quantize)
     return {
@@ -86,9 +89,9 @@ def size_summary(obj: nn.Module | Mapping[str, torch.Tensor], quantize: str = "i
         "weight_sparsity": sum(int((t == 0).sum()) for t in weights) / max(1, sum(t.numel() for t in weights)),
         "fp32_bytes": fp32_bytes(state),
         "gzip_fp32_bytes": gzip_fp32_bytes(state),
-        "prunekit_bytes": len(pack(lossless)),
+        "prunekit_bytes": len(pack(lossless, aliases=aliases)),
         "bound_bytes": sum(spec_bound_bits(e.spec) for e in lossless) / 8,
         "quantize": quantize,
-        "prunekit_q_bytes": len(pack(quantized)),
+        "prunekit_q_bytes": len(pack(quantized, aliases=aliases)),
         "bound_q_bytes": sum(spec_bound_bits(e.spec) for e in quantized) / 8,
     }
