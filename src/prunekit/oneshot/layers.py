@@ -22,12 +22,15 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..layerspec import WeightSpec, prunable_parameter_names, weight_spec
 
 __all__ = ["Layer", "UnsupportedLayer", "is_conv1d", "layer_kind"]
 
@@ -38,11 +41,9 @@ class UnsupportedLayer(ValueError):
 
 def is_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is transformers' ``Conv1D`` (a linear layer whose weight is stored ``(in, out)``)."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers not installed: no such layers can exist
-        return False
-    return isinstance(module, Conv1D)
+    # only an already imported transformers can have built one: never import it here (slow)
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return isinstance(conv1d, type) and isinstance(module, conv1d)
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -74,10 +75,7 @@ def layer_kind(module: nn.Module) -> str | None:
 
 def _declared_prunable(module: nn.Module) -> bool:
     """A custom layer registered with ``prunekit.register_prunable`` (one-shot has no input view for it)."""
-    from ..scope import prunable_parameter_names
-
-    names = prunable_parameter_names(module)
-    return bool(names) and not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+    return bool(prunable_parameter_names(module))
 
 
 def _tf_same_padding(conv: nn.modules.conv._ConvNd, spatial: tuple[int, ...]) -> tuple[int, ...]:
@@ -144,6 +142,7 @@ class Layer:
     name: str
     module: nn.Module
     kind: str
+    spec: WeightSpec
     groups: int = 1
     pad: tuple[int, ...] | None = None
 
@@ -159,8 +158,12 @@ class Layer:
             raise UnsupportedLayer(
                 f"prune_oneshot: cannot solve {type(module).__name__} at '{name}' (one-shot solves Linear, "
                 f"transformers Conv1D and Conv1d/2d/3d layers); pass exclude=[{name!r}] to leave it dense")
+        spec = weight_spec(module, "weight")
+        if spec is None:  # a prunekit.register_prunable override that declares no weight
+            raise UnsupportedLayer(f"prune_oneshot: {type(module).__name__} at '{name}' has no prunable 'weight' "
+                                   f"(see prunekit.register_prunable); pass exclude=[{name!r}]")
         groups = module.groups if kind == "conv" else 1
-        return cls(name, module, kind, groups)
+        return cls(name, module, kind, spec, groups)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -168,15 +171,13 @@ class Layer:
         return self.module.weight
 
     def matrix(self) -> torch.Tensor:
-        """The weight as ``(out, in·k)`` (a view for Linear/Conv, the transpose for ``Conv1D``)."""
-        w = self.weight.detach()
-        return w.t() if self.kind == "conv1d_t" else w.reshape(w.shape[0], -1)
+        """The weight as ``(out, in·k)`` through its layer spec (the transpose for ``Conv1D``)."""
+        return self.spec.matrix(self.weight.detach())
 
     def write(self, matrix: torch.Tensor) -> None:
         """Store an ``(out, in·k)`` matrix back into the weight, in the weight's own layout."""
         w = self.weight
-        stored = matrix.t() if self.kind == "conv1d_t" else matrix.reshape(w.shape)
-        w.data.copy_(stored.to(w.dtype))
+        w.data.copy_(self.spec.from_matrix(matrix, w.shape).to(w.dtype))
 
     @property
     def columns(self) -> int:

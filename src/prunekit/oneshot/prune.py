@@ -174,9 +174,10 @@ def prune_oneshot(model: nn.Module, calibration: Iterable[Any] | None, *, method
         raise TypeError(f"prune_oneshot: model must be an nn.Module, got {type(model).__name__}")
     explicit = layers is not None
     selection = select_layers(model, sparsity, globs("layers", layers), globs("exclude", exclude))
-    _check_targets(selection, method, blocksize, percdamp)
     samples = _samples(model, calibration, method)
     block_list = None if samples is None else resolve_blocks(model, blocks)
+    inside = None if block_list is None else {id(m) for _, b in block_list for m in b.modules()}
+    _check_targets(selection, method, blocksize, percdamp, inside)
     report = OneShotReport(method, _describe(model, block_list), len(samples or []))
     report.skipped, report.reasons = list(selection.left), dict(selection.left)
     solve = _solver(method, percdamp, blocksize, report, selection.aliases)
@@ -193,9 +194,12 @@ def prune_oneshot(model: nn.Module, calibration: Iterable[Any] | None, *, method
     return report
 
 
-def _check_targets(selection: Selection, method: str, blocksize: int, percdamp: float) -> None:
-    """Checks that need no calibration: SparseGPT arguments, N:M divisibility of each layer's inputs."""
+def _check_targets(selection: Selection, method: str, blocksize: int, percdamp: float,
+                   inside: set[int] | None) -> None:
+    """Checks that need no calibration: SparseGPT arguments, N:M divisibility of each pruned layer's inputs."""
     for name, (layer, target) in selection.targets.items():
+        if inside is not None and id(layer.module) not in inside:
+            continue  # outside the blocks: left dense
         if method == "sparsegpt":
             check_sparsegpt_args(blocksize, percdamp, target)
         if target.nm is not None and layer.columns % target.nm.m:
@@ -223,7 +227,7 @@ def _describe(model: nn.Module, blocks: list[tuple[str, nn.Module]] | None) -> s
         parent = name.rpartition(".")[0]
         container = modules.get(parent)
         whole = (isinstance(container, (nn.ModuleList, nn.Sequential)) and
-                 all(f"{parent}.{c}" if parent else c in chosen for c, _ in container.named_children()))
+                 all((f"{parent}.{c}" if parent else c) in chosen for c, _ in container.named_children()))
         label = parent if whole and parent else name
         if not parts or parts[-1] != label:
             parts.append(label)
@@ -299,6 +303,7 @@ def _by_block(model: nn.Module, blocks: list[tuple[str, nn.Module]], selection: 
         report.skipped.append(name)
         report.reasons[name] = "outside the blocks (one-shot prunes the layers inside the blocks)"
     feeder = BlockFeeder(model, blocks, samples)
+    report.blocks = _describe(model, feeder.order)  # in the order the forward runs them
     report.full_captures = [feeder.order[p][0] for p in feeder.full_captures]
     with tqdm(total=len(blocks), desc=f"prune_oneshot[{report.method}]", unit="block", disable=not show,
               file=sys.stderr) as bar:
