@@ -1,10 +1,14 @@
 """Structural pruning: remove channels, convolution groups, attention heads and LSTM units for real.
 
-A dependency graph traced with ``torch.fx`` finds which dimensions are coupled
-(conv -> BatchNorm -> conv, residual additions, concatenation, chunk, flatten
-into a linear layer, depthwise and grouped convolutions, attention heads, LSTM
-hidden units); :func:`prune_channels` ranks the coupled units and rebuilds the
-layers smaller, keeping module names and ``state_dict`` keys.
+A dependency graph recorded from the model's real forward (a ``TorchFunctionMode``
+plus module hooks, so transformers models and vision backbones work) finds which
+dimensions are coupled (conv -> BatchNorm -> conv, residual additions,
+concatenation, chunk, flatten into a linear layer, depthwise and grouped
+convolutions, GroupNorm groups, channel shuffle, attention heads including
+grouped-query KV heads with their query groups, gated MLPs, LSTM hidden units);
+:func:`prune_channels` ranks the coupled units and slices the layers in place,
+keeping module objects, types, names and ``state_dict`` keys, and updates a
+transformers model's ``config``.
 :class:`StructuredPruner` zeroes whole units gradually during training and
 removes them at the end. :func:`register_surgery` teaches it a custom layer.
 

@@ -138,7 +138,7 @@ def stack(p: Any, func: Any, value: Any, args: tuple, kwargs: dict) -> Flow:
     parts = list(arg(args, kwargs, 0, "tensors"))
     out = _shape(value)
     new = arg(args, kwargs, 1, "dim", 0) % len(out)
-    flow = elementwise(p, func, parts[0].shape and torch.empty(0).new_empty(parts[0].shape), tuple(parts), {})
+    flow = elementwise(p, func, torch.empty(parts[0].shape, device="meta"), tuple(parts), {})
     if not flow.tracked:
         return Flow(out)
     return Flow(out, flow.dim + (new <= flow.dim), flow.atoms)
@@ -474,9 +474,8 @@ def getitem(p: Any, func: Any, value: Any, args: tuple, kwargs: dict) -> Any:
 
 def _index_dim(x: Flow, index: Any) -> int | None:
     items = list(index) if isinstance(index, tuple) else [index]
-    if any(isinstance(i, (Flow, list)) for i in items):
-        if sum(isinstance(i, (Flow, list)) for i in items) > 0 and not _before_channels(x, items):
-            return None
+    if any(isinstance(i, (Flow, list)) for i in items):  # advanced indexing moves dims around: stay safe
+        return None
     if Ellipsis in items:
         at = items.index(Ellipsis)
         fill = len(x.shape) - sum(i is not None for i in items if i is not Ellipsis)
@@ -488,15 +487,9 @@ def _index_dim(x: Flow, index: Any) -> int | None:
             continue
         if in_dim == x.dim:
             return out_dim if item == slice(None) else None
-        if isinstance(item, (Flow, list)):
-            return None
         in_dim += 1
         out_dim += not isinstance(item, int)
     return out_dim + (x.dim - in_dim)
-
-
-def _before_channels(x: Flow, items: list) -> bool:
-    return False
 
 
 def no_tensor(p: Any, func: Any, value: Any, args: tuple, kwargs: dict) -> Flow:
