@@ -77,11 +77,18 @@ def _ids(g: torch.Generator, batch: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, 6), generator=g)
 
 
+def _ids_and_mask(g: torch.Generator, batch: int) -> dict[str, torch.Tensor]:
+    """Keyword inputs (GPT-2's second positional parameter is its cache): ids and a right-padding mask."""
+    mask = torch.ones(batch, 6, dtype=torch.long)
+    mask[0, -2:] = 0
+    return {"input_ids": _ids(g, batch), "attention_mask": mask}
+
+
 def _pixels(g: torch.Generator, batch: int) -> torch.Tensor:
     return torch.randn(batch, 3, 16, 16, generator=g)
 
 
-CASES = {"gpt2": (_gpt2, _ids), "llama": (_llama, _ids), "bert": (_bert, _ids), "vit": (_vit, _pixels),
+CASES = {"gpt2": (_gpt2, _ids_and_mask), "llama": (_llama, _ids), "bert": (_bert, _ids), "vit": (_vit, _pixels),
          "cnn": (_cnn, _pixels)}
 
 
@@ -93,12 +100,12 @@ def _sparsify(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def _torch_outputs(model: nn.Module, x: torch.Tensor) -> list[np.ndarray]:
+def _torch_outputs(model: nn.Module, x) -> list[np.ndarray]:
     was = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x)
+            out = model(**x) if isinstance(x, dict) else model(x)
     finally:
         for m, t in was.items():
             m.training = t
@@ -126,7 +133,10 @@ def test_real_models_export_and_match_onnxruntime(family, tmp_path, single_threa
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for seed, batch in ((1, 2), (2, 3)):  # fresh inputs, another batch size too (dim 0 is dynamic)
         x = inputs(torch.Generator().manual_seed(seed), batch)
-        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        feeds = {k: v.numpy() for k, v in x.items()} if isinstance(x, dict) else {
+            session.get_inputs()[0].name: x.numpy()}
+        got = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()} if isinstance(x, dict)
+                          else feeds)
         want = _torch_outputs(model, x)
         assert len(got) == len(want)
         for a, b in zip(got, want):
@@ -142,7 +152,7 @@ def test_second_check_input_draws_token_ids_from_the_whole_vocabulary():
     second_ids, second_mask, second_pixels = ox._random_like(model, (ids, mask, pixels))
     assert second_ids.shape == ids.shape and second_ids.dtype == ids.dtype
     assert 0 <= int(second_ids.min()) and int(second_ids.max()) < VOCAB and int(second_ids.max()) >= 5
-    assert torch.equal(second_mask, mask)  # later integer inputs stay within the example's range
+    assert torch.equal(second_mask, mask)  # later integer inputs (masks, token types) stay as given
     assert second_pixels.shape == pixels.shape and not torch.equal(second_pixels, pixels)
     # Negative control: without an embedding, ids stay within the example's own range.
     plain, = ox._random_like(nn.Linear(2, 2), (ids,))

@@ -19,7 +19,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ class OnnxExport:
 
 def export_onnx(
     model: nn.Module,
-    example_input: torch.Tensor | Sequence[torch.Tensor],
+    example_input: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
     path: str | os.PathLike[str],
     *,
     quantize_dynamic: bool = False,
@@ -68,7 +68,9 @@ def export_onnx(
             ``generation_config.use_cache``) is ``False`` during the export, since a KV cache is no
             ONNX output, and restored after; a model whose output still holds a non-tensor object
             is refused.
-        example_input: a tensor or a tuple of tensors, as passed to ``model(...)``.
+        example_input: a tensor or a tuple of tensors, as passed to ``model(...)``, or a mapping
+            ``{argument name: tensor}`` passed as ``model(**example_input)`` (e.g. ``input_ids`` and
+            ``attention_mask`` of a transformers model; the ONNX inputs keep those names).
         path: destination ``.onnx`` file.
         quantize_dynamic: quantize weights to int8 with onnxruntime (activations are
             quantized on the fly at run time).
@@ -77,8 +79,8 @@ def export_onnx(
             since a batch of 1 specializes the graph).
         check: run onnxruntime on the example and on a random input of the same
             shapes (random floats; for the first integer input, random token ids over the whole
-            vocabulary of the model's input embedding; other integer inputs within the example's
-            range), and compare with torch.
+            vocabulary of the model's input embedding; later integer inputs such as attention
+            masks as given), and compare with torch.
         rtol: the largest ``max|onnx - torch| / max|torch|`` accepted for an
             unquantized export (quantized exports report the error but never fail on it).
 
@@ -99,16 +101,16 @@ def export_onnx(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx: model must be an nn.Module, got {type(model).__name__}")
-    inputs = _as_inputs(example_input)
+    inputs, names = _as_inputs(example_input)
     modes = {m: m.training for m in model.modules()}  # each module's own flag, not the root's broadcast
     model.eval()
     try:
         with _cache_disabled(model):
-            _refuse_caches(model, inputs)
-            data = _export(model, inputs, opset, dynamic_batch)
+            _refuse_caches(model, inputs, names)
+            data = _export(model, inputs, names, opset, dynamic_batch)
             if quantize_dynamic:
                 data = _quantize(data)
-            error = _check(model, inputs, data) if check else None
+            error = _check(model, inputs, data, names) if check else None
     finally:
         for module, training in modes.items():
             module.training = training
@@ -146,10 +148,14 @@ def _cache_disabled(model: nn.Module) -> Iterator[None]:
 _PLAIN = (torch.Tensor, int, float, bool, str, type(None))
 
 
-def _refuse_caches(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+def _call(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: tuple[str, ...] | None) -> Any:
+    return model(*inputs) if names is None else model(**dict(zip(names, inputs)))
+
+
+def _refuse_caches(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: tuple[str, ...] | None) -> None:
     """Run ``model`` once; raise a one-line error if its output holds anything but tensors (e.g. a KV cache)."""
     with torch.no_grad():
-        output = model(*inputs)
+        output = _call(model, inputs, names)
     leaves, _ = torch.utils._pytree.tree_flatten_with_path(output)
     for key, leaf in leaves:
         if not isinstance(leaf, _PLAIN):
@@ -171,14 +177,20 @@ def _cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:300]}"
 
 
-def _as_inputs(example: Any) -> tuple[torch.Tensor, ...]:
+def _as_inputs(example: Any) -> tuple[tuple[torch.Tensor, ...], tuple[str, ...] | None]:
+    """The example's tensors, and their keyword names (``None`` for positional inputs)."""
+    names = None
     if isinstance(example, torch.Tensor):
         inputs: tuple = (example,)
+    elif isinstance(example, Mapping):
+        names = tuple(example)
+        inputs = tuple(example.values()) if all(isinstance(n, str) for n in names) else ()
     else:
         inputs = tuple(example) if isinstance(example, (list, tuple)) else ()
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise TypeError("export_onnx: example_input must be a tensor or a non-empty tuple of tensors")
-    return inputs
+        raise TypeError("export_onnx: example_input must be a tensor, a non-empty tuple of tensors or a mapping "
+                        "{argument name: tensor}")
+    return inputs, names
 
 
 @contextlib.contextmanager
@@ -200,12 +212,16 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int | None, dynamic_batch: bool) -> bytes:
-    dynamic = tuple({0: torch.export.Dim.AUTO} if t.ndim else None for t in inputs) if dynamic_batch else None
+def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: tuple[str, ...] | None,
+            opset: int | None, dynamic_batch: bool) -> bytes:
+    dynamic: Any = tuple({0: torch.export.Dim.AUTO} if t.ndim else None for t in inputs) if dynamic_batch else None
+    args, kwargs = (inputs, None) if names is None else ((), dict(zip(names, inputs)))
+    if dynamic is not None and names is not None:
+        dynamic = dict(zip(names, dynamic))
     try:
         with _quiet(), torch.no_grad():
-            program = torch.onnx.export(model, inputs, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
-                                        verbose=False)
+            program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, opset_version=opset,
+                                        dynamic_shapes=dynamic, verbose=False)
     except ImportError:
         raise
     except Exception as exc:
@@ -242,16 +258,25 @@ def _needs_reduce_range() -> bool:
     return not any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-def _check(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: bytes) -> float:
+def _feeds(session: Any, batch: tuple[torch.Tensor, ...], names: tuple[str, ...] | None) -> dict[str, Any]:
+    """onnxruntime inputs: by name for keyword examples (the graph may drop unused ones), else in order."""
+    graph = [i.name for i in session.get_inputs()]
+    if names is not None and set(graph) <= set(names):
+        by_name = dict(zip(names, batch))
+        return {n: by_name[n].detach().cpu().numpy() for n in graph}
+    return {n: t.detach().cpu().numpy() for n, t in zip(graph, batch)}
+
+
+def _check(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: bytes,
+           names: tuple[str, ...] | None = None) -> float:
     import onnxruntime as ort
 
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     worst = 0.0
     for batch in (inputs, _random_like(model, inputs)):
         with torch.no_grad():
-            expected = _leaves(model(*batch))
-        feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), batch)}
-        got = session.run(None, feeds)
+            expected = _leaves(_call(model, batch, names))
+        got = session.run(None, _feeds(session, batch, names))
         if len(got) != len(expected):
             raise RuntimeError(f"export_onnx: the ONNX model has {len(got)} outputs, torch returns {len(expected)}")
         for ref, out in zip(expected, got):
@@ -281,23 +306,21 @@ def _vocab_size(model: nn.Module) -> int | None:
 
 
 def _random_like(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """A second input of the same shapes: random floats; random ids within the vocabulary for the first
-    integer input (token ids) and within the example's range for other integer inputs; booleans as given."""
+    """A second input of the same shapes: random floats; random ids for the first integer input (token ids:
+    over the vocabulary, or the example's range when it is unknown); later integer inputs (attention masks,
+    token types, positions) and booleans as given, since random values there need not be valid."""
     generator = torch.Generator().manual_seed(0)
     vocab = _vocab_size(model)
-    out = []
+    out, first_done = [], False
     for t in inputs:
         if t.is_floating_point():
             out.append(torch.randn(t.shape, generator=generator).to(t.dtype))
-        elif t.dtype == torch.bool or t.is_complex() or not t.numel():
+        elif t.dtype == torch.bool or t.is_complex() or not t.numel() or first_done:
             out.append(t)
         else:
-            if vocab is not None:
-                low, high = 0, vocab
-                vocab = None  # only the first integer input holds token ids
-            else:
-                low, high = int(t.min()), int(t.max()) + 1
+            low, high = (0, vocab) if vocab is not None else (int(t.min()), int(t.max()) + 1)
             out.append(torch.randint(low, high, t.shape, generator=generator).to(t.dtype))
+            first_done = True
     return tuple(out)
 
 
