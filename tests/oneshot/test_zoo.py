@@ -179,3 +179,26 @@ def test_untied_head_outside_the_blocks_is_pruned_in_one_pass():
     assert model.lm_head.weight is not model.get_input_embeddings().weight
     report = prune_oneshot(model, samples, method="wanda", sparsity=0.5, progress=False, blocks=False)
     assert "lm_head" in {r.name for r in report.layers} and report.skipped == []
+
+
+def test_samples_asking_for_a_cache_are_calibrated_without_one():
+    model, samples = family("llama", 0)
+    with_cache = [{**s, "use_cache": True} for s in samples]
+    other = family("llama", 0)[0]
+    prune_oneshot(model, with_cache, method="sparsegpt", sparsity=0.5, progress=False)
+    prune_oneshot(other, samples, method="sparsegpt", sparsity=0.5, progress=False)
+    for (n, p), q in zip(model.named_parameters(), other.parameters()):
+        assert torch.equal(p, q), n
+    cache = transformers.DynamicCache(config=model.config)
+    with pytest.raises(ValueError, match="must not carry a cache"):
+        prune_oneshot(model, [{**samples[0], "past_key_values": cache}], method="wanda", progress=False)
+
+
+def test_report_says_what_was_left_and_why():
+    model, samples = family("gpt2", 0)
+    report = prune_oneshot(model, samples, method="wanda", sparsity=0.5, progress=False)
+    assert report.skipped == ["lm_head"] and "tied input embedding transformer.wte.weight" in report.reasons["lm_head"]
+    assert report.full_captures == ["transformer.h.0"]  # every later block re-ran its pruned predecessor
+    model, samples = family("t5", 0)
+    report = prune_oneshot(model, samples, method="wanda", sparsity=0.5, progress=False)
+    assert report.full_captures == ["encoder.block.0", "decoder.block.0"]  # the decoder sees the pruned encoder
