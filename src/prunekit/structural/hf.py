@@ -50,7 +50,7 @@ def _child(module: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] |
 
 def _sync_attention(module: nn.Module) -> tuple[int, int | None, int] | None:
     """Set the head-count attributes of one attention module; ``(heads, kv_heads, head_dim)`` or ``None``."""
-    d = next((getattr(module, a) for a in ("head_dim", "attention_head_size") if type(getattr(module, a, None)) is int),
+    d = next((getattr(module, a) for a in ("head_dim", "attention_head_size", "key_value_proj_dim") if type(getattr(module, a, None)) is int),
              None)
     q, fused = _child(module, _Q), _child(module, _FUSED)
     if d is None or (q is None and fused is None):
@@ -60,8 +60,9 @@ def _sync_attention(module: nn.Module) -> tuple[int, int | None, int] | None:
     for attr in _HEADS:
         if type(getattr(module, attr, None)) is int:
             setattr(module, attr, heads)
-    if type(getattr(module, "all_head_size", None)) is int:
-        module.all_head_size = width
+    for attr in ("all_head_size", "inner_dim"):
+        if type(getattr(module, attr, None)) is int:
+            setattr(module, attr, width)
     if fused is not None and q is None and type(getattr(module, "split_size", None)) is int:
         module.split_size = width
     k = _child(module, _K)

@@ -453,7 +453,12 @@ def attention(p: Any, func: Any, value: Any, args: tuple, kwargs: dict) -> Flow:
             p.uf.unite(heads, tuple(t.atoms[h // rep] for h in range(hq)))
         else:
             p.uf.freeze(heads, f"{p.where()}: keys/values whose heads cannot change")
-    if isinstance(mask, Flow) and mask.is_tensor and len(mask.shape) >= 3 and mask.shape[-3] == hq != 1:
+    if isinstance(mask, Flow) and mask.tracked:  # a per-head bias (T5's relative positions): heads meet
+        if mask.dim == len(mask.shape) - 3 and mask.shape[-3] == hq:
+            p.uf.unite(heads, mask.atoms)
+        else:
+            p.uf.freeze(mask.atoms, f"{p.where()}: an attention mask whose channels cannot change")
+    elif isinstance(mask, Flow) and mask.is_tensor and len(mask.shape) >= 3 and mask.shape[-3] == hq != 1:
         p.uf.freeze(heads, f"{p.where()}: a per-head attention mask")
     del hk
     return Flow(out, len(out) - 3, heads)

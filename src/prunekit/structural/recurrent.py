@@ -30,7 +30,9 @@ from torch import nn
 
 from .flow import Flow
 from .graph import Context
-from .layers import kept, load_into
+import types
+
+from .layers import kept, load_into, slice_inplace
 from .registry import Keep, register_surgery
 
 __all__ = ["PrunedMultiheadAttention"]
@@ -126,7 +128,7 @@ def _additive_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tenso
 
 def couple_mha(m: nn.MultiheadAttention, ctx: Context, query: Flow, key: Flow, value: Flow, *args: Any,
                **kwargs: Any) -> tuple[Flow, Any]:
-    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+    if not (m._qkv_same_embed_dim or getattr(m, "_prunekit_pruned", False)) or m.bias_k is not None or m.add_zero_attn:
         ctx.fail("kdim/vdim different from embed_dim, add_bias_kv and add_zero_attn are not supported")
     e_in, inner = m.in_proj_weight.shape[1], m.in_proj_weight.shape[0] // 3
     d = inner // m.num_heads
@@ -162,18 +164,23 @@ def _weights_used(ctx: Context) -> bool:
 
 
 def rebuild_mha(m: nn.MultiheadAttention, keep: Keep) -> nn.Module:
-    e_in = kept(keep, "in_proj_weight", 1, m.in_proj_weight.shape[1])
+    """Slice in place; with heads gone the instance runs :class:`PrunedMultiheadAttention`'s forward.
+
+    ``type(m)`` stays; ``_qkv_same_embed_dim`` is cleared so that torch's fused
+    fast paths (``nn.TransformerEncoderLayer`` in inference), which assume
+    ``num_heads * head_dim == embed_dim``, are not taken.
+    """
     d = m.in_proj_weight.shape[0] // 3 // m.num_heads
-    inner = kept(keep, "in_proj_weight", 0, m.in_proj_weight.shape[0]) // 3
-    e_out = kept(keep, "out_proj.weight", 0, m.out_proj.out_features)
-    bias = m.in_proj_bias is not None
-    if e_in == inner == e_out and not isinstance(m, PrunedMultiheadAttention):
-        new: nn.Module = nn.MultiheadAttention(e_in, inner // d, dropout=m.dropout, bias=bias,
-                                               batch_first=m.batch_first)
-    else:
-        new = PrunedMultiheadAttention(e_in, inner // d, d, e_out, dropout=m.dropout, bias=bias,
-                                       batch_first=m.batch_first)
-    return load_into(new, m, keep)
+    slice_inplace(m, keep)
+    inner = m.in_proj_weight.shape[0] // 3
+    m.embed_dim = m.kdim = m.vdim = m.in_proj_weight.shape[1]
+    m.num_heads, m.head_dim = inner // d, d
+    m.out_proj.in_features, m.out_proj.out_features = inner, m.out_proj.weight.shape[0]
+    if not isinstance(m, PrunedMultiheadAttention) and (inner != m.embed_dim or m.out_proj.out_features != m.embed_dim):
+        m.forward = types.MethodType(PrunedMultiheadAttention.forward, m)
+        m._qkv_same_embed_dim = False
+        m._prunekit_pruned = True
+    return m
 
 
 def couple_lstm(m: nn.LSTM, ctx: Context, x: Flow, hx: Any = None) -> tuple[Flow, tuple[Flow, Flow]]:
