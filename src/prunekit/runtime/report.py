@@ -12,7 +12,7 @@ __all__ = ["AccelerationReport", "LayerChoice"]
 
 @dataclass
 class LayerChoice:
-    """The decision for one ``nn.Linear`` or ``nn.Conv2d``.
+    """The decision for one replaceable layer (``nn.Linear`` / ``nn.Conv2d`` or subclass, transformers ``Conv1D``).
 
     Attributes:
         name: module name in the model.
@@ -25,8 +25,9 @@ class LayerChoice:
             ``format == "prunekit-rows"``, else ``None``.
         pattern: ``"n:m"`` when ``format == "prunekit-nm"``, else ``None``.
         timings_ms: median milliseconds per call for every timed candidate (empty if not timed).
-        notes: why candidates were skipped (below ``min_sparsity``, not blocky, unavailable, ...).
-        kind: the layer's class name (``"Linear"``, ``"Conv2d"``).
+        notes: why candidates were skipped (below ``min_sparsity``, not blocky, unavailable, a subclass
+            whose own forward is not reproduced, ...).
+        kind: the layer's class name (``"Linear"``, ``"Conv2d"``, ``"Conv1D"``, a subclass's name).
     """
 
     name: str
@@ -55,7 +56,7 @@ class AccelerationReport:
     """Per-layer choices plus the end-to-end check against the dense-with-zeros oracle.
 
     Attributes:
-        layers: one :class:`LayerChoice` per ``nn.Linear``, in model order.
+        layers: one :class:`LayerChoice` per replaceable layer, in model order.
         max_relative_error: ``max|y - y_dense| / max|y_dense|`` over the model's outputs on ``example_input``.
         repeats: timed calls per candidate.
         threads: ``torch.get_num_threads()`` during timing.
