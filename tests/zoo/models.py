@@ -167,8 +167,10 @@ HF_FAMILIES: dict[str, Family] = {f.name: f for f in (
            "resnet.encoder.stages"),
     Family("mobilenet_v2", _hf("MobileNetV2ForImageClassification", "MobileNetV2Config", depth_multiplier=0.25,
                                image_size=IMAGE, num_labels=10), _pixels, "vision", "mobilenet_v2.layer"),
-    Family("convnext", _hf("ConvNextForImageClassification", "ConvNextConfig", num_stages=2, hidden_sizes=[16, 32], depths=[1, 1],
-                           num_labels=10), _pixels, "vision", "convnext.encoder.stages"),
+    # layer scale 1 instead of 1e-6: a trained ConvNeXt's blocks matter; at 1e-6 they barely touch the output
+    Family("convnext", _hf("ConvNextForImageClassification", "ConvNextConfig", num_stages=2, hidden_sizes=[16, 32],
+                           depths=[1, 1], layer_scale_init_value=1.0, num_labels=10), _pixels, "vision",
+           "convnext.encoder.stages"),
 )}
 
 
