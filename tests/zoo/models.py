@@ -4,9 +4,8 @@ Each :class:`Family` builds a model in eval mode from a seed and gives a
 matching example input (a mapping of keyword arguments: token ids with an
 attention mask whose second row is padded for language models, ``pixel_values``
 for vision models, ``x`` for the plain torch models). :func:`output` picks the
-tensor to compare (``logits``, ``last_hidden_state`` or the plain output), and
-:func:`positional` orders an input for the APIs that take positional tensors
-(``export_onnx``, ``prune_channels``).
+tensor to compare (``logits``, ``last_hidden_state`` or the plain output).
+Every API under test takes the mapping as it is (``model(**inputs)``).
 
 Sizes are tiny on purpose (hidden 32-64, 2 layers, vocab <= 128, images 32 px):
 the zoo checks structure and exact equivalence, not quality.
@@ -20,8 +19,7 @@ Example:
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -30,7 +28,7 @@ from torch import nn
 
 from prunekit.models import LeNet5, RowLSTM
 
-__all__ = ["Family", "FAMILIES", "HF_FAMILIES", "TORCH_FAMILIES", "output", "positional", "SamePadConv2d",
+__all__ = ["Family", "FAMILIES", "HF_FAMILIES", "TORCH_FAMILIES", "output", "SamePadConv2d",
            "EfficientNetLike", "TransformerEncoderNet"]
 
 VOCAB = 96
@@ -61,7 +59,6 @@ class Family:
     blocks: str | bool = False
     first_in_last_block: str | None = None
     source: str = "transformers"
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def output(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -74,26 +71,6 @@ def output(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor
     if isinstance(out, (tuple, list)):
         return out[0]
     return out
-
-
-def positional(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """``inputs`` as positional arguments of ``model.forward``: the longest run of leading parameters it fills.
-
-    GPT-2's second parameter is its cache, so only ``input_ids`` goes positionally there.
-
-    Example:
-        >>> positional(LeNet5(), {"x": torch.zeros(1, 1, 28, 28)})[0].shape
-        torch.Size([1, 1, 28, 28])
-    """
-    params = [p for p in inspect.signature(model.forward).parameters if p != "self"]
-    args = []
-    for name in params:
-        if name not in inputs:
-            break
-        args.append(inputs[name])
-    if not args:
-        raise ValueError(f"positional: {type(model).__name__}.forward starts with {params[:1]}, not one of {list(inputs)}")
-    return tuple(args)
 
 
 # -- inputs ---------------------------------------------------------------------------------------
