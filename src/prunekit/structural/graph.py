@@ -152,21 +152,35 @@ class DependencyGraph:
     :meth:`unit_of` maps an atom to its unit (or ``None`` when frozen).
     ``size_attrs`` lists ``(module path, attribute, atoms)``: an int attribute
     the forward uses as a size, to be set to the number of kept atoms.
+    ``surgeries`` maps module paths to surgeries found for this model only
+    (RMS norms when ``hidden=True``); ``hidden`` tells whether hidden-size
+    pruning through RMS norms was asked for.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, hidden: bool = False) -> None:
         self.model = model
+        self.hidden = hidden
         self.uf = UnionFind()
         self.members: list[Member] = []
         self.size_attrs: list[tuple[str, str, tuple[int, ...]]] = []
+        self.surgeries: dict[str, Any] = {}
         self._by_key: dict[tuple[str, str, int], Member] = {}
+        self._by_tensor: dict[tuple[int, int], Member] = {}
 
     def add_member(self, member: Member) -> None:
-        """Record a member; a layer called twice (shared weights) couples its two calls' channels."""
+        """Record a member; a layer called twice (shared weights) couples its two calls' channels.
+
+        A tensor reached under two names (a token embedding tied to the output
+        head) couples its slices too: one parameter is cut one way.
+        """
         key = (member.path, member.param, member.dim)
         if key in self._by_key:
             self.uf.unite(self._by_key[key].atoms, member.atoms)
             return
+        tensor = _tensor(self.module(member.path), member.param)
+        same = self._by_tensor.setdefault((id(tensor), member.dim), member)
+        if same is not member and len(same.atoms) == len(member.atoms):
+            self.uf.unite(same.atoms, member.atoms)
         self._by_key[key] = member
         self.members.append(member)
 
@@ -247,7 +261,8 @@ class _Recorder(TorchFunctionMode):
         return value
 
 
-def build_graph(model: nn.Module, example_input: Any, ignore: Iterable[str | type] | None = None) -> DependencyGraph:
+def build_graph(model: nn.Module, example_input: Any, ignore: Iterable[str | type] | None = None, *,
+                hidden: bool = False) -> DependencyGraph:
     """Run ``model`` on ``example_input`` and return its :class:`DependencyGraph`.
 
     Args:
@@ -256,6 +271,12 @@ def build_graph(model: nn.Module, example_input: Any, ignore: Iterable[str | typ
             dict of keyword arguments (``model(**inputs)``, e.g. ``{"input_ids": ids}``).
         ignore: module paths or types whose channels are never pruned; they run
             as black boxes, so an unsupported layer can be listed here.
+        hidden: let RMS-type norms (Llama, Qwen2, Mistral, Gemma, T5, ``nn.RMSNorm``)
+            carry their channels instead of freezing them, so the hidden size
+            (residual stream) of such models becomes one prunable group (see
+            :mod:`prunekit.structural.rmsnorm`). Off by default: the hidden
+            size is frozen by the norms' statistics, as before. LayerNorm
+            (mean-centering) freezes its channels either way.
 
     Raises:
         GraphError: an op or layer the graph cannot follow (the message names
@@ -272,8 +293,10 @@ def build_graph(model: nn.Module, example_input: Any, ignore: Iterable[str | typ
     if not isinstance(model, nn.Module):
         raise TypeError(f"build_graph: model must be an nn.Module, got {type(model).__name__}")
     check_example_input("build_graph", example_input)
-    graph = DependencyGraph(model)
+    graph = DependencyGraph(model, hidden=hidden)
     capture = Capture(graph, ignore)
+    if hidden:
+        graph.surgeries = capture.rms_surgeries()
     was_training = model.training
     model.eval()  # running statistics must not move
     handles = capture.install()

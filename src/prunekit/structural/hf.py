@@ -106,7 +106,47 @@ def sync_transformers(model: nn.Module) -> list[str]:
             changes[key] = widths[0]
         elif len(set(widths)) > 1:
             notes.append(f"layers keep different MLP widths {sorted(set(widths))}: config cannot express it")
+    changes.update(_hidden_changes(model, config))
     return notes + _apply_config(model, config, changes)
+
+
+_EPS_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_eps", "rms_norm_epsilon")
+_SIZE_ATTRS = ("hidden_size", "embed_dim", "d_model", "n_embd")
+_HEAD_KEYS = ("num_attention_heads", "head_dim", "num_key_value_heads")
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """``model.get_input_embeddings()`` of a transformers model, or ``None`` (vision models raise there)."""
+    try:
+        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return embed if isinstance(embed, nn.Module) else None
+
+
+def _hidden_changes(model: nn.Module, config: Any) -> dict[str, Any]:
+    """``hidden_size`` (and the RMS norms' rescaled eps) when the token embedding became narrower."""
+    width = getattr(input_embeddings(model), "embedding_dim", None)
+    if type(width) is not int or type(getattr(config, "hidden_size", None)) is not int or width == config.hidden_size:
+        return {}
+    from .rmsnorm import rms_norm_info
+
+    changes: dict[str, Any] = {"hidden_size": width}
+    for module in model.modules():  # sizes kept for reference (LlamaMLP.hidden_size): the stream's new width
+        for attr in _SIZE_ATTRS:
+            if type(getattr(module, attr, None)) is int and getattr(module, attr) == config.hidden_size:
+                setattr(module, attr, width)
+    eps = set()
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.ndim == 1 and weight.numel() == width:
+            info = rms_norm_info(module)
+            if info is not None:
+                eps.add(getattr(module, info.eps_attr))
+    key = next((k for k in _EPS_KEYS if isinstance(getattr(config, k, None), float)), None)
+    if len(eps) == 1 and key is not None:
+        changes[key] = eps.pop()
+    return changes
 
 
 def _is_mlp(module: nn.Module) -> bool:
@@ -115,20 +155,29 @@ def _is_mlp(module: nn.Module) -> bool:
 
 
 def _apply_config(model: nn.Module, config: Any, changes: dict[str, Any]) -> list[str]:
-    """Apply ``changes`` to ``config`` keeping only what builds the pruned shapes; notes for the rest."""
+    """Apply ``changes`` to ``config`` keeping only what builds the pruned shapes; notes for the rest.
+
+    A hidden-size change is kept only together with everything it implies (a
+    fresh model must have the same constants, e.g. norm eps and embedding
+    scales); otherwise ``config.hidden_size`` stays and a note says why.
+    """
     changes = {k: v for k, v in changes.items() if getattr(config, k, None) != v}
     if not changes and _builds(model, config):
         return []
-    for subset in (changes, {k: v for k, v in changes.items() if k not in ("num_attention_heads", "head_dim",
-                                                                            "num_key_value_heads")}):
+    hidden_keys = ("hidden_size", *_EPS_KEYS)
+    without_heads = {k: v for k, v in changes.items() if k not in _HEAD_KEYS}
+    without_hidden = {k: v for k, v in changes.items() if k not in hidden_keys}
+    trials = [changes, without_heads, without_hidden, {k: v for k, v in without_heads.items() if k not in hidden_keys}]
+    for subset in trials:
         trial = copy.deepcopy(config)
         for key, value in subset.items():
             setattr(trial, key, value)
         if _builds(model, trial):
             for key, value in subset.items():
                 setattr(config, key, value)
-            return []
-    kept = {k: v for k, v in changes.items() if k not in ("num_attention_heads", "head_dim", "num_key_value_heads")}
+            dropped = {k for k in changes if k not in subset and k in hidden_keys}
+            return [_hidden_note(model, changes, trials[0])] if dropped else []
+    kept = {k: v for k, v in changes.items() if k not in _HEAD_KEYS and k not in hidden_keys}
     for key, value in kept.items():
         setattr(config, key, value)
     why = ("per-layer channel counts" if not changes else
@@ -139,13 +188,47 @@ def _apply_config(model: nn.Module, config: Any, changes: dict[str, Any]) -> lis
             "then load the weights"]
 
 
-def _builds(model: nn.Module, config: Any) -> bool:
-    """Whether ``type(model)(config)`` has exactly the model's parameter shapes (built on the meta device)."""
+def _hidden_note(model: nn.Module, changes: dict[str, Any], tried: dict[str, Any]) -> str:
+    trial = copy.deepcopy(model.config)
+    for key, value in tried.items():
+        setattr(trial, key, value)
+    why = _mismatch(model, trial) or "it does not build"
+    return (f"{type(model).__name__}.config keeps hidden_size={model.config.hidden_size}: a model built with "
+            f"hidden_size={changes['hidden_size']} would differ ({why}); save_pretrained/from_pretrained will not "
+            "round-trip. Reload with prunekit.structural.apply_shapes(ModelClass(config), report.shapes), then load "
+            "the weights")
+
+
+def _constants(model: nn.Module) -> dict[str, int | float]:
+    """Every int/float attribute of every module (eps, scales, head counts): what a fresh build must match."""
+    return {f"{path}.{attr}" if path else attr: value for path, module in model.named_modules()
+            for attr, value in vars(module).items() if type(value) in (int, float) and not attr.startswith("_")}
+
+
+def _mismatch(model: nn.Module, config: Any) -> str | None:
+    """Why ``type(model)(config)`` (built on the meta device) differs from ``model``, or ``None``.
+
+    Parameter shapes must match, and so must the float attributes of the
+    modules both have (a norm's eps, an embedding scale) and the int ones that
+    still hold ``model.config.hidden_size`` (T5's ``model_dim`` scale).
+    """
     try:
         with torch.device("meta"):
             fresh = type(model)(copy.deepcopy(config))
-    except Exception:  # a config the class rejects
-        return False
+    except Exception as exc:  # a config the class rejects
+        return f"the class rejects the config: {type(exc).__name__}"
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    return all(theirs.get(k, s) == s for k, s in mine.items()) and set(theirs) <= set(mine) | set(theirs)
+    shapes = [k for k, s in mine.items() if theirs.get(k, s) != s]
+    if shapes:
+        return f"shapes of {shapes[:3]}"
+    here, there = _constants(model), _constants(fresh)
+    old_width = model.config.hidden_size  # ints only where they still hold the unpruned width (T5's model_dim)
+    diff = [f"{k}={here[k]!r} vs {there[k]!r}" for k in here if k in there and there[k] != here[k]
+            and (type(here[k]) is float or here[k] == old_width)]
+    return f"constants {', '.join(diff[:3])}" if diff else None
+
+
+def _builds(model: nn.Module, config: Any) -> bool:
+    """Whether ``type(model)(config)`` has exactly the model's parameter shapes and constants."""
+    return _mismatch(model, config) is None

@@ -183,11 +183,15 @@ def rebuild_batchnorm(m: nn.modules.batchnorm._BatchNorm, keep: Keep) -> nn.Modu
     return m
 
 
+_CENTERING = ("; its mean-centering over the removed (zeroed) channels cannot be reproduced at a smaller width, "
+              "so the hidden size stays (only RMS-type norms allow hidden-size pruning)")
+
+
 def couple_layernorm(m: nn.LayerNorm, ctx: Context, x: Flow, *rest: Any) -> Flow:
     """Statistics span every channel: the channels it normalizes are frozen (also channels-first ports)."""
     if not x.tracked:
         return ctx.untracked()
-    ctx.freeze(x.atoms, "LayerNorm statistics span every channel")
+    ctx.freeze(x.atoms, "LayerNorm statistics span every channel" + (_CENTERING if ctx.graph.hidden else ""))
     if len(m.normalized_shape) == 1 and x.dim == len(x.shape) - 1 and x.shape[-1] == m.normalized_shape[0]:
         _norm_members(m, ctx, x.atoms)
     if isinstance(ctx.value, torch.Tensor) and tuple(ctx.value.shape) == x.shape:

@@ -39,6 +39,22 @@ class Capture:
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 
+    def rms_surgeries(self) -> dict[str, Any]:
+        """Surgeries for the model's RMS norms (probed now, before the recorded forward)."""
+        from .rmsnorm import rms_norm_info, rms_surgery
+
+        found = {}
+        for path, module in self.graph.model.named_modules():
+            if not self.ignored(module, path):
+                info = rms_norm_info(module)
+                if info is not None:
+                    found[path] = rms_surgery(info)
+        return found
+
+    def surgery(self, module: nn.Module, path: str) -> Any:
+        """The surgery for ``module`` at ``path``: one found for this model, else the registered one."""
+        return self.graph.surgeries.get(path) or find_surgery(type(module))
+
     def ignored(self, module: nn.Module, path: str) -> bool:
         """Whether ``module`` at ``path`` is kept whole and never pruned."""
         return path in self.ignore_paths or isinstance(module, self.ignore_types)
@@ -132,7 +148,7 @@ class Capture:
         return handles
 
     def _is_opaque(self, module: nn.Module, path: str) -> bool:
-        return self.ignored(module, path) or find_surgery(type(module)) is not None
+        return self.ignored(module, path) or self.surgery(module, path) is not None
 
     def _pre(self, path: str) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -162,7 +178,7 @@ class Capture:
                 if flow.tracked:
                     self.uf.freeze(flow.atoms, f"'{path}' is in ignore")
             return untracked_flow(value)
-        surgery = find_surgery(type(module))
+        surgery = self.surgery(module, path)
         return surgery.couple(module, Context(self.graph, path, module, value), *fargs, **fkwargs)
 
     def finish(self, output: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -14,7 +15,7 @@ from ..granularity import lowest_k, prune_count
 from .flow import GraphError
 from .graph import DependencyGraph, build_graph, call_model
 from .groups import Group, find_groups, kept_indices, param_masks
-from .hf import sync_transformers
+from .hf import input_embeddings, sync_transformers
 from .importance import METHODS, Importance, group_scores
 from .macs import count_macs, count_params
 from .surgery import Shapes, shrink
@@ -116,6 +117,7 @@ def prune_channels(
     ignore: Iterable[str | type] | None = None,
     loss_fn: Callable[[nn.Module], torch.Tensor] | None = None,
     verify: bool = True,
+    hidden_sparsity: float | None = None,
 ) -> tuple[nn.Module, StructuralReport]:
     """Remove the least important ``sparsity`` fraction of every group's units, physically, in place.
 
@@ -138,6 +140,18 @@ def prune_channels(
             model with the removed units zeroed computes (one extra forward);
             a :class:`GraphError` if not. A transformers model's attributes and
             ``config`` are updated too (see :mod:`prunekit.structural.hf`).
+        hidden_sparsity: opt-in hidden-size (residual stream) pruning: the
+            fraction of the channels normalized by RMS-type norms (Llama, Qwen2,
+            Mistral, Gemma, T5, ``nn.RMSNorm``) to remove, as one group over the
+            token embedding (and a tied output head: one parameter, cut once),
+            every norm on the stream (``eps`` and weights rescaled so the function
+            is unchanged, see :mod:`prunekit.structural.rmsnorm`), every layer
+            reading from or writing to it, the final norm and the head. ``None``
+            (default) keeps the hidden size, as before. A stream normalized by a
+            mean-centering LayerNorm (GPT-2, BERT, ViT, OPT) stays frozen and
+            ``report.notes`` says why. ``config.hidden_size`` (and the norms'
+            eps) follow when a model built from the config has the pruned shapes
+            and constants; otherwise a note says to reload with ``apply_shapes``.
 
     Returns:
         ``(model, report)``; ``report.shapes`` rebuilds the architecture later.
@@ -158,13 +172,19 @@ def prune_channels(
     _check_importance(importance)
     if importance == "taylor" and loss_fn is None:
         raise ValueError("prune_channels: importance='taylor' needs loss_fn (model -> scalar loss)")
-    graph = build_graph(model, example_input, ignore)
+    if hidden_sparsity is not None:
+        hidden_sparsity = check_sparsity("prune_channels", "hidden_sparsity", hidden_sparsity)
+    graph = build_graph(model, example_input, ignore, hidden=hidden_sparsity is not None)
     groups = find_groups(graph)
     if loss_fn is not None:
         _gradients(model, loss_fn)
     scores = score_groups(model, groups, importance, reduction)
-    keeps = {name: select_units(s, sparsity, round_to) for name, s in scores.items()}
-    return remove(graph, groups, keeps, example_input, verify=verify)
+    hidden = {g.name for g in hidden_groups(graph, groups)}
+    keeps = {name: select_units(s, hidden_sparsity if name in hidden else sparsity, round_to)
+             for name, s in scores.items()}
+    notes = hidden_notes(graph, groups) if hidden_sparsity is not None else ()
+    model, report = remove(graph, groups, keeps, example_input, verify=verify)
+    return model, dataclasses.replace(report, notes=notes + report.notes)
 
 
 def remove(graph: DependencyGraph, groups: Sequence[Group], keeps: dict[str, torch.Tensor],
@@ -174,7 +194,9 @@ def remove(graph: DependencyGraph, groups: Sequence[Group], keeps: dict[str, tor
     macs_before, params_before = count_macs(model, example_input), count_params(model)
     model.zero_grad(set_to_none=True)
     expected = _masked_outputs(graph, groups, keeps, example_input) if verify else None
-    model, shapes = shrink(model, kept_indices(list(groups), keeps))
+    aliases = _aliases(model)
+    model, shapes = shrink(model, kept_indices(list(groups), keeps), graph.surgeries)
+    _retie(model, aliases)
     _set_size_attributes(graph, groups, keeps)
     notes = tuple(sync_transformers(model))
     if expected is not None:
@@ -183,6 +205,52 @@ def remove(graph: DependencyGraph, groups: Sequence[Group], keeps: dict[str, tor
     report = StructuralReport(params_before, count_params(model), macs_before, count_macs(model, example_input),
                               results, shapes, notes)
     return model, report
+
+
+def hidden_groups(graph: DependencyGraph, groups: Sequence[Group]) -> list[Group]:
+    """The groups whose channels an RMS norm normalizes (the residual stream of a Llama-like model)."""
+    return [g for g in groups if any(s.member.path in graph.surgeries and s.member.param == "weight"
+                                     for s in g.slots)]
+
+
+def hidden_notes(graph: DependencyGraph, groups: Sequence[Group]) -> tuple[str, ...]:
+    """Why the hidden size stays, when ``hidden_sparsity`` was asked for and no stream group exists."""
+    if hidden_groups(graph, groups):
+        return ()
+    model = graph.model
+    embed = input_embeddings(model)
+    paths = {p for p, m in model.named_modules() if m is embed or isinstance(m, nn.LayerNorm)}
+    paths |= set(graph.surgeries)
+    reasons = graph.frozen_reasons()
+    for member in graph.members:
+        key = f"{member.path}.{member.param}[{member.dim}]"
+        if member.path in paths and key in reasons and (member.dim == 1 or member.path not in {
+                p for p, m in model.named_modules() if m is embed}):
+            return (f"hidden size kept: {key} is frozen ({reasons[key]})",)
+    return ("hidden size kept: no RMS-type norm carries prunable channels in this model",)
+
+
+def _aliases(model: nn.Module) -> list[list[str]]:
+    """Names of every parameter reached under more than one name (tied embeddings)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [n for n in names.values() if len(n) > 1]
+
+
+def _retie(model: nn.Module, aliases: list[list[str]]) -> None:
+    """After slicing, each former alias points at the first name's new parameter again (one tensor, one cut)."""
+    for names in aliases:
+        first = model.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            other = module._parameters[leaf]
+            if other is first:
+                continue
+            if other.shape != first.shape or not torch.equal(other, first):
+                raise GraphError(f"internal: tied parameters {names[0]!r} and {name!r} were cut differently")
+            module._parameters[leaf] = first
 
 
 def _outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor]:

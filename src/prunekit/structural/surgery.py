@@ -15,26 +15,28 @@ import torch
 from torch import nn
 
 from .layers import slice_inplace
-from .registry import Keep, find_surgery
+from .registry import Keep, Surgery, find_surgery
 
 __all__ = ["shrink", "apply_shapes", "Shapes"]
 
 Shapes = dict[str, dict[str, list[int]]]
 
 
-def shrink(model: nn.Module, keep: Mapping[str, Keep]) -> tuple[nn.Module, Shapes]:
+def shrink(model: nn.Module, keep: Mapping[str, Keep],
+           surgeries: Mapping[str, Surgery] | None = None) -> tuple[nn.Module, Shapes]:
     """Rebuild the layers named in ``keep`` (``{path: {tensor: {dim: kept indices}}}``) smaller.
 
     Returns the model (a new object only when the model itself is the layer
     rebuilt) and ``{path: {tensor: shape}}`` of every rebuilt layer. Layers with
     a built-in surgery are sliced in place (same object, same type); a module
     without a surgery only ever loses entries of its own parameters (a layer
-    scale multiplied in its ``forward``), sliced in place too.
+    scale multiplied in its ``forward``), sliced in place too. ``surgeries``
+    (by path) take precedence over the registered ones (the graph's RMS norms).
     """
     shapes: Shapes = {}
     for path, layer_keep in keep.items():
         module = model.get_submodule(path)
-        surgery = find_surgery(type(module))
+        surgery = (surgeries or {}).get(path) or find_surgery(type(module))
         if surgery is None:
             if any("." in name for name in layer_keep):
                 raise TypeError(f"cannot rebuild '{path}' ({type(module).__name__}): no surgery registered")
@@ -98,11 +100,24 @@ def apply_shapes(model: nn.Module, shapes: Mapping[str, Mapping[str, object]]) -
             for dim, (s, o) in enumerate(zip(shape, old)):
                 if s != o:
                     keep.setdefault(path, {}).setdefault(name, {})[dim] = torch.arange(s)
-    model = shrink(model, keep)[0]
+    model = shrink(model, keep, _rms_surgeries(model, keep))[0]
     from .hf import sync_transformers
 
     sync_transformers(model)
     return model
+
+
+def _rms_surgeries(model: nn.Module, keep: Mapping[str, Keep]) -> dict[str, Surgery]:
+    """RMS norms whose weight shrinks: only hidden-size pruning does that, and it rescaled their eps."""
+    from .rmsnorm import rms_norm_info, rms_surgery
+
+    found = {}
+    for path in keep:
+        module = model.get_submodule(path)
+        info = rms_norm_info(module) if find_surgery(type(module)) is None else None
+        if info is not None:
+            found[path] = rms_surgery(info)
+    return found
 
 
 def _shapes_of_state(model: nn.Module, state: Mapping[str, object]) -> Shapes:
