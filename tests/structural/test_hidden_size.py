@@ -228,3 +228,43 @@ def test_hidden_sparsity_is_validated() -> None:
     with pytest.raises(ValueError, match="hidden_sparsity"):
         prune_channels(model, _tokens(torch.Generator().manual_seed(0)), hidden_sparsity=1.5)
     assert math.isclose(model.config.rms_norm_eps, 1e-6)
+
+
+# -- mean-centering LayerNorm: the hidden size stays, and the report says why ------------------------
+
+_CENTERING = ("LayerNorm statistics span every channel; its mean-centering over the removed (zeroed) channels "
+              "cannot be reproduced at a smaller width, so the hidden size stays (only RMS-type norms allow "
+              "hidden-size pruning)")
+
+
+def _opt() -> nn.Module:
+    return T.OPTForCausalLM(T.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48,
+                                        vocab_size=VOCAB, max_position_embeddings=16, word_embed_proj_dim=32,
+                                        use_cache=False))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "vit", "opt"])
+def test_layernorm_streams_keep_their_hidden_size_with_the_reason(name: str) -> None:
+    from real_zoo import hf_models, make_input
+
+    factory, kind = (_opt, "tokens") if name == "opt" else hf_models()[name]
+    model = randomize(factory(), 0)
+    x = make_input(kind, torch.Generator().manual_seed(0))
+    pruned, report = prune_channels(copy.deepcopy(model), x, 0.3, hidden_sparsity=0.5)
+    assert len(report.notes) >= 1 and report.notes[0].startswith("hidden size kept: ")
+    assert _CENTERING in report.notes[0]
+    if name != "vit":  # ViT's stream meets the class token first; the LayerNorm reason comes second
+        assert report.notes[0].split(" is frozen (")[1].split(": ", 1)[1].startswith(_CENTERING)
+    assert pruned.config.hidden_size == model.config.hidden_size == 32
+    default, _ = prune_channels(copy.deepcopy(model), x, 0.3)  # the rest is pruned exactly as without the option
+    assert {k: v.shape for k, v in pruned.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
+    probe = make_input(kind, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(logits(pruned(probe)), logits(default(probe)))
+
+
+def test_models_without_norms_on_a_stream_say_so() -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    pruned, report = prune_channels(net, torch.randn(3, 4), 0.5, hidden_sparsity=0.5)
+    assert report.notes == ("hidden size kept: no token embedding or norm carries prunable channels in this model",)
+    assert pruned[0].out_features == 4  # ordinary channels still follow sparsity

@@ -65,6 +65,7 @@ class UnionFind:
     def __init__(self) -> None:
         self._parent: list[int] = []
         self._frozen: dict[int, str] = {}
+        self._more: dict[int, list[str]] = {}  # every other reason a class was frozen for, in order
 
     def new(self, n: int) -> tuple[int, ...]:
         """``n`` fresh atoms, each in its own class."""
@@ -91,7 +92,9 @@ class UnionFind:
             if ra != rb:
                 self._parent[rb] = ra
                 if rb in self._frozen:
-                    self._frozen.setdefault(ra, self._frozen.pop(rb))
+                    self._note(ra, self._frozen.pop(rb))
+                    for reason in self._more.pop(rb, ()):
+                        self._note(ra, reason)
 
     def unite_all(self, atoms: Sequence[int]) -> None:
         """Put every atom of ``atoms`` in one class."""
@@ -101,8 +104,19 @@ class UnionFind:
     def freeze(self, atoms: Sequence[int], reason: str) -> None:
         """Mark the classes of ``atoms`` as never pruned, keeping the first reason given."""
         for atom in atoms:
-            self._frozen.setdefault(self.find(atom), reason)
+            self._note(self.find(atom), reason)
+
+    def _note(self, root: int, reason: str) -> None:
+        first = self._frozen.setdefault(root, reason)
+        more = self._more.setdefault(root, [])
+        if reason != first and reason not in more and len(more) < 16:
+            more.append(reason)
 
     def frozen_reason(self, atom: int) -> str | None:
         """Why ``atom``'s class is frozen, or ``None`` if it may be pruned."""
         return self._frozen.get(self.find(atom))
+
+    def all_reasons(self, atom: int) -> list[str]:
+        """Every reason ``atom``'s class was frozen for (the first first; at most 17)."""
+        root = self.find(atom)
+        return [self._frozen[root], *self._more.get(root, ())] if root in self._frozen else []

@@ -217,17 +217,19 @@ def hidden_notes(graph: DependencyGraph, groups: Sequence[Group]) -> tuple[str, 
     """Why the hidden size stays, when ``hidden_sparsity`` was asked for and no stream group exists."""
     if hidden_groups(graph, groups):
         return ()
-    model = graph.model
-    embed = input_embeddings(model)
-    paths = {p for p, m in model.named_modules() if m is embed or isinstance(m, nn.LayerNorm)}
-    paths |= set(graph.surgeries)
-    reasons = graph.frozen_reasons()
-    for member in graph.members:
-        key = f"{member.path}.{member.param}[{member.dim}]"
-        if member.path in paths and key in reasons and (member.dim == 1 or member.path not in {
-                p for p, m in model.named_modules() if m is embed}):
-            return (f"hidden size kept: {key} is frozen ({reasons[key]})",)
-    return ("hidden size kept: no RMS-type norm carries prunable channels in this model",)
+    embed = input_embeddings(graph.model)
+    norms = {p for p, m in graph.model.named_modules() if isinstance(m, nn.LayerNorm)} | set(graph.surgeries)
+    stream = next((m for m in graph.members if embed is not None and m.dim == 1 and
+                   graph.module(m.path) is embed), None)
+    stream = stream or next((m for m in graph.members if m.path in norms and m.dim == 0), None)
+    if stream is None:
+        return ("hidden size kept: no token embedding or norm carries prunable channels in this model",)
+    reasons = graph.uf.all_reasons(stream.atoms[0])
+    if not reasons:
+        return ()
+    centering = [] if "mean-centering" in reasons[0] else [r for r in reasons if "mean-centering" in r][:1]  # the reason that holds even if the first goes
+    return (f"hidden size kept: {stream.path}.{stream.param}[{stream.dim}] is frozen ({reasons[0]})"
+            + "".join(f"; also ({r})" for r in centering),)
 
 
 def _aliases(model: nn.Module) -> list[list[str]]:
