@@ -50,9 +50,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if report.when == "call" or (report.when == "setup" and not report.passed):
         params = item.callspec.params
         cell = f"{params['family']}/{name[len('test_'):]}"
-        refused = dict(item.user_properties).get("zoo_refused")
+        props = dict(item.user_properties)
+        refused, note = props.get("zoo_refused"), props.get("zoo_note")
         if report.passed:
-            entry = {"outcome": "refused", "message": refused} if refused else {"outcome": "pass"}
+            entry = ({"outcome": "refused", "message": refused} if refused else
+                     {"outcome": "pass", "note": note} if note else {"outcome": "pass"})
         elif report.skipped:
             entry = {"outcome": "skipped", "message": _first_line(report)}
         else:

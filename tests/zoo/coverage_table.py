@@ -51,7 +51,13 @@ def _cell(seeds: Mapping[str, Mapping[str, str]] | None, notes: list[str]) -> st
             notes.append(message)
         return f"refused [{notes.index(message) + 1}]"
     if outcomes == {"pass"}:
-        return f"pass ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
+        seeds_text = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+        note = next((e["note"] for e in seeds.values() if e.get("note")), None)
+        if note is None:
+            return f"pass ({seeds_text})"
+        if note not in notes:
+            notes.append(note)
+        return f"pass ({seeds_text}) [{notes.index(note) + 1}]"
     return " / ".join(sorted(outcomes))
 
 
