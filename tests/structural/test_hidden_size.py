@@ -36,6 +36,12 @@ def _decoder(cls_config: str, cls_model: str, tie: bool, **extra) -> nn.Module:
 DECODERS = {
     "llama": lambda tie: _decoder("LlamaConfig", "LlamaForCausalLM", tie),
     "qwen2": lambda tie: _decoder("Qwen2Config", "Qwen2ForCausalLM", tie),
+    "mistral": lambda tie: _decoder("MistralConfig", "MistralForCausalLM", tie),
+}
+GEMMAS = {  # (1 + w) norms, sqrt(hidden_size) embedding scale; Gemma 2/3: sandwich norms, soft-capping, q/k norms
+    "gemma": lambda tie: _decoder("GemmaConfig", "GemmaForCausalLM", tie, head_dim=8),
+    "gemma2": lambda tie: _decoder("Gemma2Config", "Gemma2ForCausalLM", tie, head_dim=8),
+    "gemma3": lambda tie: _decoder("Gemma3TextConfig", "Gemma3ForCausalLM", tie, head_dim=8, sliding_window=4),
 }
 
 
@@ -198,7 +204,7 @@ def test_hidden_size_config_round_trips(name: str, tie: bool, tmp_path) -> None:
         assert torch.equal(logits(fresh.eval()(probe)), logits(pruned(probe)))
 
 
-@pytest.mark.parametrize("name", list(DECODERS))
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_hidden_heads_and_mlp_in_one_call(name: str, tmp_path) -> None:
     model = randomize(DECODERS[name](True), 4)
     x = _tokens(torch.Generator().manual_seed(4))
@@ -268,3 +274,94 @@ def test_models_without_norms_on_a_stream_say_so() -> None:
     pruned, report = prune_channels(net, torch.randn(3, 4), 0.5, hidden_sparsity=0.5)
     assert report.notes == ("hidden size kept: no token embedding or norm carries prunable channels in this model",)
     assert pruned[0].out_features == 4  # ordinary channels still follow sparsity
+
+
+# -- Gemma: (1 + w) norms and the sqrt(hidden_size) embedding scale ------------------------------------
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("name,seeds", [("gemma", (0, 1, 2)), ("gemma2", (0,)), ("gemma3", (1,))])
+def test_gemma_hidden_size_removal_equals_masking(name: str, seeds: tuple[int, ...], tie: bool, tmp_path) -> None:
+    for seed in seeds:
+        model = randomize(GEMMAS[name](tie), seed)
+        config = copy.deepcopy(model.config)
+        x = _tokens(torch.Generator().manual_seed(seed))
+        oracle = _oracle(model, x, 0.5)
+        pruned, report = prune_channels(copy.deepcopy(model), x, 0.0, hidden_sparsity=0.5)
+        embed = pruned.model.embed_tokens
+        assert embed.weight.shape == (VOCAB, 16) and (pruned.lm_head.weight is embed.weight) == tie
+        assert pruned.model.layers[0].self_attn.q_proj.weight.shape == (32, 16)  # heads and head_dim untouched
+        # the embedding scale is sqrt(new width), as a model built with it computes; the weights absorb the rest
+        assert embed.scalar_embed_scale == 4.0 and float(embed.embed_scale) == 4.0
+        _check(model, pruned, oracle, seed)
+        if name == "gemma3":  # its per-head q/k norms share rms_norm_eps, which the stream's norms had to change
+            assert report.notes[0].startswith("Gemma3ForCausalLM.config keeps hidden_size=32: a model built with "
+                                              "hidden_size=16 would differ (constants model.layers.0.self_attn."
+                                              "q_norm.eps=1e-06 vs 2e-06")
+            assert "apply_shapes" in report.notes[0]
+            reloaded = apply_shapes(type(model)(config), report.shapes)
+            reloaded.load_state_dict(pruned.state_dict())
+        else:
+            assert report.notes == () and pruned.config.hidden_size == 16
+            pruned.save_pretrained(tmp_path / f"{seed}")
+            reloaded = type(model).from_pretrained(tmp_path / f"{seed}")
+        probe = _tokens(torch.Generator().manual_seed(11))
+        with torch.no_grad():
+            assert torch.equal(logits(reloaded.eval()(probe)), logits(pruned(probe)))
+
+
+# -- T5: RMS norms (T5LayerNorm), a shared embedding, the tied head's d_model ** -0.5 ----------------
+
+
+def _t5(tie: bool) -> nn.Module:
+    return T.T5ForConditionalGeneration(T.T5Config(
+        d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=VOCAB,
+        relative_attention_num_buckets=8, use_cache=False, tie_word_embeddings=tie, decoder_start_token_id=0,
+        pad_token_id=0, feed_forward_proj="relu", dropout_rate=0.0))
+
+
+class _Logits(nn.Module):
+    """Only the logits: T5 also returns the encoder's hidden states, whose width is then an output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, decoder_input_ids=decoder_input_ids).logits
+
+
+def _t5_inputs(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"input_ids": _tokens(generator), "decoder_input_ids": torch.randint(0, VOCAB, (2, 5), generator=generator)}
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_t5_hidden_size_removal_equals_masking(tie: bool, tmp_path) -> None:
+    """The tied head's ``model_dim ** -0.5`` takes the new width; the decoder's final norm absorbs the change."""
+    model = _Logits(randomize(_t5(tie), 5)).eval()  # transformers 5 always ties; tie=False drops the scale
+    head_tied = model.model.lm_head.weight is model.model.shared.weight
+    x = _t5_inputs(torch.Generator().manual_seed(5))
+    oracle = _oracle(model, x, 0.5)
+    pruned, report = prune_channels(copy.deepcopy(model), x, 0.0, hidden_sparsity=0.5)
+    assert report.notes == ()
+    inner = pruned.model
+    assert inner.config.d_model == 16 and inner.model_dim == 16 and inner.shared.weight.shape == (VOCAB, 16)
+    assert inner.encoder.embed_tokens.weight is inner.shared.weight is inner.decoder.embed_tokens.weight
+    assert (inner.lm_head.weight is inner.shared.weight) == head_tied
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        first = _t5_inputs(generator)
+        assert rel_err(oracle(**first), model(**first)) > 1e-3
+        for probe in (first, _t5_inputs(generator), _t5_inputs(generator)):
+            assert rel_err(pruned(**probe), oracle(**probe)) < 1e-5
+    inner.save_pretrained(tmp_path)
+    loaded = _Logits(type(inner).from_pretrained(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**first), pruned(**first))
+
+
+def test_t5_returning_encoder_states_keeps_its_width() -> None:
+    model = randomize(_t5(True), 0)
+    _, report = prune_channels(copy.deepcopy(model), _t5_inputs(torch.Generator().manual_seed(0)), 0.0,
+                               hidden_sparsity=0.5)
+    assert report.notes == ("hidden size kept: encoder.embed_tokens.weight[1] is frozen (model output)",)

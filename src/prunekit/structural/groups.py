@@ -16,7 +16,7 @@ import torch
 
 from .graph import DependencyGraph, Member
 
-__all__ = ["Group", "find_groups", "param_masks", "kept_indices"]
+__all__ = ["Group", "find_groups", "param_masks", "kept_indices", "canonical_names"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,15 @@ def kept_indices(groups: list[Group], keeps: Mapping[str, torch.Tensor]) -> dict
     return out
 
 
+def canonical_names(model: torch.nn.Module) -> dict[str, str]:
+    """Every name of every parameter -> its first name (the one ``named_parameters()`` lists for a tied weight)."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        out[name] = first.setdefault(id(param), name)
+    return out
+
+
 def param_masks(graph: DependencyGraph, groups: list[Group],
                 keeps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Boolean keep-masks (``True`` = kept) by full parameter name, for every parameter that loses entries.
@@ -125,9 +134,10 @@ def param_masks(graph: DependencyGraph, groups: list[Group],
         (['0.bias', '0.weight', '2.weight'], [True, False, True])
     """
     params = dict(graph.model.named_parameters())
+    canonical = canonical_names(graph.model)
     masks: dict[str, torch.Tensor] = {}
     for (path, param, dim), gone in _removed(groups, keeps).items():
-        name = f"{path}.{param}" if path else param
+        name = canonical.get(f"{path}.{param}" if path else param)  # a tied weight: under its first name
         if name not in params or not gone.any():
             continue
         tensor = params[name]

@@ -16,6 +16,7 @@ what it can express and a note says to reload with
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -82,7 +83,24 @@ def sync_transformers(model: nn.Module) -> list[str]:
     attention = [r for r in map(_sync_attention, model.modules()) if r is not None]
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
-        return []
+        return [note for inner in _wrapped(model) for note in _sync_config(inner, inner.config, attention)]
+    return _sync_config(model, config, attention)
+
+
+def _wrapped(model: nn.Module) -> list[nn.Module]:
+    """Outermost transformers models inside a plain wrapper whose hidden size was pruned (their config follows)."""
+    found: list[tuple[str, nn.Module]] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(f"{p}.") for p, _ in found) or not hasattr(getattr(module, "config", None), "to_dict"):
+            continue
+        width = getattr(input_embeddings(module), "embedding_dim", None)
+        if type(width) is int and width != getattr(module.config, "hidden_size", width):
+            found.append((path, module))
+    return [m for _, m in found]
+
+
+def _sync_config(model: nn.Module, config: Any, attention: list[tuple[int, int | None, int]]) -> list[str]:
+    """Update one transformers model's ``config`` from its weights; notes on what it cannot express."""
     widths = [_out(_child(m, _MLP)[1]) for m in model.modules() if _child(m, _MLP) is not None and _is_mlp(m)]
     widths += [_out(m.intermediate.dense) for m in model.modules()
                if isinstance(getattr(m, "intermediate", None), nn.Module) and _out(getattr(m.intermediate, "dense",
@@ -97,7 +115,8 @@ def sync_transformers(model: nn.Module) -> list[str]:
             changes["num_attention_heads"] = heads.pop()
             changes["head_dim"] = dims.pop()  # many models read getattr(config, "head_dim", hidden // heads)
         elif len(heads) > 1:
-            notes.append(f"layers keep different numbers of heads {sorted(heads)}: config cannot express it")
+            notes.append(f"layers keep different numbers of heads {sorted(heads)}: config cannot express it; "
+                         f"{_RELOAD}")
         if len(kvs) == 1 and hasattr(config, "num_key_value_heads"):
             changes["num_key_value_heads"] = kvs.pop()
     if widths:
@@ -105,11 +124,14 @@ def sync_transformers(model: nn.Module) -> list[str]:
         if len(set(widths)) == 1 and key is not None:
             changes[key] = widths[0]
         elif len(set(widths)) > 1:
-            notes.append(f"layers keep different MLP widths {sorted(set(widths))}: config cannot express it")
+            notes.append(f"layers keep different MLP widths {sorted(set(widths))}: config cannot express it; "
+                         f"{_RELOAD}")
     changes.update(_hidden_changes(model, config))
     return notes + _apply_config(model, config, changes)
 
 
+_RELOAD = ("save_pretrained/from_pretrained will not round-trip. Reload with "
+           "prunekit.structural.apply_shapes(ModelClass(config), report.shapes), then load the weights")
 _EPS_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_eps", "rms_norm_epsilon")
 _SIZE_ATTRS = ("hidden_size", "embed_dim", "d_model", "n_embd")
 _HEAD_KEYS = ("num_attention_heads", "head_dim", "num_key_value_heads")
@@ -136,6 +158,7 @@ def _hidden_changes(model: nn.Module, config: Any) -> dict[str, Any]:
         for attr in _SIZE_ATTRS:
             if type(getattr(module, attr, None)) is int and getattr(module, attr) == config.hidden_size:
                 setattr(module, attr, width)
+    _fold_width_constants(model, config.hidden_size, width)
     eps = set()
     for module in model.modules():
         weight = getattr(module, "weight", None)
@@ -147,6 +170,50 @@ def _hidden_changes(model: nn.Module, config: Any) -> dict[str, Any]:
     if len(eps) == 1 and key is not None:
         changes[key] = eps.pop()
     return changes
+
+
+def _fold_width_constants(model: nn.Module, old: int, new: int) -> None:
+    """Constants a model derives from ``hidden_size`` take their new value; weights absorb the difference.
+
+    A model built from a config with the new width computes these constants
+    from it, so they must change for ``from_pretrained`` to round-trip, and the
+    function is kept by scaling the weights next to them:
+
+    * Gemma's embedding scale ``sqrt(hidden_size)``: the embedding weight is
+      multiplied by ``sqrt(old / new)``; a tied output head then sees the same
+      factor, which the final norm's scale ``s(w)`` divides out.
+    * T5's tied-head scale ``model_dim ** -0.5``: the decoder's final norm weight
+      is multiplied by ``sqrt(new / old)``.
+
+    Example:
+        >>> _fold_width_constants(nn.Linear(2, 2), 32, 16)  # nothing of the kind: nothing to do
+    """
+    from .rmsnorm import rms_norm_info
+
+    embed = input_embeddings(model)
+    scale = getattr(embed, "scalar_embed_scale", None)
+    if isinstance(scale, float) and math.isclose(scale, math.sqrt(old), rel_tol=1e-9):
+        factor = math.sqrt(old / new)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        norm = getattr(getattr(model, "base_model", None), "norm", None)
+        info = rms_norm_info(norm) if isinstance(norm, nn.Module) else None
+        tied = head is not None and getattr(head, "weight", None) is embed.weight
+        if not tied or info is not None:
+            with torch.no_grad():
+                embed.weight.mul_(factor)
+                if tied:
+                    norm.weight.copy_(((norm.weight.double() + info.offset) / factor - info.offset).to(norm.weight))
+                embed.scalar_embed_scale = math.sqrt(new)
+                if isinstance(getattr(embed, "embed_scale", None), torch.Tensor):
+                    embed.embed_scale.fill_(math.sqrt(new))
+    decoder_norm = getattr(getattr(model, "decoder", None), "final_layer_norm", None)
+    if type(getattr(model, "model_dim", None)) is int and model.model_dim == old and isinstance(
+            getattr(decoder_norm, "weight", None), torch.Tensor):
+        config = model.config  # transformers 5 says scale_decoder_outputs, earlier ones tie_word_embeddings
+        if getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", False)):
+            with torch.no_grad():
+                decoder_norm.weight.mul_(math.sqrt(new / old))
+        model.model_dim = new
 
 
 def _is_mlp(module: nn.Module) -> bool:
@@ -180,6 +247,8 @@ def _apply_config(model: nn.Module, config: Any, changes: dict[str, Any]) -> lis
     kept = {k: v for k, v in changes.items() if k not in _HEAD_KEYS and k not in hidden_keys}
     for key, value in kept.items():
         setattr(config, key, value)
+    if "hidden_size" in changes:
+        return [_hidden_note(model, changes, changes)]
     why = ("per-layer channel counts" if not changes else
            f"{changes} (a model that derives head_dim = hidden_size // num_attention_heads cannot describe fewer "
            "heads of the same size)")

@@ -23,7 +23,7 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from .groups import Group
+from .groups import Group, canonical_names
 
 __all__ = ["METHODS", "Importance", "group_scores"]
 
@@ -64,14 +64,17 @@ def group_scores(model: nn.Module, group: Group, method: Importance = "l2", redu
         tensor([1., 2., 0.])
     """
     params = dict(model.named_parameters())
+    canonical = canonical_names(model)
+    seen: set[tuple[str, int]] = set()  # a tied weight reached twice (embedding and head) counts once
     use_bn = method == "bn" and any(_is_bn_weight(model, s.member) for s in group.slots)
     total = torch.zeros(group.size)
     count = 0
     for slot in group.slots:
         m = slot.member
-        name = f"{m.path}.{m.param}" if m.path else m.param
-        if name not in params or (use_bn and not _is_bn_weight(model, m)):
+        name = canonical.get(f"{m.path}.{m.param}" if m.path else m.param, "")
+        if name not in params or (name, m.dim) in seen or (use_bn and not _is_bn_weight(model, m)):
             continue
+        seen.add((name, m.dim))
         method_here = "l2" if method == "bn" else method
         per_index = _member_scores(method_here if not use_bn else "l1", params[name], m.dim, name).cpu()
         if per_index.shape[0] != slot.unit.shape[0]:

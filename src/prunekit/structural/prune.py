@@ -219,8 +219,9 @@ def hidden_notes(graph: DependencyGraph, groups: Sequence[Group]) -> tuple[str, 
         return ()
     embed = input_embeddings(graph.model)
     norms = {p for p, m in graph.model.named_modules() if isinstance(m, nn.LayerNorm)} | set(graph.surgeries)
-    stream = next((m for m in graph.members if embed is not None and m.dim == 1 and
-                   graph.module(m.path) is embed), None)
+    weight = getattr(embed, "weight", None)  # T5's stacks call their own embeddings holding the shared weight
+    stream = next((m for m in graph.members if weight is not None and m.dim == 1 and m.param == "weight" and
+                   getattr(graph.module(m.path), "weight", None) is weight), None)
     stream = stream or next((m for m in graph.members if m.path in norms and m.dim == 0), None)
     if stream is None:
         return ("hidden size kept: no token embedding or norm carries prunable channels in this model",)
@@ -232,27 +233,47 @@ def hidden_notes(graph: DependencyGraph, groups: Sequence[Group]) -> tuple[str, 
             + "".join(f"; also ({r})" for r in centering),)
 
 
-def _aliases(model: nn.Module) -> list[list[str]]:
-    """Names of every parameter reached under more than one name (tied embeddings)."""
-    names: dict[int, list[str]] = {}
+def _aliases(model: nn.Module) -> list[tuple[nn.Parameter, list[str]]]:
+    """Every parameter reached under more than one name (tied embeddings), with its names."""
+    names: dict[int, tuple[nn.Parameter, list[str]]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-    return [n for n in names.values() if len(n) > 1]
+        names.setdefault(id(param), (param, []))[1].append(name)
+    return [entry for entry in names.values() if len(entry[1]) > 1]
 
 
-def _retie(model: nn.Module, aliases: list[list[str]]) -> None:
-    """After slicing, each former alias points at the first name's new parameter again (one tensor, one cut)."""
-    for names in aliases:
-        first = model.get_parameter(names[0])
-        for name in names[1:]:
-            owner, _, leaf = name.rpartition(".")
-            module = model.get_submodule(owner) if owner else model
-            other = module._parameters[leaf]
-            if other is first:
-                continue
-            if other.shape != first.shape or not torch.equal(other, first):
-                raise GraphError(f"internal: tied parameters {names[0]!r} and {name!r} were cut differently")
-            module._parameters[leaf] = first
+def _retie(model: nn.Module, aliases: list[tuple[nn.Parameter, list[str]]]) -> None:
+    """After slicing, every name of a tied parameter points at one new parameter again (one tensor, one cut).
+
+    Names whose module never ran (T5's ``shared`` next to the stacks' own
+    embeddings) were not sliced: they get the new tensor and their sizes.
+    """
+    for original, names in aliases:
+        owners = []
+        for name in names:
+            path, _, leaf = name.rpartition(".")
+            module = model.get_submodule(path) if path else model
+            owners.append((name, module, leaf, module._parameters[leaf]))
+        cut = [entry for entry in owners if entry[3] is not original]
+        if not cut:
+            continue
+        new = cut[0][3]
+        for name, module, leaf, tensor in owners:
+            if tensor is not original and tensor is not new and (tensor.shape != new.shape or
+                                                                  not torch.equal(tensor, new)):
+                raise GraphError(f"internal: tied parameters {cut[0][0]!r} and {name!r} were cut differently")
+            module._parameters[leaf] = new
+            if tensor is original:
+                _follow_sizes(module, leaf, new)
+
+
+def _follow_sizes(module: nn.Module, leaf: str, weight: torch.Tensor) -> None:
+    """Size attributes of an embedding or linear layer that was not called but shares a cut weight."""
+    if leaf != "weight" or weight.ndim != 2:
+        return
+    sizes = {"embedding_dim": 1, "num_embeddings": 0} if isinstance(module, nn.Embedding) else \
+        {"in_features": 1, "out_features": 0} if isinstance(module, nn.Linear) else {}
+    for attr, axis in sizes.items():
+        setattr(module, attr, weight.shape[axis])
 
 
 def _outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
