@@ -8,7 +8,11 @@ convolutions, GroupNorm groups, channel shuffle, attention heads including
 grouped-query KV heads with their query groups, gated MLPs, LSTM hidden units);
 :func:`prune_channels` ranks the coupled units and slices the layers in place,
 keeping module objects, types, names and ``state_dict`` keys, and updates a
-transformers model's ``config``.
+transformers model's ``config``. With ``hidden_sparsity=`` (opt-in) it also
+shrinks the hidden size (residual stream) of models normalized by RMS-type
+norms (Llama, Qwen2, Mistral, Gemma, T5), rescaling the norms so the function
+is unchanged (:mod:`prunekit.structural.rmsnorm`); mean-centering LayerNorm
+streams (GPT-2, BERT, ViT, OPT) keep their width and the report says why.
 :class:`StructuredPruner` zeroes whole units gradually during training and
 removes them at the end. :func:`register_surgery` teaches it a custom layer.
 

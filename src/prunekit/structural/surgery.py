@@ -68,6 +68,9 @@ def apply_shapes(model: nn.Module, shapes: Mapping[str, Mapping[str, object]]) -
             (``{path: {tensor: shape}}``), or a pruned model's state_dict
             (``{"path.tensor": tensor}``), e.g. from :func:`prunekit.load`.
 
+    RMS norms whose width shrinks (hidden-size pruning) get their ``eps``
+    rescaled as :func:`prune_channels` did; their weights come with the state.
+
     Returns:
         The model with smaller layers (weights uninitialized-ish: load them next).
 
