@@ -347,8 +347,8 @@ def register(subparsers: Any) -> None:
 def _main(args: argparse.Namespace) -> int:
     try:
         run_demo(args.out, seed=args.seed, quick=args.quick, progress=args.progress)
-    except (ImportError, OSError) as exc:
-        # ValueError/TypeError are reported by cli.main; these are environment problems, not usage errors.
+    except ImportError as exc:
+        # A missing optional dependency; ValueError, TypeError and OSError are reported by cli.main (exit 2).
         print(f"prunekit demo: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -16,3 +16,14 @@ from recipe_helpers import TINY, write_recipe  # noqa: E402
 @pytest.fixture
 def tiny_yaml(tmp_path):
     return write_recipe(tmp_path / "tiny.yaml", TINY)
+
+
+@pytest.fixture(autouse=True)
+def _restore_model_factories():
+    """Tests register model factories; never let a registration leak into another test."""
+    from prunekit.recipe import factories
+
+    saved = dict(factories._REGISTRY)
+    yield
+    factories._REGISTRY.clear()
+    factories._REGISTRY.update(saved)

@@ -18,7 +18,6 @@ from ..cli import int_at_least
 __all__ = ["register"]
 
 
-
 def register(subparsers: Any) -> None:
     """Add ``experiment`` and one sub-command per registered experiment.
 
@@ -39,7 +38,8 @@ def register(subparsers: Any) -> None:
 
 
 def _add_experiment(names: Any, entry: Experiment) -> None:
-    sub = names.add_parser(entry.name, help=entry.help, description=entry.help)
+    # argparse %-formats help strings (not descriptions): "30% channels" would read as a "% c" conversion.
+    sub = names.add_parser(entry.name, help=entry.help.replace("%", "%%"), description=entry.help)
     sub.add_argument("--out", type=Path, default=Path("runs") / entry.name, metavar="DIR",
                      help=f"output directory (default: runs/{entry.name})")
     sub.add_argument("--quick", action="store_true", help="a small version that takes seconds (for tests)")
@@ -58,8 +58,9 @@ def _run(entry: Experiment, args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         entry.load().run(out, quick=args.quick, seeds=seeds, progress=args.progress)
-    except (ImportError, OSError) as exc:
-        # ValueError/TypeError are reported by cli.main; these are environment problems.
+    except ImportError as exc:
+        # A missing optional dependency: the environment, not the input. ValueError, TypeError and
+        # OSError (e.g. an unwritable --out) are reported by prunekit.cli.main with exit 2.
         print(f"prunekit experiment {entry.name}: error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {out / 'table.md'}, {out / 'results.json'} and {out / 'plot.png'} "

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,6 +12,7 @@ from ..criteria import OBD, Criterion, Magnitude, Random, Taylor
 from ..data import load_digits, load_mnist5k
 from ..granularity import NM, Blocks, Channels, Granularity, Unstructured
 from .config import CriterionConfig, DataConfig, GranularityConfig, ModelConfig, Recipe, RecipeError, TrainingConfig
+from .factories import resolve_factory
 
 __all__ = ["Data", "resolve_factory", "build_model", "load_data", "build_criterion", "build_granularity",
            "build_optimizer", "build_pruner_kwargs", "check_compatible"]
@@ -28,32 +28,8 @@ class Data:
     y_test: torch.Tensor
 
 
-def resolve_factory(factory: str, path: str = "recipe.model.factory") -> Callable[..., Any]:
-    """Import ``"package.module:Callable"`` and return the callable.
-
-    Raises:
-        RecipeError: the module or the attribute does not exist, or is not callable.
-
-    Example:
-        >>> resolve_factory("prunekit.models:LeNet5").__name__
-        'LeNet5'
-    """
-    module_name, _, attr = factory.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RecipeError(f"{path}: cannot import module {module_name!r} ({exc})") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise RecipeError(f"{path}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise RecipeError(f"{path}: {factory!r} is not callable")
-    return obj
-
-
 def build_model(config: ModelConfig) -> nn.Module:
-    """Call the factory with its kwargs; the result must be an ``nn.Module``.
+    """Call the recipe's factory (vetted by :func:`resolve_factory`) with its kwargs; it must return an ``nn.Module``.
 
     Example:
         >>> type(build_model(ModelConfig("prunekit.models:LeNet300100", {"num_classes": 4}))).__name__

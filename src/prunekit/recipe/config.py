@@ -3,17 +3,21 @@
 Every check raises :class:`RecipeError` (a ``ValueError``) whose message starts
 with the field's path and says what is allowed, e.g.
 ``recipe.training.epochs: must be a positive integer, got -1``. Unknown keys are
-rejected with the list of allowed ones. YAML is read with ``yaml.safe_load``
-only: a recipe can never construct Python objects.
+rejected with the list of allowed ones. YAML is read with the safe loader of
+:mod:`prunekit.recipe.safe_yaml` only: a recipe can never construct Python
+objects, and alias expansion, nesting and size are bounded. Which callables
+``model.factory`` may name is decided in :mod:`prunekit.recipe.factories`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import re
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -104,7 +108,11 @@ def _str_list(path: str, value: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The model factory: ``"package.module:Callable"`` called with ``kwargs``."""
+    """The model: ``"package.module:attr"`` called with ``kwargs``.
+
+    ``attr`` must be an ``nn.Module`` class or a registered model factory
+    (:mod:`prunekit.recipe.factories`); that is checked when the model is built.
+    """
 
     factory: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -407,11 +415,13 @@ def _schedule(value: Any) -> Schedule:
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
-    """Read and validate a YAML recipe (``yaml.safe_load``).
+    """Read and validate a YAML recipe (with the bounded safe loader of :mod:`prunekit.recipe.safe_yaml`).
 
     Raises:
         FileNotFoundError: no such file.
-        RecipeError: not valid YAML, or an invalid field.
+        OSError: the file cannot be read (a directory, no permission, a name too long).
+        RecipeError: too large, not UTF-8, not valid YAML (or beyond the loader's bounds: alias expansion,
+            nesting, duplicate keys), or an invalid field.
 
     Example:
         >>> load_recipe("examples/demo.yaml").model.factory  # doctest: +SKIP
@@ -419,12 +429,36 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     """
     import yaml
 
+    from .safe_yaml import describe_yaml_error, load_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe file {str(path)!r} not found")
+    text = _read_text(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RecipeError(f"recipe {str(path)!r}: not valid YAML ({first})") from None
+        data = load_yaml(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {str(path)!r}: not valid YAML ({describe_yaml_error(exc)})") from None
     return parse_recipe(data)
+
+
+def _read_text(path: Path) -> str:
+    from .safe_yaml import MAX_RECIPE_BYTES
+
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"recipe file {str(path)!r} not found") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a recipe file", str(path))
+    if not stat.S_ISREG(info.st_mode):
+        # A FIFO would block the read, a device may never end.
+        raise RecipeError(f"recipe {str(path)!r}: not a regular file")
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_RECIPE_BYTES + 1)
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {str(path)!r}: larger than {MAX_RECIPE_BYTES:,} bytes; recipes are small YAML "
+                          "files")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {str(path)!r}: not valid YAML (not UTF-8: {exc.reason} at byte "
+                          f"{exc.start})") from None

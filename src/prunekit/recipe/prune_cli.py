@@ -37,9 +37,9 @@ def _main(args: argparse.Namespace) -> int:
 
     try:
         result = run_recipe(args.recipe, args.out, progress=args.progress)
-    except (ImportError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise  # a missing input: a usage error (exit 2), reported by prunekit.cli.main
+    except ImportError as exc:
+        # A missing optional dependency (e.g. onnx for export.onnx): the environment, not the input.
+        # OSError (unreadable recipe, unwritable --out) is reported by prunekit.cli.main with exit 2.
         print(f"prunekit prune: error: {exc}", file=sys.stderr)
         return 1
     evaluation = result.results["evaluate"]
