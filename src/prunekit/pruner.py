@@ -21,7 +21,7 @@ from .criteria import Criterion, Magnitude, ScoreContext
 from .distributed import sync_keeps
 from .granularity import Granularity, Unstructured, rank_units
 from .schedules import ConstantSparsity, Schedule, schedule_from_dict
-from .scope import Selector, Target, resolve_scope
+from .scope import Selector, Target, check_materialised, resolve_scope
 
 __all__ = ["Pruner", "strip"]
 
@@ -32,14 +32,93 @@ _LIVE: "weakref.WeakSet[Pruner]" = weakref.WeakSet()
 _SECOND_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta"})
 
 
+_REBUILD = ("its masks no longer describe the model; call .remove() on it (or prunekit.strip(model)) "
+            "and build a new prunekit.Pruner(...) on the model as it is now")
+# How the model reaches a pruned weight: ``table.get(key) is expected`` along the path
+# (``model._modules``, ..., ``module._parameters``) while the model is unchanged.
+_Edge = tuple[Any, str, Any, str]  # (table, key, expected object, dotted path)
+
+
+class _Attrs:
+    """A module's attributes behind the ``get`` of a dict, for a weight not held in ``_parameters``."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def get(self, key: str) -> Any:
+        return getattr(self.obj, key, None)
+
+
+def _target_edges(model: nn.Module, target: Target) -> list[_Edge]:
+    """The path to ``target``'s parameter under each of its names (a tied weight has several)."""
+    edges = []
+    for alias in target.aliases or (target.name,):
+        *parts, pname = alias.split(".")
+        obj, path = model, ""
+        for part in parts:
+            path = f"{path}.{part}" if path else part
+            table = obj._modules if isinstance(obj, nn.Module) and part in obj._modules else _Attrs(obj)
+            obj = table.get(part)
+            edges.append((table, part, obj, path))
+        params = getattr(obj, "_parameters", {})
+        table = params if params.get(pname) is target.param else _Attrs(obj)
+        edges.append((table, pname, target.param, alias))
+    return edges
+
+
+def _unique_edges(slots: Sequence[_Slot]) -> list[_Edge]:
+    unique: dict[tuple[int, str], _Edge] = {}
+    for slot in slots:
+        for edge in slot.edges:
+            unique.setdefault((id(edge[0]), edge[1]), edge)
+    return list(unique.values())
+
+
+def _stale_reason(slot: _Slot) -> str | None:
+    """What changed about ``slot``'s parameter since the Pruner was built, or ``None``."""
+    name = slot.target.name
+    for table, key, expected, path in slot.edges:
+        now = table.get(key)
+        if now is expected:
+            continue
+        if expected is not slot.param:  # a module on the way to the parameter
+            how = "was removed from the model" if now is None else f"was replaced (now a {type(now).__name__} object)"
+            return f"module '{path}' holding pruned parameter '{name}' {how}"
+        if now is None:
+            return f"parameter '{path}' was removed from the model (or parametrized)"
+        return (f"parameter '{path}' was replaced by another tensor (a new nn.Parameter, "
+                "load_state_dict(assign=True) or a conversion that creates new parameters)")
+    param = slot.param
+    if param.shape != slot.shape:
+        return f"parameter '{name}' changed shape from {tuple(slot.shape)} to {tuple(param.shape)} (its .data was reassigned)"
+    if param.is_meta:
+        return f"parameter '{name}' was moved to the meta device"
+    return None
+
+
+def _check_unowned(targets: Sequence[Target]) -> None:
+    """Refuse parameters that a live (not removed) Pruner already prunes: two would fight over the masks."""
+    mine = {id(t.param): t.name for t in targets}  # both sides hold the tensors, so ids are not reused
+    taken = [(mine[id(slot.param)], slot.target.name) for other in list(_LIVE) if not other._removed
+             for slot in other._slots if id(slot.param) in mine]
+    if taken:
+        names = [f"'{n}'" if n == theirs else f"'{n}' (as '{theirs}')" for n, theirs in taken]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise ValueError(f"Pruner: {shown} already pruned by another live Pruner; call .remove() on that one "
+                         "(or prunekit.strip(model)) before building a new one")
+
+
 class _Slot:
     """Mask state of one pruned parameter."""
 
-    __slots__ = ("target", "param", "schedule", "pruned", "keep", "active", "target_sparsity")
+    __slots__ = ("target", "param", "shape", "schedule", "pruned", "keep", "active", "target_sparsity", "edges")
 
-    def __init__(self, target: Target, schedule: Schedule) -> None:
+    def __init__(self, target: Target, schedule: Schedule, edges: list[_Edge]) -> None:
         self.target = target
         self.param = target.param
+        self.shape = self.param.shape
         self.schedule = schedule
         self.pruned = torch.zeros_like(self.param, dtype=torch.bool)
         # The hot path multiplies by a mask in the parameter's dtype: an order of
@@ -47,12 +126,15 @@ class _Slot:
         self.keep = torch.ones_like(self.param, requires_grad=False)
         self.active = False  # any entry pruned: skip all-ones masks on the hot path
         self.target_sparsity = 0.0
+        self.edges = edges  # how the model reaches this parameter, under each of its names
 
     def sync(self) -> None:
         # model.to(device) / model.half() change a parameter's data in place of
         # its identity; the masks follow lazily.
         param = self.param
         if self.keep.device != param.device or self.keep.dtype != param.dtype:
+            if param.shape != self.shape or param.is_meta:  # rare: checked only when the data changed
+                raise ValueError(f"Pruner: {_stale_reason(self)} after this Pruner was built; {_REBUILD}")
             self.keep = self.keep.to(device=param.device, dtype=param.dtype)
             self.pruned = self.pruned.to(param.device)
 
@@ -90,6 +172,21 @@ class Pruner:
     diverging run) can leave NaN in pruned entries; the next mask update then
     raises a ``ValueError`` naming the parameter.
 
+    A Pruner owns its parameters until :meth:`remove` (or :func:`strip`): a
+    second Pruner over any of them is refused. Replacing a pruned layer or
+    parameter afterwards (``model.fc = nn.Linear(...)``, ``model.fc.weight =
+    nn.Parameter(...)``, ``load_state_dict(..., assign=True)``, a new shape
+    through ``.data``) is detected at the next :meth:`step`, mask update,
+    :meth:`apply_masks`, :meth:`attach`, :meth:`state_dict` or :meth:`report`,
+    which raise ``ValueError`` naming the parameter: remove this Pruner and
+    build a new one. In-place changes (``load_state_dict``, ``model.to(...)``,
+    ``model.half()``) keep the parameters and are fine.
+
+    Raises:
+        ValueError: nothing in scope, a parameter on the ``meta`` device, or a
+            parameter already pruned by another live Pruner.
+        TypeError: a schedule, criterion or granularity of the wrong kind.
+
     Example:
         >>> from prunekit import PolynomialDecay
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -123,12 +220,15 @@ class Pruner:
         scope = resolve_scope(model, layers, exclude, overrides)
         if not scope.targets:
             raise ValueError("Pruner: no prunable parameter in scope (check layers/exclude)")
+        check_materialised("Pruner", scope.targets)
+        _check_unowned(scope.targets)
         self.model = model
         self.skipped = scope.skipped
         bind = getattr(self.criterion, "bind", None)
         if callable(bind) and getattr(self.criterion, "model", None) is None:
             bind(model)  # data-driven criteria (OBD, Taylor) estimate on the model being pruned
-        self._slots = [_Slot(t, self._override_schedule(t)) for t in scope.targets]
+        self._slots = [_Slot(t, self._override_schedule(t), _target_edges(model, t)) for t in scope.targets]
+        self._edges = _unique_edges(self._slots)
         self._groups = self._make_groups()
         self._step = 0
         self._optimizers: list[torch.optim.Optimizer] = []
@@ -136,12 +236,16 @@ class Pruner:
         self._state_pending = False
         self._handles: list[Any] = []
         self._unhooked = list(self._slots)
-        self._hook_grads()
         self._removed = False
-        _LIVE.add(self)
-        if optimizer is not None:
-            self.attach(optimizer)
-        self._update()
+        try:
+            self._hook_grads()
+            _LIVE.add(self)
+            if optimizer is not None:
+                self.attach(optimizer)
+            self._update()
+        except BaseException:
+            self._release()  # a half-built Pruner must not keep hooks on (or ownership of) the parameters
+            raise
 
     # -- construction helpers -------------------------------------------------------------
 
@@ -191,6 +295,7 @@ class Pruner:
             ValueError: it updates none of the pruned parameters.
         """
         self._check_live()
+        self._check_model("attach")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"attach: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -222,8 +327,12 @@ class Pruner:
 
         Called automatically after ``optimizer.step()`` of attached optimizers;
         call it yourself after each update if you attach none.
+
+        Raises:
+            ValueError: a pruned layer or parameter was replaced since the Pruner was built.
         """
         self._check_live()
+        self._check_model("step")
         self._step += 1
         if self._unhooked:
             self._hook_grads()
@@ -240,7 +349,7 @@ class Pruner:
             self._handles.append(slot.param.register_post_accumulate_grad_hook(partial(_mask_grad, self, slot)))
         self._unhooked = [s for s in self._unhooked if not s.param.requires_grad]
         self._clear_optimizer_state()
-        self.apply_masks()
+        self._apply_masks()
 
     def update_masks(self, sparsity: float | Mapping[str, float] | None = None) -> None:
         """Recompute masks now, whatever the schedule says.
@@ -256,6 +365,7 @@ class Pruner:
             >>> pruner.update_masks({"fc3.weight": 0.45})  # doctest: +SKIP
         """
         self._check_live()
+        self._check_model("update_masks")
         if isinstance(sparsity, Mapping):
             self._recompute(self._targets_by_name(sparsity))
             return
@@ -278,10 +388,18 @@ class Pruner:
             out[index] = check_sparsity("update_masks", f"sparsity[{name!r}]", value)
         return out
 
-    @torch.no_grad()
     def apply_masks(self) -> None:
-        """Write zeros (``+0.0``) into every pruned weight, in place; storage and identity unchanged."""
-        for slot in self._slots:
+        """Write zeros (``+0.0``) into every pruned weight, in place; storage and identity unchanged.
+
+        Raises:
+            ValueError: a pruned layer or parameter was replaced since the Pruner was built.
+        """
+        self._check_model("apply_masks")
+        self._apply_masks()
+
+    @torch.no_grad()
+    def _apply_masks(self, slots: Sequence[_Slot] | None = None) -> None:
+        for slot in self._slots if slots is None else slots:
             if slot.active:
                 slot.sync()
                 slot.param.masked_fill_(slot.pruned, 0)
@@ -300,22 +418,32 @@ class Pruner:
     def remove(self) -> nn.Module:
         """Apply masks one last time, remove every hook and return the plain model.
 
+        Parameters replaced since the Pruner was built are left alone (the
+        model no longer uses the tensors the masks were made for).
+
         Example:
             >>> model = pruner.remove()  # doctest: +SKIP
         """
         if not self._removed:
-            self.apply_masks()
-            for handle in self._handles + self._opt_handles:
-                handle.remove()
-            self._handles.clear()
-            self._opt_handles.clear()
-            self._optimizers.clear()
-            self._removed = True
-            _LIVE.discard(self)
+            self._apply_masks([s for s in self._slots if _stale_reason(s) is None])
+            self._release()
         return self.model
 
+    def _release(self) -> None:
+        for handle in self._handles + self._opt_handles:
+            handle.remove()
+        self._handles.clear()
+        self._opt_handles.clear()
+        self._optimizers.clear()
+        self._removed = True
+        _LIVE.discard(self)
+
     def report(self) -> "SparsityReport":
-        """Per-layer and total sparsity of the pruned parameters (see :func:`prunekit.sparsity_report`)."""
+        """Per-layer and total sparsity of the pruned parameters (see :func:`prunekit.sparsity_report`).
+
+        Raises:
+            ValueError: a pruned layer or parameter was replaced since the Pruner was built.
+        """
         from .report import sparsity_report
 
         return sparsity_report(self.model, pruner=self)
@@ -348,7 +476,7 @@ class Pruner:
             self._compute_group(self._groups[index], sparsity)
         if targets:
             self._clear_optimizer_state()
-            self.apply_masks()
+            self._apply_masks()
 
     def _compute_group(self, group: list[_Slot], sparsity: float) -> None:
         # Granularities see every weight as (out, in, *kernel): N:M groups run along
@@ -411,6 +539,23 @@ class Pruner:
         if self._removed:
             raise RuntimeError("this Pruner was removed (strip/remove); create a new one to prune again")
 
+    def _check_model(self, owner: str) -> None:
+        # Runs after every optimizer step: one dict lookup per module and parameter
+        # on the way to each pruned weight, and one shape comparison per weight.
+        for table, key, expected, _ in self._edges:
+            if table.get(key) is not expected:
+                self._raise_stale(owner)
+        for slot in self._slots:
+            param = slot.param
+            if param.shape != slot.shape or param.is_meta:
+                self._raise_stale(owner)
+
+    def _raise_stale(self, owner: str) -> None:
+        for slot in self._slots:
+            reason = _stale_reason(slot)
+            if reason is not None:
+                raise ValueError(f"{owner}: {reason} after this Pruner was built; {_REBUILD}")
+
     # -- checkpointing --------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -419,6 +564,7 @@ class Pruner:
         Example:
             >>> torch.save({"model": model.state_dict(), "pruner": pruner.state_dict()}, "ckpt.pt")  # doctest: +SKIP
         """
+        self._check_model("state_dict")
         return {
             "format": _STATE_FORMAT,
             "version": _STATE_VERSION,
@@ -440,6 +586,7 @@ class Pruner:
             ValueError: the state is malformed or does not fit this pruner.
         """
         self._check_live()
+        self._check_model("load_state_dict")
         masks = _validated_masks(state, {s.target.name: s for s in self._slots}, strict)
         if strict:
             for key, mine in (("schedule", self.schedule.to_dict()), ("ranking", self.ranking)):
@@ -453,7 +600,7 @@ class Pruner:
                 slot.set_keep(masks[slot.target.name].to(slot.param.device))
                 slot.target_sparsity = float(targets.get(slot.target.name, 0.0))
         self._clear_optimizer_state()
-        self.apply_masks()
+        self._apply_masks()
 
     def __repr__(self) -> str:
         return (f"Pruner({len(self._slots)} tensors, schedule={self.schedule!r}, criterion={self.criterion!r}, "
@@ -462,6 +609,8 @@ class Pruner:
 
 def _mask_grad(pruner: Pruner, slot: _Slot, param: torch.Tensor) -> None:
     if slot.active and param.grad is not None:
+        if param.shape != slot.shape:  # .data reassigned: the mask no longer fits (it could even broadcast)
+            pruner._raise_stale("backward")
         slot.sync()
         param.grad.mul_(slot.keep)
 

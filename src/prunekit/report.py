@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .scope import resolve_scope
+from .scope import check_materialised, resolve_scope
 
 if TYPE_CHECKING:
     from .pruner import Pruner
@@ -92,6 +92,11 @@ def sparsity_report(model: nn.Module, pruner: "Pruner | None" = None) -> Sparsit
         model: any model (pruned or not).
         pruner: if given, report exactly its parameters, targets and skipped layers.
 
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: a parameter is on the ``meta`` device, or ``pruner``'s layers
+            or parameters were replaced since it was built (build a new Pruner).
+
     Example:
         >>> import torch
         >>> net = nn.Sequential(nn.Linear(4, 2))
@@ -104,9 +109,11 @@ def sparsity_report(model: nn.Module, pruner: "Pruner | None" = None) -> Sparsit
         raise TypeError(f"sparsity_report: model must be an nn.Module, got {type(model).__name__}")
     if pruner is None:
         scope = resolve_scope(model)
+        check_materialised("sparsity_report", scope.targets)
         items = [(t, None) for t in scope.targets]
         skipped = scope.skipped
     else:
+        pruner._check_model("report")  # a replaced layer would otherwise be reported with its old target
         items = [(s.target, s.target_sparsity) for s in pruner._slots]
         skipped = pruner.skipped
     rows = []

@@ -34,6 +34,7 @@ __all__ = [
     "register_prunable",
     "prunable_parameter_names",
     "resolve_scope",
+    "check_materialised",
     "Selector",
     "Target",
     "Scope",
@@ -84,6 +85,24 @@ class Scope:
 
     targets: list[Target] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def check_materialised(owner: str, targets: Sequence[Target]) -> None:
+    """Raise ``ValueError`` naming the first target on the ``meta`` device (shapes only, no values).
+
+    Example:
+        >>> import torch
+        >>> with torch.device("meta"):
+        ...     net = nn.Sequential(nn.Linear(4, 2))
+        >>> check_materialised("Pruner", resolve_scope(net).targets)
+        Traceback (most recent call last):
+        ...
+        ValueError: Pruner: parameter '0.weight' is on the meta device (shapes only, no values); materialise the model first: model.to_empty(device="cpu"), then load its weights
+    """
+    for target in targets:
+        if target.param.is_meta:
+            raise ValueError(f"{owner}: parameter '{target.name}' is on the meta device (shapes only, no values); "
+                             'materialise the model first: model.to_empty(device="cpu"), then load its weights')
 
 
 def _is_explicit(sel: Selector) -> bool:
