@@ -184,6 +184,23 @@ def test_bench_cli_writes_table_and_json(tiny_run, tmp_path, capsys):
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["accelerated_ms"])
 
 
+@pytest.mark.parametrize("argv", [
+    ["export", "{run}", "--to", "prunekit", "--out", "{file}/m.pkt"],
+    ["export", "{run}", "--to", "int8", "--out", "{tmp}/" + "x" * 300 + ".pkt"],
+    ["export", "{run}", "--to", "onnx", "--out", "{file}/m.onnx"],
+    ["bench", "{run}", "--batch", "1", "--rounds", "1", "--out", "{file}/b.json"],
+], ids=["export under a file", "export name too long", "onnx under a file", "bench under a file"])
+def test_export_and_bench_output_os_errors_exit_2_with_one_line(argv, tiny_run, tmp_path, capsys):
+    _, first, _ = tiny_run
+    (tmp_path / "file").write_text("")
+    argv = [a.replace("{run}", str(first.run_dir)).replace("{file}", str(tmp_path / "file"))
+            .replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prunekit: error: ") and str(tmp_path) in err[0], err
+    assert (tmp_path / "file").read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("granularity,schedule", [
     ("2:4", {"type": "ConstantSparsity", "target_sparsity": 0.5, "frequency": 5}),

@@ -220,6 +220,7 @@ def resolve_run(run_dir: str | os.PathLike[str] | None, recipe_path: str | os.Pa
         raise FileNotFoundError(f"{str(path)!r} is not a recipe run directory (no recipe.json)")
     try:
         data = json.loads((path / "recipe.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{str(path / 'recipe.json')!r} is not valid JSON ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nesting too deep
+        raise ValueError(f"{str(path / 'recipe.json')!r} is not valid JSON ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'nested too deeply'})") from None
     return parse_recipe(data), path
