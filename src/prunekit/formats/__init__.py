@@ -14,7 +14,7 @@ Example:
     >>> state = prunekit.load("model.pkt", model)  # doctest: +SKIP
 """
 
-from .container import DEFAULT_MAX_BYTES, dumps, load, loads, save
+from .container import DEFAULT_MAX_BYTES, UnsupportedTensorError, dumps, load, loads, save
 from .errors import FormatError
 from .inspect import FileReport, TensorRow, inspect_bytes, inspect_file
 from .onnx_export import OnnxExport, export_onnx
@@ -28,6 +28,7 @@ __all__ = [
     "OnnxExport",
     "QuantizedTensor",
     "TensorRow",
+    "UnsupportedTensorError",
     "dequantize",
     "dumps",
     "entropy_bound_bits",

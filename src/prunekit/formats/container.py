@@ -10,13 +10,15 @@ anything is decompressed or allocated, and nothing is ever unpickled
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import stat
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -24,13 +26,17 @@ from torch import nn
 from .._io import atomic_write_bytes
 from .._validate import check_int
 from . import codecs, envelope, manifest
-from .encoding import Encoded, decode, encode, parse_quantize
+from .decoding import TINY, decode_streams, decode_tiny
+from .dtypes import DTYPES
+from .encoding import Encoded, encode, parse_quantize
 from .errors import FormatError
+from .names import escape, problem, show
 
-__all__ = ["DEFAULT_MAX_BYTES", "Parsed", "dumps", "loads", "save", "load", "parse", "decode_entry",
-           "encode_state", "pack", "read_bounded", "tied_aliases"]
+__all__ = ["DEFAULT_MAX_BYTES", "Parsed", "UnsupportedTensorError", "dumps", "loads", "save", "load", "parse",
+           "decode_all", "decode_entry", "encode_state", "open_bounded", "pack", "read_bounded", "tied_aliases"]
 
 DEFAULT_MAX_BYTES = 16 << 30  # the most memory a file may make the reader use, unless the caller says otherwise
+_STORABLE = frozenset(d.torch for d in DTYPES.values())
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,9 @@ class Parsed:
 
     entries: list[manifest.Entry]
     metadata: dict[str, str]
-    payload: memoryview
+    source: codecs.Source  # where the file's bytes are read from
+    payload_offset: int  # where the payload starts in the file
+    payload_size: int
     file_size: int
     manifest_size: int  # stored bytes of the manifest
     header_size: int  # bytes of the safetensors header, with its 8-byte length
@@ -136,8 +144,25 @@ def save(obj: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike[st
     return len(data)
 
 
+class UnsupportedTensorError(TypeError, ValueError):
+    """``save`` was given a tensor a prunekit file cannot store; the message names its key and the way out.
+
+    Sparse layouts, nested, torch-quantized and ``meta`` tensors, and dtypes
+    outside :data:`.dtypes.DTYPES` (complex, float8). A ``TypeError`` (the
+    wrong kind of tensor), and a ``ValueError`` too, which unsupported dtypes
+    have always raised. Views, non-contiguous and ``requires_grad`` tensors are
+    fine: their values are stored.
+    """
+
+
 def as_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """``obj``'s state_dict (a module) or ``obj`` itself (a mapping), checked to be storable."""
+    """``obj``'s state_dict (a module) or ``obj`` itself (a mapping), checked to be storable.
+
+    Raises:
+        TypeError: not a module or mapping, a key that is not a non-empty string,
+            a value that is not a tensor, or an :class:`UnsupportedTensorError`.
+        ValueError: a key that is not printable text (see :mod:`.names`), too many dims or tensors.
+    """
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
@@ -145,18 +170,38 @@ def as_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     for key, value in obj.items():
         if not isinstance(key, str) or not key or len(key) > manifest.MAX_NAME:
             raise TypeError(f"save: keys must be non-empty strings of at most {manifest.MAX_NAME} characters, "
-                            f"got {key!r:.80}")
-        try:
-            key.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: JSON could not carry the name
-            raise ValueError(f"save: key {key!r:.80} is not valid Unicode text") from None
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"save: value of '{key}' must be a tensor, got {type(value).__name__}")
-        if value.ndim > manifest.MAX_NDIM:
-            raise ValueError(f"save: '{key}' has {value.ndim} dims; at most {manifest.MAX_NDIM} are supported")
+                            f"got {show(key, 80) if isinstance(key, str) else repr(key)[:80]}")
+        why = problem(key)
+        if why is not None:
+            raise ValueError(f"save: key {show(key, 80)} {why}; rename it (names must be printable text)")
+        _check_tensor(key, value)
     if len(obj) > manifest.MAX_TENSORS:
         raise ValueError(f"save: {len(obj):,} tensors; at most {manifest.MAX_TENSORS:,} are supported")
     return dict(obj)
+
+
+def _check_tensor(key: str, value: Any) -> None:
+    """Refuse what cannot be stored as plain values, saying what to do instead."""
+    name = show(key, 80)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"save: value of {name} must be a tensor, got {type(value).__name__}")
+    if value.is_nested:
+        raise UnsupportedTensorError(f"save: {name} is a nested tensor; save its parts (tensor.unbind()) "
+                                     "under names of their own")
+    if value.layout != torch.strided:
+        raise UnsupportedTensorError(f"save: {name} is a {str(value.layout).replace('torch.', '')} tensor; "
+                                     "save its dense values (tensor.to_dense()) or its parts as tensors of their own")
+    if value.is_quantized:
+        raise UnsupportedTensorError(f"save: {name} is a torch quantized tensor ({value.dtype}); save "
+                                     "tensor.dequantize() (and pass quantize='int8' to store int8 codes)")
+    if value.device.type == "meta":
+        raise UnsupportedTensorError(f"save: {name} is on the meta device and has no values; load or "
+                                     "initialize the weights (e.g. model.to_empty(device='cpu')) before saving")
+    if value.dtype not in _STORABLE:
+        raise UnsupportedTensorError(f"save: {name}: dtype {value.dtype} cannot be stored; supported: "
+                                     f"{', '.join(DTYPES)}. Convert it first (e.g. torch.view_as_real for complex)")
+    if value.ndim > manifest.MAX_NDIM:
+        raise ValueError(f"save: {name} has {value.ndim} dims; at most {manifest.MAX_NDIM} are supported")
 
 
 def _user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
@@ -175,17 +220,18 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, *, strict
          max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, torch.Tensor]:
     """Read a prunekit file; return its state_dict and, given ``model``, load it into the model.
 
-    Every file is treated as hostile: sizes, dtypes, shapes and counts are
-    checked before anything is allocated, the SHA-256 before anything is
+    Every file is treated as hostile: sizes, dtypes, shapes, names and counts
+    are checked before anything is allocated, the SHA-256 before anything is
     decompressed, and each tensor's CRC-32 after it is rebuilt. Nothing is
-    ever unpickled.
+    ever unpickled. The file is read piece by piece, never held whole, and
+    decoding needs the restored tensors plus a constant (see :mod:`prunekit.formats`).
 
     Args:
         path: the file.
         model: optional model; names and shapes are checked against its
             ``state_dict()`` before decoding, then ``model.load_state_dict`` runs.
         strict: with ``model``, require exactly the model's keys.
-        max_bytes: the most bytes the file, its manifest and its restored tensors may each take.
+        max_bytes: the most bytes the file, its manifest and its restored tensors (together) may each take.
 
     Returns:
         An ordered dict of CPU tensors, restored to their original dtypes
@@ -198,14 +244,16 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, *, strict
     Example:
         >>> state = prunekit.load("model.pkt", model)  # doctest: +SKIP
     """
-    data = read_bounded(path, max_bytes)
     expected = None if model is None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = loads(data, max_bytes=max_bytes, expected=expected, strict=strict)
+    with open_bounded(path, max_bytes) as source:
+        state = decode_all(parse(source, max_bytes=max_bytes), expected, strict)
+        source.check_unchanged()
     if model is not None:
         try:
             model.load_state_dict(state, strict=strict)
         except RuntimeError as exc:
-            raise FormatError(f"{path}: does not fit the model: {exc}") from None
+            raise FormatError(f"{escape(os.fspath(path))}: does not fit the model: "
+                              f"{escape(' '.join(str(exc).split()), 400)}") from None
     return state
 
 
@@ -215,7 +263,7 @@ def loads(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, expected: Mapping[
 
     Args:
         data: the file's bytes.
-        max_bytes: the most bytes the manifest and the restored tensors may each take.
+        max_bytes: the most bytes the manifest and the restored tensors (together) may each take.
         expected: optional ``{name: shape}`` to check before decoding (missing or
             unexpected names fail only when ``strict``).
         strict: see ``expected``.
@@ -228,13 +276,39 @@ def loads(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, expected: Mapping[
         >>> state["w"].tolist()
         [[0.0, 1.5], [0.0, 0.0]]
     """
-    parsed = parse(data, max_bytes=max_bytes)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"loads: data must be bytes, got {type(data).__name__}")
+    return decode_all(parse(data, max_bytes=max_bytes), expected, strict)
+
+
+def decode_all(parsed: Parsed, expected: Mapping[str, tuple[int, ...]] | None = None,
+               strict: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of a parsed file, in file order, tied names sharing one tensor (see :func:`loads`)."""
     if expected is not None:
         _check_expected(parsed, expected, strict)
-    state = OrderedDict((e.spec.name, decode_entry(parsed, e)) for e in parsed.entries)
+    state = OrderedDict()
+    with _collector_paused():
+        for entry in parsed.entries:
+            state[entry.spec.name] = decode_entry(parsed, entry)
     for alias, source in parsed.aliases:  # tied: one tensor under both names, as in the saved model
         state[alias] = state[source]
     return state
+
+
+@contextmanager
+def open_bounded(path: str | os.PathLike[str], max_bytes: int) -> Iterator[codecs.FileSource]:
+    """Open a regular file of at most ``max_bytes`` bytes as a :class:`.codecs.FileSource`.
+
+    Raises:
+        FormatError: a directory, a device or pipe (never opened), or a file that is too large.
+    """
+    check_int("load", "max_bytes", max_bytes, minimum=0)
+    info = _checked_stat(Path(path), max_bytes)
+    with open(path, "rb") as f:
+        source = codecs.FileSource(f, escape(os.fspath(path)))
+        if (source.size, os.fstat(f.fileno()).st_ino) != (info.st_size, info.st_ino):
+            raise FormatError(f"{escape(os.fspath(path))}: changed while being opened")
+        yield source
 
 
 def read_bounded(path: str | os.PathLike[str], max_bytes: int) -> bytes:
@@ -244,48 +318,100 @@ def read_bounded(path: str | os.PathLike[str], max_bytes: int) -> bytes:
         FormatError: a directory, a device or pipe, or a file that is too large or changes while read.
     """
     check_int("load", "max_bytes", max_bytes, minimum=0)
-    path = Path(path)
-    info = path.stat()  # FileNotFoundError propagates: a missing file is not a format problem
-    if stat.S_ISDIR(info.st_mode):
-        raise FormatError(f"{path}: is a directory, not a prunekit file")
-    if not stat.S_ISREG(info.st_mode):
-        raise FormatError(f"{path}: is not a regular file")
-    if info.st_size > max_bytes:
-        raise FormatError(f"{path}: {info.st_size:,} bytes exceeds max_bytes={max_bytes:,}")
+    info = _checked_stat(Path(path), max_bytes)
     with open(path, "rb") as f:
         data = f.read(info.st_size + 1)
     if len(data) != info.st_size:
-        raise FormatError(f"{path}: changed size while being read")
+        raise FormatError(f"{escape(os.fspath(path))}: changed size while being read")
     return data
 
 
-def parse(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Parsed:
+def _checked_stat(path: Path, max_bytes: int) -> os.stat_result:
+    info = path.stat()  # FileNotFoundError propagates: a missing file is not a format problem
+    shown = escape(os.fspath(path))
+    if stat.S_ISDIR(info.st_mode):
+        raise FormatError(f"{shown}: is a directory, not a prunekit file")
+    if not stat.S_ISREG(info.st_mode):
+        raise FormatError(f"{shown}: is not a regular file")
+    if info.st_size > max_bytes:
+        raise FormatError(f"{shown}: {info.st_size:,} bytes exceeds max_bytes={max_bytes:,}")
+    return info
+
+
+def parse(data: bytes | bytearray | memoryview | codecs.Source, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Parsed:
     """Validate a file's envelope, checksum and manifest, without decoding tensors.
+
+    Args:
+        data: the file's bytes, or a :class:`.codecs.Source` to read them from.
+        max_bytes: the most bytes the manifest and the restored tensors may each take.
 
     Raises:
         FormatError: anything wrong with ``data``.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = codecs.BytesSource(data)
+    elif not hasattr(data, "read"):
         raise TypeError(f"parse: data must be bytes, got {type(data).__name__}")
     check_int("parse", "max_bytes", max_bytes, minimum=0)
-    env = envelope.unpack(data, max_bytes)
-    text = codecs.decompress(env.manifest_codec, bytes(env.manifest), env.manifest_size, "manifest")
-    entries, user_meta, aliases = manifest.parse(envelope.strict_json(text, "manifest"), len(env.payload), max_bytes)
-    return Parsed(entries, user_meta, env.payload, len(memoryview(data).cast("B")), len(env.manifest),
+    try:
+        env = envelope.unpack(data, max_bytes)
+        reader = codecs.StreamReader(env.manifest_codec, data, env.manifest_offset, env.manifest_stored,
+                                     env.manifest_size, "manifest")
+        text = bytes(reader.read(env.manifest_size))
+        reader.close()
+        with _collector_paused():
+            entries, user_meta, aliases = manifest.parse(envelope.strict_json(text, "manifest"), env.payload_size,
+                                                         max_bytes)
+    except MemoryError:
+        raise FormatError("out of memory while reading the manifest; this process cannot hold it "
+                          "(a smaller max_bytes refuses such files before reading them)") from None
+    return Parsed(entries, user_meta, data, env.payload_offset, env.payload_size, data.size, env.manifest_stored,
                   env.header_size, tuple(aliases))
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a manifest's objects are built.
+
+    Parsing and decoding create objects by the hundred thousand and no cycles;
+    the collector would rescan all of them every few hundred allocations, which
+    makes loading 10⁵ tensors quadratic-ish (several times slower).
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def decode_entry(parsed: Parsed, entry: manifest.Entry) -> torch.Tensor:
-    """Decompress one tensor's streams and rebuild it.
+    """Decode one tensor's streams and rebuild it, reading them block by block.
 
     Raises:
-        FormatError: corrupt streams or data that contradicts the manifest.
+        FormatError: corrupt streams or data that contradicts the manifest, or
+            too little memory to hold the tensor (never ``MemoryError``).
     """
-    raw = {}
-    for ref in entry.streams:
-        chunk = bytes(parsed.payload[ref.offset: ref.offset + ref.size])
-        raw[ref.role] = codecs.decompress(ref.codec, chunk, ref.raw_size, f"tensor '{entry.spec.name}' {ref.role}")
-    return decode(entry.spec, raw)
+    spec = entry.spec
+    try:
+        first = entry.streams[0] if entry.streams else None
+        if (len(entry.streams) == 1 and spec.encoding == "dense" and spec.values is spec.dtype
+                and first.raw_size <= TINY):
+            stored = parsed.source.read(parsed.payload_offset + first.offset, first.size)
+            raw = stored if first.codec == "none" else codecs.decompress(
+                first.codec, stored, first.raw_size, f"tensor {show(spec.name)} data")
+            return decode_tiny(spec, raw)
+        streams = {ref.role: codecs.StreamReader(ref.codec, parsed.source, parsed.payload_offset + ref.offset,
+                                                 ref.size, ref.raw_size, f"tensor {show(spec.name)} {ref.role}")
+                   for ref in entry.streams}
+        return decode_streams(spec, streams)
+    except MemoryError:
+        # The bound checks make this rare (max_bytes above what the process may use); a file never
+        # turns it into a crash.
+        raise FormatError(f"tensor {show(spec.name)}: out of memory restoring its "
+                          f"{spec.numel * spec.dtype.itemsize:,} bytes; lower max_bytes to refuse such "
+                          "files before decoding") from None
 
 
 def _check_expected(parsed: Parsed, expected: Mapping[str, tuple[int, ...]], strict: bool) -> None:
@@ -293,9 +419,13 @@ def _check_expected(parsed: Parsed, expected: Mapping[str, tuple[int, ...]], str
     found.update({alias: found[source] for alias, source in parsed.aliases})
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if strict and (missing or unexpected):
-        raise FormatError(f"file does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}"
-                          f"{' (and more)' if len(missing) > 10 or len(unexpected) > 10 else ''}")
+        raise FormatError(f"file does not match the model: missing {_names(missing)}, unexpected {_names(unexpected)}")
     for name, shape in found.items():  # file order: the first mismatch is reported, deterministically
         if name in expected and tuple(shape) != tuple(expected[name]):
-            raise FormatError(f"tensor '{name}' has shape {list(shape)} in the file "
+            raise FormatError(f"tensor {show(name)} has shape {list(shape)} in the file "
                               f"but {list(expected[name])} in the model")
+
+
+def _names(names: list[str]) -> str:
+    shown = "[" + ", ".join(show(n, 80) for n in names[:10]) + "]"
+    return shown + (" (and more)" if len(names) > 10 else "")

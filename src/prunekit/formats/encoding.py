@@ -17,24 +17,25 @@ all-zero bit pattern, so ``-0.0`` and NaN survive and round trips are bit-exact.
 from __future__ import annotations
 
 import math
+import sys
 import zlib
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import numpy as np
 import torch
 
 from . import codecs
-from .dtypes import DType, by_name, by_torch, nonzero_mask, to_numpy, to_torch
-from .errors import FormatError
-from .quantize import dequantize, is_weight, quantize_int8
+from .dtypes import DType, by_torch, nonzero_mask, to_numpy
+from .quantize import is_weight, quantize_int8
 
-__all__ = ["ENCODINGS", "SAMPLE", "Stream", "TensorSpec", "Encoded", "encode", "decode", "stream_roles",
-           "raw_size_bounds", "parse_quantize", "checksum"]
+__all__ = ["ENCODINGS", "ESCAPE", "SAMPLE", "Stream", "TensorSpec", "Encoded", "encode", "decode", "stream_roles",
+           "raw_size_bounds", "parse_quantize", "checksum", "checksum_head"]
 
 ENCODINGS = ("dense", "bitmask", "gaps")
 SAMPLE = 1 << 18  # entries; larger tensors choose their encoding on a slice of this size
-_ESCAPE = 255  # a gap byte of 255 means "255 zeros, and the run continues"
+_LITTLE = sys.byteorder == "little"
+ESCAPE = 255  # a gap byte of 255 means "255 zeros, and the run continues"
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,8 @@ class Stream:
     stored: bytes
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """Everything the manifest says about one tensor (already validated).
+class TensorSpec(NamedTuple):
+    """Everything the manifest says about one tensor (already validated); a tuple, cheap to build by the 10⁵.
 
     Attributes:
         name: the state_dict key.
@@ -114,10 +114,17 @@ def parse_quantize(quantize: str | None) -> tuple[str | None, int | None]:
 
 def stream_roles(encoding: str, values: DType, quantized: bool) -> tuple[str, ...]:
     """The streams an encoding has, in file order."""
+    return _ROLES[encoding, values.name == "bool", quantized]
+
+
+def _roles(encoding: str, is_bool: bool, quantized: bool) -> tuple[str, ...]:
     body = {"dense": ("data",), "bitmask": ("mask", "values"), "gaps": ("gaps", "values")}[encoding]
-    if values.name == "bool" and encoding != "dense":
+    if is_bool and encoding != "dense":
         body = body[:1]  # every kept entry is True: positions say it all
     return (("scales",) if quantized else ()) + body
+
+
+_ROLES = {(e, b, q): _roles(e, b, q) for e in ENCODINGS for b in (False, True) for q in (False, True)}
 
 
 def raw_size_bounds(role: str, spec: TensorSpec) -> tuple[int, int]:
@@ -126,21 +133,42 @@ def raw_size_bounds(role: str, spec: TensorSpec) -> tuple[int, int]:
     Checked before anything is decompressed, so no stream can claim more memory
     than its tensor needs.
     """
-    n, k, width = spec.numel, spec.nnz, spec.values.itemsize
-    exact = {"scales": 2 * spec.rows, "data": n * width, "mask": (n + 7) // 8, "values": k * width}
-    if role in exact:
-        return exact[role], exact[role]
-    # gaps: one terminating byte per nonzero, plus one escape per 255 zeros at most.
-    return k, k + (n - k) // _ESCAPE
+    if role == "data":
+        size = math.prod(spec.shape) * spec.values.numpy.itemsize
+    elif role == "values":
+        size = spec.nnz * spec.values.numpy.itemsize
+    elif role == "mask":
+        size = (math.prod(spec.shape) + 7) // 8
+    elif role == "scales":
+        size = 2 * spec.rows
+    else:  # gaps: one terminating byte per nonzero, plus one escape per 255 zeros at most.
+        return spec.nnz, spec.nnz + (math.prod(spec.shape) - spec.nnz) // ESCAPE
+    return size, size
+
+
+def checksum_head(name: str, dtype: str, shape: tuple[int, ...]) -> int:
+    """The CRC-32 of a tensor's name, dtype name and shape, which :func:`checksum` continues over its bytes."""
+    return zlib.crc32(f"{name}\0{dtype}\0{list(shape)}".encode("utf-8", "surrogatepass"))
 
 
 def checksum(name: str, tensor: torch.Tensor) -> int:
     """CRC-32 of a tensor's little-endian bytes, chained over its name, dtype and shape.
 
-    Covering the name and shape means a manifest that swaps or reshapes tensors fails the check.
+    Covering the name and shape means a manifest that swaps or reshapes tensors
+    fails the check. On a little-endian host a contiguous tensor is checked in
+    place (no copy); otherwise one block at a time.
+
+    Example:
+        >>> checksum("w", torch.zeros(3)) == checksum("w", torch.zeros(3, 1).reshape(3))
+        True
     """
-    head = f"{name}\0{by_torch(tensor.dtype).name}\0{list(tensor.shape)}".encode()
-    return zlib.crc32(to_numpy(tensor).tobytes(), zlib.crc32(head))
+    crc = checksum_head(name, by_torch(tensor.dtype).name, tuple(tensor.shape))
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if _LITTLE:
+        return zlib.crc32(flat.view(torch.uint8).numpy(), crc)
+    for start in range(0, flat.numel(), SAMPLE):
+        crc = zlib.crc32(to_numpy(flat[start:start + SAMPLE]), crc)
+    return crc
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -233,9 +261,9 @@ def _stream(role: str, data: bytes, itemsize: int) -> Stream:
 
 def _gap_bytes(positions: np.ndarray) -> bytes:
     gaps = np.diff(positions, prepend=-1) - 1
-    runs = gaps // _ESCAPE + 1  # bytes per gap: the escapes, then the remainder
-    out = np.full(int(runs.sum()), _ESCAPE, dtype=np.uint8)
-    out[np.cumsum(runs) - 1] = gaps % _ESCAPE
+    runs = gaps // ESCAPE + 1  # bytes per gap: the escapes, then the remainder
+    out = np.full(int(runs.sum()), ESCAPE, dtype=np.uint8)
+    out[np.cumsum(runs) - 1] = gaps % ESCAPE
     return out.tobytes()
 
 
@@ -245,6 +273,9 @@ def _gap_bytes(positions: np.ndarray) -> bytes:
 def decode(spec: TensorSpec, raw: Mapping[str, bytes]) -> torch.Tensor:
     """Rebuild a tensor from its decoded streams, checking every data-dependent invariant.
 
+    A convenience over :func:`.decoding.decode_streams`, which reads the
+    streams from the file piece by piece instead.
+
     Args:
         spec: the tensor's validated manifest entry.
         raw: decoded streams by role, each already of its declared size.
@@ -253,75 +284,9 @@ def decode(spec: TensorSpec, raw: Mapping[str, bytes]) -> torch.Tensor:
         FormatError: positions, counts, codes or scales that contradict the manifest,
             or a checksum mismatch.
     """
-    where = f"tensor '{spec.name}'"
-    flat = _values(spec, raw, where)
-    if spec.bits is not None:
-        tensor = _dequantized(spec, flat, raw["scales"], where)
-    else:
-        tensor = to_torch(flat, spec.values, spec.shape).to(spec.dtype.torch)
-    if checksum(spec.name, tensor) != spec.crc32:
-        raise FormatError(f"{where}: checksum mismatch (the file is corrupt or its manifest was altered)")
-    return tensor
+    from .codecs import BytesSource, StreamReader
+    from .decoding import decode_streams
 
-
-def _values(spec: TensorSpec, raw: Mapping[str, bytes], where: str) -> np.ndarray:
-    vnp = spec.values.numpy
-    if spec.encoding == "dense":
-        flat = np.frombuffer(raw["data"], dtype=vnp)
-        _check_bools(spec, raw["data"], where)
-        found = int(nonzero_mask(flat).sum())
-        if found != spec.nnz:
-            raise FormatError(f"{where}: {found} nonzero values stored but the manifest says nnz={spec.nnz}")
-        return flat
-    positions = _positions(spec, raw, where)
-    flat = np.zeros(spec.numel, dtype=vnp)
-    if spec.values.name == "bool":
-        flat[positions] = True
-        return flat
-    kept = np.frombuffer(raw["values"], dtype=vnp)
-    if int(nonzero_mask(kept).sum()) != kept.size:
-        raise FormatError(f"{where}: the values stream of a sparse encoding holds zeros")
-    _check_bools(spec, raw["values"], where)
-    flat[positions] = kept
-    return flat
-
-
-def _check_bools(spec: TensorSpec, data: bytes, where: str) -> None:
-    if spec.values.name == "bool" and np.frombuffer(data, dtype=np.uint8).max(initial=0) > 1:
-        raise FormatError(f"{where}: bool data holds bytes other than 0 and 1")
-
-
-def _positions(spec: TensorSpec, raw: Mapping[str, bytes], where: str) -> np.ndarray:
-    if spec.encoding == "bitmask":
-        bits = np.unpackbits(np.frombuffer(raw["mask"], dtype=np.uint8), bitorder="little")
-        if bits[spec.numel:].any():
-            raise FormatError(f"{where}: bitmask has bits set past the tensor's {spec.numel} entries")
-        positions = np.flatnonzero(bits[: spec.numel])
-    else:
-        positions = _gap_positions(np.frombuffer(raw["gaps"], dtype=np.uint8), spec.numel, where)
-    if positions.size != spec.nnz:
-        raise FormatError(f"{where}: positions mark {positions.size} entries but the manifest says nnz={spec.nnz}")
-    return positions
-
-
-def _gap_positions(data: np.ndarray, numel: int, where: str) -> np.ndarray:
-    ends = np.flatnonzero(data != _ESCAPE)
-    if data.size and (ends.size == 0 or ends[-1] != data.size - 1):
-        raise FormatError(f"{where}: gaps stream ends inside a run (trailing escape bytes)")
-    totals = np.cumsum(data, dtype=np.int64)[ends]
-    gaps = np.diff(totals, prepend=0)
-    positions = np.cumsum(gaps + 1) - 1
-    if positions.size and positions[-1] >= numel:
-        raise FormatError(f"{where}: gaps reach position {int(positions[-1])} of a tensor with {numel} entries")
-    return positions
-
-
-def _dequantized(spec: TensorSpec, flat: np.ndarray, scales: bytes, where: str) -> torch.Tensor:
-    qmax = 2 ** (spec.bits - 1) - 1
-    if flat.size and int(np.abs(flat.astype(np.int16)).max()) > qmax:
-        raise FormatError(f"{where}: int8 codes exceed ±{qmax}, the range of a {spec.bits}-bit grid")
-    scale = to_torch(np.frombuffer(scales, dtype="<u2"), by_name("bfloat16"), (spec.rows,)).float()
-    if not (torch.isfinite(scale).all() and (scale >= 0).all()):
-        raise FormatError(f"{where}: quantization scales must be finite and non-negative")
-    q = to_torch(flat, spec.values, spec.shape)
-    return dequantize(q, scale, spec.dtype.torch)
+    streams = {role: StreamReader("none", BytesSource(data), 0, len(data), len(data), f"tensor '{role}'")
+               for role, data in raw.items()}
+    return decode_streams(spec, streams)

@@ -11,7 +11,9 @@ Two tensors instead of one per weight keep the header a constant ~300 bytes,
 which matters when a pruned model is a few kilobytes. :func:`unpack` parses the
 header itself (8 bytes of length, then JSON) so that every bound is checked
 here, names the usual impostors (pickles, ``torch.save`` zips, plain
-safetensors), and verifies the SHA-256 before anything is decompressed.
+safetensors), and verifies the SHA-256 before anything is decompressed. It reads
+through a :class:`.codecs.Source`, hashing in chunks, so a file on disk is
+never held in memory whole.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
+from .codecs import IN_CHUNK, BytesSource, Source
 from .errors import FormatError
+from .names import escape
 
 __all__ = ["FORMAT", "VERSION", "Envelope", "pack", "unpack", "strict_json"]
 
@@ -37,12 +41,15 @@ _META_KEYS = {"format", "version", "manifest_codec", "manifest_size", "sha256"}
 
 @dataclass(frozen=True)
 class Envelope:
-    """A checked envelope: the stored manifest, its codec and decoded size, and the payload."""
+    """A checked envelope: where the stored manifest and the payload lie, and the manifest's codec and size."""
 
-    manifest: memoryview
+    source: Source
+    manifest_offset: int
+    manifest_stored: int  # stored bytes of the manifest
     manifest_codec: str
-    manifest_size: int
-    payload: memoryview
+    manifest_size: int  # decoded bytes of the manifest
+    payload_offset: int
+    payload_size: int
     header_size: int  # bytes before the tensor data, with the 8-byte length
 
 
@@ -71,35 +78,35 @@ def _sorted_header(data: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + data[8 + length:]
 
 
-def unpack(data: bytes | bytearray | memoryview, max_bytes: int) -> Envelope:
-    """Check the envelope of a file's bytes and its SHA-256; decompress nothing.
+def unpack(data: bytes | bytearray | memoryview | Source, max_bytes: int) -> Envelope:
+    """Check the envelope of a file (its bytes, or a :class:`.codecs.Source`) and its SHA-256; decompress nothing.
 
     The manifest may declare a decoded size of at most 64 MiB and at most ``max_bytes``.
 
     Raises:
         FormatError: an impostor, a truncated or malformed header, or a checksum mismatch.
     """
-    view = memoryview(data).cast("B")
-    _sniff(view)
-    header, start = _header(view)
-    meta, regions = _envelope(header, len(view) - start)
-    stored = view[start + regions["manifest"][0]: start + regions["manifest"][1]]
-    payload = view[start + regions["payload"][0]: start + regions["payload"][1]]
-    digest = hashlib.sha256(stored)
-    digest.update(payload)
+    source = data if hasattr(data, "read") else BytesSource(data)
+    _sniff(bytes(source.read(0, min(4, source.size))))
+    header, start = _header(source)
+    meta, regions = _envelope(header, source.size - start)
+    (m0, m1), (p0, p1) = regions["manifest"], regions["payload"]
+    digest = hashlib.sha256()
+    for lo, hi in ((m0, m1), (p0, p1)):
+        for at in range(start + lo, start + hi, IN_CHUNK):
+            digest.update(source.read(at, min(IN_CHUNK, start + hi - at)))
     if digest.hexdigest() != meta["sha256"]:
         raise FormatError("checksum mismatch: the file is corrupt (SHA-256 of manifest and payload differs)")
     size = _meta_int(meta["manifest_size"], "manifest_size", _MAX_MANIFEST)
     if size > max_bytes:
         raise FormatError(f"manifest_size: the manifest decodes to {size:,} bytes, more than max_bytes={max_bytes:,}")
-    return Envelope(stored, meta["manifest_codec"], size, payload, start)
+    return Envelope(source, start + m0, m1 - m0, meta["manifest_codec"], size, start + p0, p1 - p0, start)
 
 
-def _sniff(view: memoryview) -> None:
-    """Name the usual impostors before parsing, with a message that helps."""
-    if len(view) == 0:
+def _sniff(head: bytes) -> None:
+    """Name the usual impostors (from the first 4 bytes) before parsing, with a message that helps."""
+    if len(head) == 0:
         raise FormatError("empty file: not a prunekit file")
-    head = bytes(view[:4])
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         raise FormatError("this is a zip archive (a torch.save checkpoint?), not a prunekit file; prunekit never "
                           "unpickles. Load it with torch.load(..., weights_only=True), then prunekit.save it")
@@ -108,16 +115,16 @@ def _sniff(view: memoryview) -> None:
                           "torch.load(..., weights_only=True) if you trust it, then prunekit.save it")
 
 
-def _header(view: memoryview) -> tuple[dict, int]:
-    if len(view) < 8:
-        raise FormatError(f"truncated file: {len(view)} bytes, shorter than a safetensors header")
-    length = int.from_bytes(view[:8], "little")
-    if length > len(view) - 8:
+def _header(source: Source) -> tuple[dict, int]:
+    if source.size < 8:
+        raise FormatError(f"truncated file: {source.size} bytes, shorter than a safetensors header")
+    length = int.from_bytes(source.read(0, 8), "little")
+    if length > source.size - 8:
         raise FormatError(f"truncated or not a prunekit file: the header claims {length:,} bytes, "
-                          f"the file has {len(view) - 8:,} after the length field")
+                          f"the file has {source.size - 8:,} after the length field")
     if length > _MAX_HEADER:
         raise FormatError(f"not a prunekit file: header of {length:,} bytes exceeds the limit of {_MAX_HEADER:,}")
-    return strict_json(bytes(view[8: 8 + length]), "safetensors header"), 8 + length
+    return strict_json(bytes(source.read(8, length)), "safetensors header"), 8 + length
 
 
 def _envelope(header: Any, data_size: int) -> tuple[dict[str, str], dict[str, tuple[int, int]]]:
@@ -163,17 +170,17 @@ def strict_json(raw: bytes, what: str) -> Any:
     """``json.loads`` that raises FormatError, rejects duplicate keys and NaN/Infinity, and survives deep nesting."""
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
+        out = dict(pairs)  # the cheap test: a duplicate key makes the dict shorter than the pairs
+        if len(out) != len(pairs):
             raise FormatError(f"{what}: duplicate key in a JSON object")
-        return dict(pairs)
+        return out
 
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=_no_constant)
     except FormatError:
         raise
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise FormatError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+        raise FormatError(f"{what} is not valid JSON: {escape(str(exc))}") from None
 
 
 def _no_constant(name: str) -> Any:

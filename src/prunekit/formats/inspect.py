@@ -3,7 +3,9 @@
 Per tensor: shape, dtype, how values are stored, sparsity, encoding, bytes and
 bits per weight. Totals against dense fp32, gzip of the fp32 state_dict and the
 entropy bound ``n·H(k/n) + k·value_bits`` (see :mod:`.stats`). Inspecting
-decodes and verifies every tensor, so it doubles as an integrity check.
+decodes and verifies every tensor, so it doubles as an integrity check. Names
+are printed through :func:`.names.escape`: a name (from a file written by
+something else) with control characters cannot move the cursor or forge rows.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .container import DEFAULT_MAX_BYTES, Parsed, decode_entry, parse, read_bounded
+from .container import DEFAULT_MAX_BYTES, Parsed, decode_all, open_bounded, parse
+from .names import escape
 from .stats import fp32_bytes, gzip_fp32_bytes, spec_bound_bits
 
 __all__ = ["TensorRow", "FileReport", "inspect_file", "inspect_bytes", "register"]
@@ -97,7 +100,7 @@ class FileReport:
 
     def __str__(self) -> str:
         header = ("tensor", "shape", "stored", "sparsity", "encoding", "bytes", "bits/w")
-        body = [(r.name, "x".join(map(str, r.shape)) or "scalar", r.stored, f"{r.sparsity:.1%}", r.encoding,
+        body = [(escape(r.name, 120), "x".join(map(str, r.shape)) or "scalar", r.stored, f"{r.sparsity:.1%}", r.encoding,
                  f"{r.bytes:,}", f"{r.bits_per_weight:.3f}") for r in self.rows]
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]]
@@ -136,10 +139,15 @@ def inspect_bytes(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> FileRep
         >>> report.file_bytes < 64 * 64 * 4
         True
     """
-    parsed = parse(data, max_bytes=max_bytes)
-    state = {e.spec.name: decode_entry(parsed, e) for e in parsed.entries}
+    return _report(parse(data, max_bytes=max_bytes))
+
+
+def _report(parsed: Parsed) -> FileReport:
+    state = decode_all(parsed)
+    for alias, _ in parsed.aliases:  # tied copies are stored once, and counted once
+        del state[alias]
     rows = [_row(parsed, e) for e in parsed.entries]
-    overhead = parsed.file_size - len(parsed.payload)
+    overhead = parsed.file_size - parsed.payload_size
     return FileReport(rows, parsed.file_size, overhead, fp32_bytes(state), gzip_fp32_bytes(state), parsed.metadata)
 
 
@@ -149,7 +157,10 @@ def inspect_file(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_B
     Example:
         >>> print(inspect_file("model.pkt"))  # doctest: +SKIP
     """
-    return inspect_bytes(read_bounded(path, max_bytes), max_bytes=max_bytes)
+    with open_bounded(path, max_bytes) as source:
+        report = _report(parse(source, max_bytes=max_bytes))
+        source.check_unchanged()
+    return report
 
 
 def _row(parsed: Parsed, entry) -> TensorRow:
