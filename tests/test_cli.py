@@ -210,7 +210,11 @@ def test_run_dir_recipe_json_errors_are_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "recipe.json").write_text("[" * 100_000 + "]" * 100_000)
-    assert "is not valid JSON" in _one_error_line(["bench", str(run)], capsys)
+    assert "is not valid JSON (nested too deeply)" in _one_error_line(["bench", str(run)], capsys)
+    (run / "recipe.json").write_text('{"name": "a", "name": "b"}')
+    assert "is not valid JSON (duplicate key 'name')" in _one_error_line(["bench", str(run)], capsys)
+    (run / "recipe.json").write_bytes(b'{"name": "\xff"}')
+    assert "is not valid JSON ('utf-8' codec can't decode" in _one_error_line(["bench", str(run)], capsys)
     (run / "recipe.json").unlink()
     (run / "recipe.json").mkdir()
     assert "not a recipe run directory" in _one_error_line(["export", str(run), "--to", "int8", "--out", "m"], capsys)

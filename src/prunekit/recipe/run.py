@@ -218,9 +218,29 @@ def resolve_run(run_dir: str | os.PathLike[str] | None, recipe_path: str | os.Pa
     path = Path(run_dir)
     if not (path / "recipe.json").is_file():
         raise FileNotFoundError(f"{str(path)!r} is not a recipe run directory (no recipe.json)")
+    return parse_recipe(_read_recipe_json(path / "recipe.json")), path
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _read_recipe_json(path: Path) -> Any:
+    # A run directory may come from elsewhere: the same bounds as a YAML recipe (size, nesting, duplicate keys).
+    from .safe_yaml import MAX_RECIPE_BYTES
+
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_RECIPE_BYTES + 1)
     try:
-        data = json.loads((path / "recipe.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nesting too deep
-        raise ValueError(f"{str(path / 'recipe.json')!r} is not valid JSON ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else 'nested too deeply'})") from None
-    return parse_recipe(data), path
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise ValueError(f"larger than {MAX_RECIPE_BYTES:,} bytes")
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ValueError(f"{str(path)!r} is not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+        raise ValueError(f"{str(path)!r} is not valid JSON ({str(exc).splitlines()[0]})") from None
