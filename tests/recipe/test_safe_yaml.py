@@ -47,21 +47,22 @@ def _depth(value) -> int:
 
 
 def _bomb_recipe(tmp_path):
-    # A valid recipe whose model kwargs hold the bomb: plain safe_load returns it at once (shared references),
-    # and whatever walks it (validation, the recipe's digest) never finishes.
+    # A valid recipe whose model kwargs hold the bomb. Plain safe_load returns it at once (shared references), but
+    # whatever walks it never finishes: here the error message for LeNet5's unknown kwargs, which reprs them
+    # (before the bounded loader, this recipe ran for minutes, its memory growing).
+    bomb = "\n".join("    " + line for line in _laughs().splitlines())
     text = TINY_YAML.replace("model:\n  factory: prunekit.models:LeNet5\n",
-                             "model:\n  factory: prunekit.models:LeNet5\n  kwargs: {num_classes: *l8}\n")
+                             f"model:\n  factory: prunekit.models:LeNet5\n  kwargs:\n{bomb}\n")
     assert text != TINY_YAML
     path = tmp_path / "laughs.yaml"
-    path.write_text(_laughs() + "\n" + text.replace("name: tiny", "name: laughs"))
+    path.write_text(text)
     return path
 
 
 def test_billion_laughs_is_a_bomb_for_plain_yaml(tmp_path):
     # Negative control: plain safe_load accepts it, and it stands for 9**9 scalars.
     data = yaml.safe_load(_bomb_recipe(tmp_path).read_text())
-    inner = data["model"]["kwargs"]["num_classes"]
-    count, level = 1, inner
+    count, level = 1, data["model"]["kwargs"]["l8"]
     while isinstance(level, list):
         count, level = count * len(level), level[0]
     assert count == 9 ** 9 > MAX_NODES
