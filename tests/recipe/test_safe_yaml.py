@@ -168,8 +168,9 @@ def test_merge_keys_may_be_overridden():
     assert load_yaml("b: &b {x: 1, y: 2}\nd: {<<: *b, x: 3}")["d"] == {"x": 3, "y": 2}
 
 
-@pytest.mark.parametrize("scalar,ok", [("1" * safe_yaml.MAX_INT_CHARS, True), ("1" * (safe_yaml.MAX_INT_CHARS + 1), False),
-                                       ("1" + ":1" * 100_000, False), ("0x" + "f" * 10_000, False), ("1_000", True)])
+@pytest.mark.parametrize("scalar,ok", [
+    ("1" * safe_yaml.MAX_INT_CHARS, True), ("1" * (safe_yaml.MAX_INT_CHARS + 1), False),
+    ("1" + ":1" * 100_000, False), ("0x" + "f" * 10_000, False), ("1_000", True)])
 def test_long_integers_are_refused(scalar, ok):
     # base-60 integers cost quadratic time, decimal ones past 4300 digits raise ValueError in Python itself
     if ok:

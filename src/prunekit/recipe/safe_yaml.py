@@ -27,8 +27,8 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-__all__ = ["MAX_RECIPE_BYTES", "MAX_NODES", "MAX_DEPTH", "MAX_INT_CHARS", "RecipeYAMLError", "RecipeLoader", "load_yaml",
-           "describe_yaml_error"]
+__all__ = ["MAX_RECIPE_BYTES", "MAX_NODES", "MAX_DEPTH", "MAX_INT_CHARS", "RecipeYAMLError", "RecipeLoader",
+           "load_yaml", "describe_yaml_error"]
 
 MAX_RECIPE_BYTES = 1 << 20
 MAX_NODES = 100_000
@@ -131,10 +131,10 @@ def load_yaml(text: str) -> Any:
         yaml.YAMLError: invalid YAML (:class:`RecipeYAMLError` for the loader's own checks).
 
     Example:
-        >>> load_yaml("a: 1\\na: 2")
+        >>> load_yaml("a: 1\\na: 2")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        prunekit.recipe.safe_yaml.RecipeYAMLError: duplicate key 'a' at line 2, column 1 (first at line 1, column 1); give each key once
+        prunekit.recipe.safe_yaml.RecipeYAMLError: duplicate key 'a' at line 2, column 1 (first at line 1, ...
     """
     loader = RecipeLoader(text)
     try:
