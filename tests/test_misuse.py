@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from prunekit import Pruner, sparsity_report, strip
 from prunekit.iterative import iterative_prune
 from prunekit.lottery.masks import Targets, rank_masks
-from prunekit.criteria import Magnitude
+from prunekit.criteria import Magnitude, Taylor
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -140,6 +140,15 @@ def test_old_report_would_have_claimed_the_old_sparsity():
         pruner.report()
 
 
+def test_sparsity_report_refuses_a_pruner_of_another_model():
+    model, other = mlp(), mlp()
+    pruner = Pruner(model, 0.5)
+    with pytest.raises(ValueError, match="the pruner prunes '0.weight', which is not a parameter of model"):
+        sparsity_report(other, pruner=pruner)
+    wrapper = nn.Sequential(model)  # a model that contains the pruned one is fine
+    assert sparsity_report(wrapper, pruner=pruner).zeros == 200
+
+
 def test_backward_with_a_reshaped_parameter_raises_value_error():
     # A (1, 16) mask would even broadcast over a (3, 1, 16) gradient without the check.
     model = nn.Sequential(nn.Linear(16, 1, bias=False))
@@ -219,7 +228,7 @@ KEEPS = {
     "to(float64)": lambda m: m.to(torch.float64),
     "half": lambda m: m.half(),
     "to(cpu)": lambda m: m.to("cpu"),
-    "to_empty(cpu)": lambda m: m.to_empty(device="cpu"),
+    "to_empty(cpu) + load": lambda m: in_place_load(m.to_empty(device="cpu")),  # to_empty leaves garbage
     "same module again": same_module_again,
     "swapping conversion": swapping_conversion,
     "requires_grad_(False)": lambda m: m.requires_grad_(False),
@@ -239,7 +248,8 @@ def test_identity_keeping_changes_keep_working(change):
     report = pruner.report()
     # Independent reference: count zeros in the model itself, layer by layer.
     weights = [model[i].weight for i in (0, 2, 4)]
-    assert [r.zeros for r in report.rows] == [zeros_of(w) for w in weights] == [round(0.75 * w.numel()) for w in weights]
+    expected = [round(0.75 * w.numel()) for w in weights]
+    assert [r.zeros for r in report.rows] == [zeros_of(w) for w in weights] == expected
     pruner.state_dict()
 
 
@@ -373,6 +383,17 @@ def test_a_failed_construction_keeps_no_hooks_and_owns_nothing():
     with torch.no_grad():
         model[0].weight[0, 0] = 1.0
     assert [r.zeros for r in Pruner(model, 0.5).report().rows] == [80, 96, 24]
+
+
+def test_a_criterion_bound_to_another_model_is_refused_before_any_hook():
+    model, other = mlp(), mlp(seed=1)
+    data = [(torch.randn(8, 10), torch.randint(0, 4, (8,)))]
+    criterion = Taylor(data, nn.functional.cross_entropy, model=other)
+    with pytest.raises(ValueError, match="bound to a different model .*no parameter '0.weight' sharing storage"):
+        Pruner(model, 0.5, criterion=criterion)
+    assert not any(has_grad_hooks(p) for p in model.parameters())
+    bound = Taylor(data, nn.functional.cross_entropy, model=model)  # bound to the pruned model: fine
+    assert Pruner(model, 0.5, criterion=bound).report().zeros == 200
 
 
 def test_sequential_tools_release_their_pruners():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 from functools import partial
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NoReturn, Sequence
 
 import torch
 from torch import nn
@@ -92,21 +92,39 @@ def _stale_reason(slot: _Slot) -> str | None:
                 "load_state_dict(assign=True) or a conversion that creates new parameters)")
     param = slot.param
     if param.shape != slot.shape:
-        return f"parameter '{name}' changed shape from {tuple(slot.shape)} to {tuple(param.shape)} (its .data was reassigned)"
+        return (f"parameter '{name}' changed shape from {tuple(slot.shape)} to {tuple(param.shape)} "
+                "(its .data was reassigned)")
     if param.is_meta:
         return f"parameter '{name}' was moved to the meta device"
     return None
 
 
-def _check_unowned(targets: Sequence[Target]) -> None:
-    """Refuse parameters that a live (not removed) Pruner already prunes: two would fight over the masks."""
-    mine = {id(t.param): t.name for t in targets}  # both sides hold the tensors, so ids are not reused
+def _check_bound_model(criterion: Criterion, model: nn.Module, targets: Sequence[Target]) -> None:
+    """Refuse a data-driven criterion bound to another model now, before any hook is set (it would fail at scoring)."""
+    bound = getattr(criterion, "model", None)
+    if not callable(getattr(criterion, "bind", None)) or not isinstance(bound, nn.Module) or bound is model:
+        return
+    own = dict(bound.named_parameters())
+    for target in targets:
+        theirs = own.get(target.name)
+        if theirs is None or theirs.data_ptr() != target.param.data_ptr():
+            raise ValueError(f"Pruner: {criterion!r} is bound to a different model than the one being pruned "
+                             f"(no parameter '{target.name}' sharing storage); bind it to the pruned model")
+
+
+def _check_unowned(owner: str, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Refuse parameters that a live (not removed) Pruner already prunes: two would fight over the masks.
+
+    ``named`` is ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``
+    (another pruning engine can call this too).
+    """
+    mine = {id(p): n for n, p in named}  # both sides hold the tensors, so ids are not reused
     taken = [(mine[id(slot.param)], slot.target.name) for other in list(_LIVE) if not other._removed
              for slot in other._slots if id(slot.param) in mine]
     if taken:
         names = [f"'{n}'" if n == theirs else f"'{n}' (as '{theirs}')" for n, theirs in taken]
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        raise ValueError(f"Pruner: {shown} already pruned by another live Pruner; call .remove() on that one "
+        raise ValueError(f"{owner}: {shown} already pruned by another live Pruner; call .remove() on that one "
                          "(or prunekit.strip(model)) before building a new one")
 
 
@@ -221,7 +239,8 @@ class Pruner:
         if not scope.targets:
             raise ValueError("Pruner: no prunable parameter in scope (check layers/exclude)")
         check_materialised("Pruner", scope.targets)
-        _check_unowned(scope.targets)
+        _check_bound_model(self.criterion, model, scope.targets)
+        _check_unowned("Pruner", ((t.name, t.param) for t in scope.targets))
         self.model = model
         self.skipped = scope.skipped
         bind = getattr(self.criterion, "bind", None)
@@ -550,11 +569,12 @@ class Pruner:
             if param.shape != slot.shape or param.is_meta:
                 self._raise_stale(owner)
 
-    def _raise_stale(self, owner: str) -> None:
+    def _raise_stale(self, owner: str) -> NoReturn:
         for slot in self._slots:
             reason = _stale_reason(slot)
             if reason is not None:
                 raise ValueError(f"{owner}: {reason} after this Pruner was built; {_REBUILD}")
+        raise ValueError(f"{owner}: the model changed after this Pruner was built; {_REBUILD}")
 
     # -- checkpointing --------------------------------------------------------------------
 

@@ -94,8 +94,9 @@ def sparsity_report(model: nn.Module, pruner: "Pruner | None" = None) -> Sparsit
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: a parameter is on the ``meta`` device, or ``pruner``'s layers
-            or parameters were replaced since it was built (build a new Pruner).
+        ValueError: a parameter is on the ``meta`` device, ``pruner``'s layers
+            or parameters were replaced since it was built (build a new Pruner),
+            or ``pruner`` prunes parameters that ``model`` does not have.
 
     Example:
         >>> import torch
@@ -114,6 +115,7 @@ def sparsity_report(model: nn.Module, pruner: "Pruner | None" = None) -> Sparsit
         skipped = scope.skipped
     else:
         pruner._check_model("report")  # a replaced layer would otherwise be reported with its old target
+        _check_same_model(model, pruner)
         items = [(s.target, s.target_sparsity) for s in pruner._slots]
         skipped = pruner.skipped
     rows = []
@@ -122,3 +124,12 @@ def sparsity_report(model: nn.Module, pruner: "Pruner | None" = None) -> Sparsit
         rows.append(LayerSparsity(target.name, type(target.module).__name__, tuple(p.shape), p.numel(),
                                   int((p == 0).sum()), goal, target.aliases[1:]))
     return SparsityReport(rows, list(skipped))
+
+
+def _check_same_model(model: nn.Module, pruner: "Pruner") -> None:
+    # The rows come from the pruner: with another model they would describe tensors it does not have.
+    own = {id(p) for p in model.parameters()}
+    for slot in pruner._slots:
+        if id(slot.param) not in own:
+            raise ValueError(f"sparsity_report: the pruner prunes '{slot.target.name}', which is not a parameter of "
+                             "model; pass the model the Pruner was built on, or no pruner")
