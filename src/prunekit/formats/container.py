@@ -26,7 +26,7 @@ from torch import nn
 from .._io import atomic_write_bytes
 from .._validate import check_int
 from . import codecs, envelope, manifest
-from .decoding import TINY, decode_streams, decode_tiny
+from .decoding import TINY, decode_streams, decode_tiny, out_of_memory
 from .dtypes import DTYPES
 from .encoding import Encoded, encode, parse_quantize
 from .errors import FormatError
@@ -406,9 +406,11 @@ def decode_entry(parsed: Parsed, entry: manifest.Entry) -> torch.Tensor:
                                                  ref.size, ref.raw_size, f"tensor {show(spec.name)} {ref.role}")
                    for ref in entry.streams}
         return decode_streams(spec, streams)
-    except MemoryError:
+    except (MemoryError, RuntimeError) as exc:
         # The bound checks make this rare (max_bytes above what the process may use); a file never
         # turns it into a crash.
+        if not out_of_memory(exc):
+            raise
         raise FormatError(f"tensor {show(spec.name)}: out of memory restoring its "
                           f"{spec.numel * spec.dtype.itemsize:,} bytes; lower max_bytes to refuse such "
                           "files before decoding") from None

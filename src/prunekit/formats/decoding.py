@@ -28,9 +28,9 @@ from .encoding import ESCAPE, TensorSpec, checksum, checksum_head
 from .errors import FormatError
 from .names import show
 
-__all__ = ["BLOCK", "TINY", "decode_streams", "decode_tiny"]
+__all__ = ["BLOCK", "TINY", "allocate", "decode_streams", "decode_tiny", "out_of_memory"]
 
-BLOCK = 1 << 18  # entries per block (read at call time, so tests can make it small)
+BLOCK = 1 << 16  # entries per block (read at call time, so tests can make it small)
 TINY = 1 << 12  # bytes: a dense tensor this small is rebuilt in one go (most tensors of a model, by count)
 _LITTLE = sys.byteorder == "little"
 _SCALE_ROWS = 1 << 16  # quantization scales held at a time
@@ -45,13 +45,13 @@ def decode_streams(spec: TensorSpec, streams: Mapping[str, StreamReader]) -> tor
     """
     values = _Values(spec, streams)
     if spec.encoding == "dense":
-        out = torch.empty(spec.numel, dtype=spec.dtype.torch)
+        out = allocate(spec.numel, spec.dtype.torch, zeroed=False)
         if values.exact:
             _dense_exact(spec, streams["data"], out)
         else:
             _dense_converted(spec, streams["data"], values, out)
     else:
-        out = torch.zeros(spec.numel, dtype=spec.dtype.torch)
+        out = allocate(spec.numel, spec.dtype.torch, zeroed=True)
         _sparse(spec, streams, values, out)
     values.finish()
     for reader in streams.values():
@@ -79,6 +79,21 @@ def decode_tiny(spec: TensorSpec, raw: bytes | memoryview) -> torch.Tensor:
         return torch.empty(spec.shape, dtype=dt.torch)
     tensor = _as_tensor(raw, dt)
     return tensor if len(spec.shape) == 1 else tensor.reshape(spec.shape)
+
+
+def allocate(numel: int, dtype: torch.dtype, zeroed: bool) -> torch.Tensor:
+    """A flat tensor for the restored values; ``MemoryError`` (not torch's ``RuntimeError``) when there is no room."""
+    try:
+        return torch.zeros(numel, dtype=dtype) if zeroed else torch.empty(numel, dtype=dtype)
+    except RuntimeError as exc:
+        if out_of_memory(exc):
+            raise MemoryError(str(exc)) from None
+        raise
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed (torch reports that as a ``RuntimeError``)."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def _error(spec: TensorSpec, message: str) -> FormatError:
