@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from prunekit._io import temp_prefix
 from prunekit.recipe import parse_recipe, run_recipe
 from prunekit.recipe.checkpoint import load_checkpoint
 from recipe_helpers import FINAL_ARTIFACTS, write_recipe
@@ -109,14 +110,15 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(setup):
     recipe, path, root, reference = setup
     out = root / "killed-in-write"
     ckpt_dir = out / recipe.run_name / "checkpoints"
-    leftovers = list(ckpt_dir.glob(".prune.safetensors.*.tmp"))
+    temps = temp_prefix(ckpt_dir / "prune.safetensors") + "*"  # atomic_open's temporary files for the checkpoint
+    leftovers = list(ckpt_dir.glob(temps))
     assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # step 16's write was cut off before its rename
     _, meta = load_checkpoint(ckpt_dir / "prune.safetensors")
     assert meta["position"]["step"] == 12  # ... and the previous checkpoint is intact
     result = run_recipe(recipe, out, progress=False, log=None)
     assert result.executed == ["prune-train", "export", "evaluate"]
     assert result.results["prune-train"]["resumed_at"] == 12
-    assert not list(ckpt_dir.glob(".prune.safetensors.*.tmp"))  # the resumed run cleared the debris
+    assert not list(ckpt_dir.glob(temps))  # the resumed run cleared the debris
     (w_ref, ck_ref), (w, ck) = _final_state(reference), _final_state(result.run_dir)
     _assert_identical(w_ref, w, "final weights")
     _assert_identical(ck_ref, ck, "final checkpoint")
