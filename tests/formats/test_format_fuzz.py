@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import prunekit.formats as pf
 from prunekit.formats import FormatError
+from prunekit.formats.names import BAD_CHARACTERS, escape
 
 STATE = {
     "conv.weight": make_sparse((8, 3, 3, 3), torch.float32, 0.9, seed=1),
@@ -133,3 +134,86 @@ def test_resigned_manifest_mutations_raise_only_format_error(base, which, value,
 @pytest.mark.parametrize("base", range(len(BASES)))
 def test_the_fuzz_bases_are_valid(base):
     assert _same(_loads_or_format_error(BASES[base]), EXPECTED[base])
+
+
+# -- hostile names and declared sizes ---------------------------------------------------------------
+
+def _only_format_errors(data: bytes) -> dict[str, torch.Tensor] | None:
+    """Load under a 16 MiB limit: the tensors, or None after a FormatError whose message is one printable line."""
+    try:
+        return pf.loads(data, max_bytes=1 << 24)
+    except FormatError as exc:
+        assert str(exc) and str(exc).isprintable(), repr(str(exc))
+        return None
+
+
+# Names drawn mostly from the characters that cause trouble: controls, separators, bidi, surrogates, quotes.
+_NASTY = st.sampled_from(["\x00", "\x07", "\x1b", "\n", "\r", "\t", "\x7f", "\x85", "\x9b", "\u2028", "\u202e",
+                          "\u2066", "\u200f", "\ud800", "\udfff", "'", '"', "\\", "[", "]", " ", "\ufeff"])
+_NAME = st.lists(st.one_of(_NASTY, st.characters(), st.sampled_from(["fc", ".", "weight"])),
+                 min_size=0, max_size=12).map("".join) | st.text(min_size=4000, max_size=4200)
+
+
+@FUZZ
+@given(base=st.integers(0, len(BASES) - 1), which=st.integers(0, 10), name=_NAME, alias=st.booleans())
+def test_hostile_names_raise_only_format_error(base, which, name, alias):
+    manifest = read_manifest(BASES[base])
+    if alias:  # as an alias of a real tensor, or as the source of one
+        source = manifest["tensors"][which % len(manifest["tensors"])]["name"]
+        manifest["aliases"] = [[name, source] if which % 2 else ["extra.name", name]]
+    else:
+        manifest["tensors"][which % len(manifest["tensors"])]["name"] = name
+    _, _, payload = split_file(BASES[base])
+    out = _only_format_errors(rebuild(json.dumps(manifest).encode(), payload))
+    if out is not None:  # only an alias can load (a tensor's name is in its CRC), and only an acceptable one
+        assert alias and not any(BAD_CHARACTERS.search(n) for n in out)
+        assert all(escape(n).isprintable() for n in out)
+
+# Declared sizes at the boundaries that overflow int32/int64/uint64 arithmetic, or that are just plausible.
+_SIZE = st.one_of(st.sampled_from([0, 1, 2, 7, 8, 255, 256, 2**16, 2**24, 2**31 - 1, 2**31, 2**32, 2**32 + 1,
+                                   2**40, 2**53 + 1, 2**62, 2**63 - 1, 2**63, 2**64, 2**64 + 8, -1, -(2**63)]),
+                  st.integers(-(2**70), 2**70))
+
+
+@FUZZ
+@given(base=st.integers(0, len(BASES) - 1), which=st.integers(0, 10), field=st.sampled_from(
+    ["shape", "shape_all", "nnz", "raw_size", "size", "consistent"]), value=_SIZE, dims=st.integers(1, 4))
+def test_hostile_declared_sizes_raise_only_format_error(base, which, field, value, dims):
+    manifest = read_manifest(BASES[base])
+    t = manifest["tensors"][which % len(manifest["tensors"])]
+    stream = t["streams"][which % len(t["streams"])]
+    if field == "shape":
+        t["shape"] = [value] + t["shape"][1:]
+    elif field == "shape_all":
+        t["shape"] = [value] * dims
+    elif field == "nnz":
+        t["nnz"] = value
+    elif field == "raw_size":
+        stream[3] = value
+    elif field == "size":
+        stream[2] = value
+    else:  # a self-consistent claim: a huge tensor, all nonzero, whose streams "decode" to exactly that
+        t["shape"], t["nnz"] = [abs(value)] * dims, abs(value) ** dims
+        for s in t["streams"]:
+            s[3] = abs(value) ** dims
+    _, _, payload = split_file(BASES[base])
+    _only_format_errors(rebuild(json.dumps(manifest).encode(), payload))
+
+
+@FUZZ
+@given(base=st.integers(0, len(BASES) - 1), edits=st.lists(_EDIT, min_size=1, max_size=3),
+       block=st.sampled_from([1, 3, 64]))
+def test_resigned_payload_mutations_decoded_in_small_blocks(base, edits, block):
+    # The same payload mutations, with every block boundary in play: still only FormatError or the same tensors.
+    from prunekit.formats import decoding
+
+    _, _, payload = split_file(BASES[base])
+    text = json.dumps(read_manifest(BASES[base])).encode()
+    saved = decoding.BLOCK, decoding.TINY
+    decoding.BLOCK, decoding.TINY = block, 0
+    try:
+        out = _only_format_errors(rebuild(text, _apply(payload, edits)))
+    finally:
+        decoding.BLOCK, decoding.TINY = saved
+    if out is not None:
+        assert _same(out, EXPECTED[base])

@@ -25,8 +25,8 @@ from torch import nn
 
 from .._io import atomic_write_bytes
 from .._validate import check_int
-from . import codecs, envelope, manifest
-from .decoding import TINY, decode_streams, decode_tiny, out_of_memory
+from . import codecs, decoding, envelope, manifest
+from .decoding import decode_streams, decode_tiny, out_of_memory
 from .dtypes import DTYPES
 from .encoding import Encoded, encode, parse_quantize
 from .errors import FormatError
@@ -81,7 +81,8 @@ def tied_aliases(state: Mapping[str, torch.Tensor]) -> list[tuple[str, str]]:
     for name, t in state.items():
         if t.numel() == 0 or t.layout != torch.strided or t.device.type == "meta":
             continue
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride(),
+               t.is_neg())  # a negative-bit view shares the storage but not the values
         if key in first:
             out.append((name, first[key]))
         else:
@@ -397,7 +398,7 @@ def decode_entry(parsed: Parsed, entry: manifest.Entry) -> torch.Tensor:
     try:
         first = entry.streams[0] if entry.streams else None
         if (len(entry.streams) == 1 and spec.encoding == "dense" and spec.values is spec.dtype
-                and first.raw_size <= TINY):
+                and first.raw_size <= decoding.TINY):
             stored = parsed.source.read(parsed.payload_offset + first.offset, first.size)
             raw = stored if first.codec == "none" else codecs.decompress(
                 first.codec, stored, first.raw_size, f"tensor {show(spec.name)} data")

@@ -139,7 +139,10 @@ def _dense_converted(spec: TensorSpec, reader: StreamReader, values: "_Values", 
 
 def _sparse(spec: TensorSpec, streams: Mapping[str, StreamReader], values: "_Values", out: torch.Tensor) -> None:
     """Positions from the bitmask or gap stream, a block at a time, each block's values read alongside."""
-    blocks = _bitmask_blocks(spec, streams["mask"]) if spec.encoding == "bitmask" else _gap_blocks(spec, streams["gaps"])
+    if spec.encoding == "bitmask":
+        blocks = _bitmask_blocks(spec, streams["mask"])
+    else:
+        blocks = _gap_blocks(spec, streams["gaps"])
     total = 0
     for positions in blocks:
         total += positions.size

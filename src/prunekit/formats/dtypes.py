@@ -89,7 +89,7 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
         dtype('float32')
     """
     dt = by_torch(tensor.dtype)
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    flat = tensor.detach().cpu().resolve_neg().contiguous().reshape(-1)  # a negative-bit view holds -values
     if dt.name == "bfloat16":
         flat = flat.view(torch.int16)  # same bits, a dtype numpy understands
     return flat.numpy().view(dt.numpy.newbyteorder("=")).astype(dt.numpy, copy=True)

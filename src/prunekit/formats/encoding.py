@@ -163,7 +163,7 @@ def checksum(name: str, tensor: torch.Tensor) -> int:
         True
     """
     crc = checksum_head(name, by_torch(tensor.dtype).name, tuple(tensor.shape))
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    flat = tensor.detach().cpu().resolve_neg().contiguous().reshape(-1)
     if _LITTLE:
         return zlib.crc32(flat.view(torch.uint8).numpy(), crc)
     for start in range(0, flat.numel(), SAMPLE):
@@ -225,7 +225,7 @@ def _compressed(layout: list[tuple[str, bytes]], vdt: DType) -> list[Stream]:
 def _represent(tensor: torch.Tensor, quantize: str | None) -> tuple[torch.Tensor, int | None, bytes | None, torch.Tensor]:
     """(values to store, bits, scale bytes or None, tensor a reader restores)."""
     kind, bits = parse_quantize(quantize)
-    tensor = tensor.detach().cpu()
+    tensor = tensor.detach().cpu().resolve_neg()  # a lazily negated view: store what it means
     if kind is None or not is_weight(tensor) or tensor.numel() == 0:
         return tensor, None, None, tensor
     if kind == "fp16":

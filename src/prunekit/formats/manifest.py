@@ -149,13 +149,15 @@ def _entry(item: Any, index: int, offset: int, payload_size: int) -> Entry:
         _keys(item, _TENSOR_KEYS, f"manifest: tensors[{index}]")
     name = item["name"]
     if type(name) is not str or not 0 < len(name) <= MAX_NAME:
-        raise FormatError(f"manifest: tensors[{index}].name must be a non-empty string of at most {MAX_NAME} characters")
+        raise FormatError(f"manifest: tensors[{index}].name must be a non-empty string of at most {MAX_NAME} "
+                          "characters")
     if BAD_CHARACTERS.search(name):
         raise FormatError(f"manifest: tensors[{index}].name {show(name)} {problem(name)}")
     where = _Where(index, name)
     dtype, values = _dtype(item["dtype"], where, "dtype"), _dtype(item["values"], where, "values")
     shape = item["shape"]
-    if not (type(shape) is list and len(shape) <= MAX_NDIM and all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)):
+    if not (type(shape) is list and len(shape) <= MAX_NDIM
+            and all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)):
         shape = _shape(shape, f"{where}.shape")
     shape = tuple(shape)
     numel = math.prod(shape)
@@ -195,7 +197,8 @@ def _check_representation(dtype: DType, values: DType, bits: int | None, shape: 
 def _streams(items: Any, spec: TensorSpec, where: Any, offset: int, payload_size: int) -> tuple[StreamRef, ...]:
     roles = stream_roles(spec.encoding, spec.values, spec.bits is not None)
     if type(items) is not list or len(items) != len(roles):
-        raise FormatError(f"{where}.streams must list {len(roles)} streams {list(roles)} for encoding '{spec.encoding}'")
+        raise FormatError(f"{where}.streams must list {len(roles)} streams {list(roles)} "
+                          f"for encoding '{spec.encoding}'")
     refs = []
     for j, role in enumerate(roles):
         item = items[j]
