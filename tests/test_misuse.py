@@ -112,7 +112,7 @@ def test_swap_is_detected_at_the_next_step_naming_the_parameter(swap):
         pruner.step()
     text = one_line(exc)
     assert expected in text
-    assert text.startswith("step: ") and "build a new prunekit.Pruner(" in text and ".remove()" in text
+    assert text.startswith("Pruner.step: ") and "build a new prunekit.Pruner(" in text and ".remove()" in text
     assert pruner.current_step == 1  # the failed step did not advance the schedule
 
 

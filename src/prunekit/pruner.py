@@ -314,7 +314,7 @@ class Pruner:
             ValueError: it updates none of the pruned parameters.
         """
         self._check_live()
-        self._check_model("attach")
+        self._check_model("Pruner.attach")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"attach: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -351,7 +351,7 @@ class Pruner:
             ValueError: a pruned layer or parameter was replaced since the Pruner was built.
         """
         self._check_live()
-        self._check_model("step")
+        self._check_model("Pruner.step")
         self._step += 1
         if self._unhooked:
             self._hook_grads()
@@ -384,7 +384,7 @@ class Pruner:
             >>> pruner.update_masks({"fc3.weight": 0.45})  # doctest: +SKIP
         """
         self._check_live()
-        self._check_model("update_masks")
+        self._check_model("Pruner.update_masks")
         if isinstance(sparsity, Mapping):
             self._recompute(self._targets_by_name(sparsity))
             return
@@ -413,7 +413,7 @@ class Pruner:
         Raises:
             ValueError: a pruned layer or parameter was replaced since the Pruner was built.
         """
-        self._check_model("apply_masks")
+        self._check_model("Pruner.apply_masks")
         self._apply_masks()
 
     @torch.no_grad()
@@ -584,7 +584,7 @@ class Pruner:
         Example:
             >>> torch.save({"model": model.state_dict(), "pruner": pruner.state_dict()}, "ckpt.pt")  # doctest: +SKIP
         """
-        self._check_model("state_dict")
+        self._check_model("Pruner.state_dict")
         return {
             "format": _STATE_FORMAT,
             "version": _STATE_VERSION,
@@ -606,7 +606,7 @@ class Pruner:
             ValueError: the state is malformed or does not fit this pruner.
         """
         self._check_live()
-        self._check_model("load_state_dict")
+        self._check_model("Pruner.load_state_dict")
         masks = _validated_masks(state, {s.target.name: s for s in self._slots}, strict)
         if strict:
             for key, mine in (("schedule", self.schedule.to_dict()), ("ranking", self.ranking)):
@@ -630,7 +630,7 @@ class Pruner:
 def _mask_grad(pruner: Pruner, slot: _Slot, param: torch.Tensor) -> None:
     if slot.active and param.grad is not None:
         if param.shape != slot.shape:  # .data reassigned: the mask no longer fits (it could even broadcast)
-            pruner._raise_stale("backward")
+            pruner._raise_stale("Pruner (in backward)")
         slot.sync()
         param.grad.mul_(slot.keep)
 

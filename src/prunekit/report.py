@@ -114,7 +114,7 @@ def sparsity_report(model: nn.Module, pruner: "Pruner | None" = None) -> Sparsit
         items = [(t, None) for t in scope.targets]
         skipped = scope.skipped
     else:
-        pruner._check_model("report")  # a replaced layer would otherwise be reported with its old target
+        pruner._check_model("sparsity_report")  # a replaced layer would otherwise be reported with its old target
         _check_same_model(model, pruner)
         items = [(s.target, s.target_sparsity) for s in pruner._slots]
         skipped = pruner.skipped
