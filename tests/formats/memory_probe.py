@@ -170,10 +170,15 @@ def many(count: int) -> dict:
 
     torch.set_num_threads(1)
     data = pf.dumps({f"layers.{i}.bias": torch.tensor([float(i), 0.0]) for i in range(count)})
+    _reset_peak()
+    before = _status("VmRSS")
+    pf.loads(data)
+    per_tensor = (_status("VmHWM") - before) / count  # the manifest's objects and the tensors themselves
     loads = min(_timed(lambda: pf.loads(data)) for _ in range(3))
     parses = min(_timed(lambda: parse(data)) for _ in range(3))
     return {"tensors": count, "file_bytes": len(data), "load_s": loads, "parse_s": parses,
-            "us_per_tensor": 1e6 * loads / count, "python_speed_s": _timed(lambda: sum(range(10**7)))}
+            "us_per_tensor": 1e6 * loads / count, "peak_bytes_per_tensor": per_tensor,
+            "python_speed_s": _timed(lambda: sum(range(10**7)))}
 
 
 def _timed(fn) -> float:

@@ -7,6 +7,11 @@
 * :func:`inspect_file` / ``prunekit inspect FILE``: where the bytes go (and a full integrity check).
 * :func:`size_summary`: fp32, gzip, prunekit, prunekit+int8 and the entropy bound.
 * :class:`FormatError`: the one error a reader raises for a bad file.
+* :class:`UnsupportedTensorError`: what ``save`` raises for a tensor it cannot store.
+
+A reader's memory is the restored tensors plus a constant (``max_bytes``
+bounds their total; see :mod:`.container` for the exact bounds), tensor names
+are printable text (:mod:`.names`), and writes are atomic.
 
 Example:
     >>> import prunekit

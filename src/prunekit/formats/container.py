@@ -6,6 +6,39 @@ Reading treats every file as hostile: the file size, the envelope, the
 SHA-256, every manifest field and every declared size are checked before
 anything is decompressed or allocated, and nothing is ever unpickled
 (``torch.load`` is never called).
+
+What a reader may cost (format version 1):
+
+* ``max_bytes`` bounds the file size, the decoded manifest, and the *restored
+  total*: the sum of ``numel * itemsize`` over the stored tensors (tied copies
+  count once, as they are one tensor). All three are checked from the envelope
+  and the manifest, before any tensor is allocated; exceeding one is a
+  ``FormatError``. The default, :data:`DEFAULT_MAX_BYTES`, is 16 GiB: pass
+  less for files from strangers.
+* Memory while loading is the restored tensors plus a constant: each tensor is
+  allocated once at its final size and its streams are decoded into it block
+  by block (:mod:`.decoding`), the LZMA decoders capped at the declared output
+  and fed 256 KiB at a time (:mod:`.codecs`), the SHA-256 and CRC-32 computed
+  over views. :func:`load` reads the file piece by piece and never holds it
+  whole; :func:`loads` holds only what it is given. The constant is at most
+  16 MiB for decoding (blocks of 2**16 entries), plus the manifest while it is
+  parsed (its JSON, at most 64 MiB, and about 1 KB of Python objects per
+  tensor). Measured on hand-built worst cases (every entry a nonzero behind a
+  gap or bitmask stream of a few KB, int8 codes with a scale per row, float16
+  widened to float64, LZMA bombs; ``tests/formats/memory_probe.py``): peak
+  resident memory is 1.00-1.06x the restored bytes at 64-512 MiB, so well
+  within the 1.5x this format promises.
+* A ``MemoryError`` (or torch's failed allocation) while decoding, which the
+  bounds above make a matter of the process's own limits, is reported as a
+  ``FormatError`` too; nothing relies on it.
+* Time is linear in the file: per tensor a few dict lookups to validate its
+  entry and, for the small tensors most models have many of (at most
+  :data:`.decoding.TINY` bytes), its streams decoded whole, one CRC-32 and one
+  copy. The collector is paused while the manifest's objects are built.
+  Measured: 10**5 two-entry tensors load in 3.9 s on a machine where
+  ``sum(range(10**7))`` takes 0.42 s (about three times a current desktop core).
+* Names are printable text (:mod:`.names`), checked on save and on load, and
+  escaped wherever they are printed.
 """
 
 from __future__ import annotations
@@ -26,7 +59,7 @@ from torch import nn
 from .._io import atomic_write_bytes
 from .._validate import check_int
 from . import codecs, decoding, envelope, manifest
-from .decoding import decode_streams, decode_tiny, out_of_memory
+from .decoding import decode_streams, out_of_memory
 from .dtypes import DTYPES
 from .encoding import Encoded, encode, parse_quantize
 from .errors import FormatError
@@ -396,13 +429,9 @@ def decode_entry(parsed: Parsed, entry: manifest.Entry) -> torch.Tensor:
     """
     spec = entry.spec
     try:
-        first = entry.streams[0] if entry.streams else None
-        if (len(entry.streams) == 1 and spec.encoding == "dense" and spec.values is spec.dtype
-                and first.raw_size <= decoding.TINY):
-            stored = parsed.source.read(parsed.payload_offset + first.offset, first.size)
-            raw = stored if first.codec == "none" else codecs.decompress(
-                first.codec, stored, first.raw_size, f"tensor {show(spec.name)} data")
-            return decode_tiny(spec, raw)
+        if spec.values is spec.dtype and spec.numel * spec.dtype.itemsize <= decoding.TINY and (
+                spec.encoding == "dense" or spec.numel <= decoding.TINY_SPARSE):
+            return decoding.decode_tiny(spec, {ref.role: _whole(parsed, spec, ref) for ref in entry.streams})
         streams = {ref.role: codecs.StreamReader(ref.codec, parsed.source, parsed.payload_offset + ref.offset,
                                                  ref.size, ref.raw_size, f"tensor {show(spec.name)} {ref.role}")
                    for ref in entry.streams}
@@ -415,6 +444,14 @@ def decode_entry(parsed: Parsed, entry: manifest.Entry) -> torch.Tensor:
         raise FormatError(f"tensor {show(spec.name)}: out of memory restoring its "
                           f"{spec.numel * spec.dtype.itemsize:,} bytes; lower max_bytes to refuse such "
                           "files before decoding") from None
+
+
+def _whole(parsed: Parsed, spec: manifest.TensorSpec, ref: manifest.StreamRef) -> bytes | memoryview:
+    """One small stream, decoded whole."""
+    stored = parsed.source.read(parsed.payload_offset + ref.offset, ref.size)
+    if ref.codec == "none":
+        return stored
+    return codecs.decompress(ref.codec, stored, ref.raw_size, f"tensor {show(spec.name)} {ref.role}")
 
 
 def _check_expected(parsed: Parsed, expected: Mapping[str, tuple[int, ...]], strict: bool) -> None:

@@ -28,10 +28,11 @@ from .encoding import ESCAPE, TensorSpec, checksum, checksum_head
 from .errors import FormatError
 from .names import show
 
-__all__ = ["BLOCK", "TINY", "allocate", "decode_streams", "decode_tiny", "out_of_memory"]
+__all__ = ["BLOCK", "TINY", "TINY_SPARSE", "allocate", "decode_streams", "decode_tiny", "out_of_memory"]
 
 BLOCK = 1 << 16  # entries per block (read at call time, so tests can make it small)
-TINY = 1 << 12  # bytes: a dense tensor this small is rebuilt in one go (most tensors of a model, by count)
+TINY = 1 << 12  # restored bytes: a tensor this small is rebuilt in one go (most tensors of a model, by count)
+TINY_SPARSE = 256  # entries: a sparse layout this small has its positions expanded in plain Python
 _LITTLE = sys.byteorder == "little"
 _SCALE_ROWS = 1 << 16  # quantization scales held at a time
 
@@ -62,23 +63,66 @@ def decode_streams(spec: TensorSpec, streams: Mapping[str, StreamReader]) -> tor
     return tensor
 
 
-def decode_tiny(spec: TensorSpec, raw: bytes | memoryview) -> torch.Tensor:
-    """A dense tensor stored exactly, from its whole decoded ``data`` stream: the few steps a bias or counter needs.
+def decode_tiny(spec: TensorSpec, raws: Mapping[str, bytes | memoryview]) -> torch.Tensor:
+    """A small tensor stored exactly (values in its own dtype), from its whole decoded streams.
 
-    The stream holds the little-endian bytes the checksum covers, so it is
-    checked before a tensor exists; the tensor is one copy of it.
+    The few steps a bias, a counter or a tiny mask needs: the restored
+    little-endian bytes are assembled in a ``bytearray`` (positions expanded in
+    plain Python, cheaper than numpy at this size), checked against the CRC-32
+    before a tensor exists, and the tensor is one copy of them. For
+    ``spec.numel * itemsize <= TINY`` (and, for sparse layouts, ``numel <= TINY_SPARSE``).
     """
     dt = spec.dtype
-    found = _count_nonzero(raw, dt)
-    if found != spec.nnz:
-        raise _error(spec, f"{found} nonzero values stored but the manifest says nnz={spec.nnz}")
-    _check_bools(spec, raw)
-    if zlib.crc32(raw, checksum_head(spec.name, dt.name, spec.shape)) != spec.crc32:
+    if spec.encoding == "dense":
+        restored = raws["data"]
+        found = _count_nonzero(restored, dt)
+        if found != spec.nnz:
+            raise _error(spec, f"{found} nonzero values stored but the manifest says nnz={spec.nnz}")
+        _check_bools(spec, restored)
+    else:
+        restored = _tiny_sparse(spec, raws)
+    if zlib.crc32(restored, checksum_head(spec.name, dt.name, spec.shape)) != spec.crc32:
         raise _error(spec, "checksum mismatch (the file is corrupt or its manifest was altered)")
-    if not len(raw):
+    if not len(restored):
         return torch.empty(spec.shape, dtype=dt.torch)
-    tensor = _as_tensor(raw, dt)
+    tensor = _as_tensor(restored, dt)
     return tensor if len(spec.shape) == 1 else tensor.reshape(spec.shape)
+
+
+def _tiny_sparse(spec: TensorSpec, raws: Mapping[str, bytes | memoryview]) -> bytearray:
+    """The restored bytes of a small bitmask or gaps tensor, with the checks of the block path."""
+    numel, width = spec.numel, spec.dtype.itemsize
+    if spec.encoding == "bitmask":
+        mask = bytes(raws["mask"])
+        positions = [8 * i + b for i, byte in enumerate(mask) if byte for b in range(8) if byte >> b & 1]
+        if positions and positions[-1] >= numel:
+            raise _error(spec, f"bitmask has bits set past the tensor's {numel} entries")
+    else:
+        positions, at, run = [], -1, 0
+        for byte in bytes(raws["gaps"]):
+            run += byte
+            if byte != ESCAPE:
+                at += run + 1
+                positions.append(at)
+                run = 0
+        if run:
+            raise _error(spec, "gaps stream ends inside a run (trailing escape bytes)")
+        if positions and positions[-1] >= numel:
+            raise _error(spec, f"gaps reach position {positions[-1]} of a tensor with {numel} entries")
+    if len(positions) != spec.nnz:
+        raise _error(spec, f"positions mark {len(positions)} entries but the manifest says nnz={spec.nnz}")
+    out = bytearray(numel * width)
+    if spec.values.name == "bool":
+        for p in positions:
+            out[p] = 1
+        return out
+    values, zero = bytes(raws["values"]), bytes(width)
+    for i, p in enumerate(positions):
+        value = values[i * width: (i + 1) * width]
+        if value == zero:
+            raise _error(spec, "the values stream of a sparse encoding holds zeros")
+        out[p * width: (p + 1) * width] = value
+    return out
 
 
 def allocate(numel: int, dtype: torch.dtype, zeroed: bool) -> torch.Tensor:
@@ -143,23 +187,32 @@ def _sparse(spec: TensorSpec, streams: Mapping[str, StreamReader], values: "_Val
         blocks = _bitmask_blocks(spec, streams["mask"])
     else:
         blocks = _gap_blocks(spec, streams["gaps"])
-    total = 0
+    total, bits = 0, _bits_view(out)
     for positions in blocks:
         total += positions.size
         if total > spec.nnz:
             raise _error(spec, f"positions mark {total} entries or more but the manifest says nnz={spec.nnz}")
-        if positions.size:
-            index = torch.from_numpy(positions)
-            if spec.values.name == "bool":
-                out[index] = True
-            else:
-                raw = streams["values"].read(positions.size * spec.values.itemsize)
-                if _count_nonzero(raw, spec.values) != positions.size:
-                    raise _error(spec, "the values stream of a sparse encoding holds zeros")
-                _check_bools(spec, raw)
-                out[index] = values.restore(raw, positions)
+        if not positions.size:
+            continue
+        if spec.values.name == "bool":
+            bits[positions] = 1
+            continue
+        raw = streams["values"].read(positions.size * spec.values.itemsize)
+        if _count_nonzero(raw, spec.values) != positions.size:
+            raise _error(spec, "the values stream of a sparse encoding holds zeros")
+        _check_bools(spec, raw)
+        if values.exact:  # numpy converts the little-endian bit patterns to native ones
+            bits[positions] = np.frombuffer(raw, dtype=spec.values.bits)
+        else:
+            bits[positions] = _bits_view(values.restore(raw, positions))
     if total != spec.nnz:
         raise _error(spec, f"positions mark {total} entries but the manifest says nnz={spec.nnz}")
+
+
+def _bits_view(tensor: torch.Tensor) -> np.ndarray:
+    """The flat tensor's storage as native unsigned integers of its width (numpy indexing is cheaper than torch's)."""
+    width = tensor.element_size()
+    return tensor.view(torch.uint8).numpy().view(np.dtype(f"u{width}") if width > 1 else np.uint8)
 
 
 def _bitmask_blocks(spec: TensorSpec, reader: StreamReader) -> Iterator[np.ndarray]:
