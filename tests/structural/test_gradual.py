@@ -85,3 +85,14 @@ def test_rejects_bad_arguments() -> None:
         StructuredPruner(model, x, "half")
     with pytest.raises(ValueError, match="taylor"):
         StructuredPruner(model, x, 0.5, importance="taylor")
+
+
+def test_refuses_parameters_a_live_pruner_owns() -> None:
+    import prunekit
+
+    model, x = build("vgg", 0)
+    pruner = prunekit.Pruner(model, 0.5)
+    with pytest.raises(ValueError, match=r"StructuredPruner: .* already pruned by another live Pruner"):
+        StructuredPruner(model, x, 0.5)
+    pruner.remove()  # released: the structural engine may take the model now
+    assert StructuredPruner(model, x, 0.5).current_step == 0

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .._validate import check_choice, check_int, check_sparsity
+from ..pruner import _check_unowned
 from ..schedules import ConstantSparsity, Schedule
 from .graph import build_graph
 from .groups import find_groups, param_masks
@@ -71,6 +72,7 @@ class StructuredPruner:
                              "or a callable")
         self.importance, self.round_to = importance, check_int("StructuredPruner", "round_to", round_to, minimum=1)
         self.reduction = check_choice("StructuredPruner", "reduction", reduction, ("sum", "mean"))
+        _check_unowned("StructuredPruner", model.named_parameters())  # two engines would fight over the weights
         self.model, self.example_input = model, example_input
         self.graph = build_graph(model, example_input, ignore)
         self.groups = find_groups(self.graph)
