@@ -185,7 +185,7 @@ def test_decoder_cache_is_what_disabling_avoids(tmp_path, monkeypatch):
     """Negative control: without disabling the cache, GPT-2's output holds a DynamicCache and is refused."""
     import contextlib
 
-    monkeypatch.setattr(ox, "_cache_disabled", lambda model: contextlib.nullcontext())
+    monkeypatch.setattr(ox, "cache_disabled", lambda model: contextlib.nullcontext())
     model = _gpt2()
     with pytest.raises(RuntimeError, match="holds a DynamicCache") as info:
         prunekit.export_onnx(model, torch.randint(0, VOCAB, (2, 5)), tmp_path / "m.onnx")

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from .._hf import cache_disabled
 from .._io import atomic_write_bytes
 
 __all__ = ["OnnxExport", "export_onnx"]
@@ -105,7 +106,7 @@ def export_onnx(
     modes = {m: m.training for m in model.modules()}  # each module's own flag, not the root's broadcast
     model.eval()
     try:
-        with _cache_disabled(model):
+        with cache_disabled(model):
             _refuse_caches(model, inputs, names)
             data = _export(model, inputs, names, opset, dynamic_batch)
             if quantize_dynamic:
@@ -119,30 +120,6 @@ def export_onnx(
                            f"more than rtol={rtol:g}; nothing written")
     atomic_write_bytes(path, data)
     return OnnxExport(Path(path), len(data), quantize_dynamic, error)
-
-
-def _configs(model: nn.Module) -> list[Any]:
-    """The distinct model configs (transformers' ``config`` / ``generation_config``) that set ``use_cache``."""
-    seen: dict[int, Any] = {}
-    for module in model.modules():
-        for attr in ("config", "generation_config"):
-            cfg = module.__dict__.get(attr)
-            if cfg is not None and isinstance(getattr(cfg, "use_cache", None), bool):
-                seen.setdefault(id(cfg), cfg)
-    return list(seen.values())
-
-
-@contextlib.contextmanager
-def _cache_disabled(model: nn.Module) -> Iterator[None]:
-    """``use_cache=False`` on every config of ``model`` for the export (a KV cache is no ONNX output); restored after."""
-    saved = [(cfg, cfg.use_cache) for cfg in _configs(model)]
-    for cfg, _ in saved:
-        cfg.use_cache = False
-    try:
-        yield
-    finally:
-        for cfg, value in saved:
-            cfg.use_cache = value
 
 
 _PLAIN = (torch.Tensor, int, float, bool, str, type(None))

@@ -10,9 +10,8 @@ any pruned weight. Memory: ``(in·k)²`` float64 per hooked layer (per group).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 
 from .layers import Layer
 
-__all__ = ["GramAccumulator", "call_model", "cache_disabled", "gather_grams", "to_device"]
+__all__ = ["GramAccumulator", "call_model", "gather_grams", "to_device"]
 
 
 def to_device(sample: Any, device: torch.device) -> Any:
@@ -68,42 +67,6 @@ def call_model(model: nn.Module, sample: Any) -> Any:
     if isinstance(sample, (list, tuple)):
         return model(*sample, **extra)
     return model(sample, **extra)
-
-
-@contextlib.contextmanager
-def cache_disabled(model: nn.Module) -> Iterator[None]:
-    """Set ``use_cache = False`` on every config object of ``model``'s modules, restore the values afterwards.
-
-    Example:
-        >>> net = nn.Linear(2, 2)
-        >>> with cache_disabled(net):
-        ...     pass
-    """
-    saved: list[tuple[Any, Any]] = []
-    seen: set[int] = set()
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        for cfg in _configs(config):
-            if id(cfg) not in seen and hasattr(cfg, "use_cache"):
-                seen.add(id(cfg))
-                saved.append((cfg, cfg.use_cache))
-                cfg.use_cache = False
-    try:
-        yield
-    finally:
-        for cfg, value in saved:
-            cfg.use_cache = value
-
-
-def _configs(config: Any) -> list[Any]:
-    """A config and its nested sub-configs (``text_config``, ``decoder``, …), for composite models."""
-    if config is None or not hasattr(config, "to_dict"):
-        return []
-    found = [config]
-    for value in vars(config).values():
-        if hasattr(value, "to_dict") and hasattr(value, "use_cache") and value is not config:
-            found.append(value)
-    return found
 
 
 class GramAccumulator:

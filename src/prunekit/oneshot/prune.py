@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from .._validate import check_choice
 from .blocks import BlockFeeder, Inputs, resolve_blocks
-from .calibration import cache_disabled, call_model, gather_grams, to_device
+from .._hf import cache_disabled
+from .calibration import call_model, gather_grams, to_device
 from .layers import Layer, UnsupportedLayer
 from .select import Selection, globs, select_layers
 from .solvers import Target, check_sparsegpt_args, magnitude_prune, relative_error, sparsegpt_prune, wanda_prune
