@@ -18,11 +18,11 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .._validate import check_int
 
-__all__ = ["Experiment", "EXPERIMENTS", "check_run_args", "check_seeds", "get_experiment"]
+__all__ = ["Experiment", "EXPERIMENTS", "check_run_args", "check_seeds", "get_experiment", "write_run_files"]
 
 
 @dataclass(frozen=True)
@@ -127,3 +127,18 @@ def check_run_args(name: str, out: str | Path, quick: Any, seeds: Sequence[int] 
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name}: out must be a directory, but {str(path)!r} is an existing file")
     return config, check_seeds(name, seeds, config.seeds), path
+
+
+def write_run_files(out: Path, results: dict[str, Any], table: str,
+                  plot: Callable[[dict[str, Any], Path], None]) -> None:
+    """Write an experiment's ``results.json`` and ``table.md`` atomically, then ``plot(results, out / "plot.png")``.
+
+    Example:
+        >>> write_run_files(Path("runs/x"), {"a": 1}, "| a |", lambda r, p: None)  # doctest: +SKIP
+    """
+    from .._io import atomic_open, atomic_write_json
+
+    atomic_write_json(out / "results.json", results)
+    with atomic_open(out / "table.md", "w") as f:
+        f.write(table + "\n")
+    plot(results, out / "plot.png")

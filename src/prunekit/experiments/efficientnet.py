@@ -24,9 +24,7 @@ documents.
 from __future__ import annotations
 
 import copy
-import json
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -37,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import check_run_args
-from .._io import atomic_open, atomic_write_json
+from . import check_run_args, write_run_files
+from .._io import atomic_open
 from .._repro import seeded
 
 __all__ = ["Config", "FULL", "QUICK", "load_efficientnet_lite0", "sample_images", "preprocess", "top5",
@@ -408,10 +406,7 @@ def run(out: str | Path, *, quick: bool = False, seeds: Sequence[int] | None = N
                "variants": rows, "seconds": time.perf_counter() - started, "notes": NOTES,
                "environment": {"torch": torch.__version__, "python": platform.python_version(),
                                "threads": torch.get_num_threads()}}
-    atomic_write_json(out / "results.json", results)
     table = format_table(results)
-    with atomic_open(out / "table.md", "w") as f:
-        f.write(table + "\n")
-    _plot(results, out / "plot.png")
+    write_run_files(out, results, table, _plot)
     print(table)
     return results

@@ -41,7 +41,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from .._io import atomic_open, atomic_write_json
+from . import write_run_files
+from .._io import atomic_open
 from .._validate import check_int
 from ..data import load_mnist5k
 from ..lottery import LotteryConfig, LotteryData, RoundResult, TrainSpec, run_control, run_lottery
@@ -397,8 +398,5 @@ def run(out: Path, *, quick: bool = False, seeds: Sequence[int] | None = None, p
               "trainings_this_run": trained[0],
               "training_seconds": sum(r.metrics["seconds"] for rounds in done.values() for r in rounds)}
     results = _results(per_seed, seeds, setup, data, quick, timing)
-    atomic_write_json(out / "results.json", results)
-    with atomic_open(out / "table.md", "w") as f:
-        f.write(format_table(results))
-    _plot(results, out / "plot.png")
+    write_run_files(out, results, format_table(results), _plot)
     return results

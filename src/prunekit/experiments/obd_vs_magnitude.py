@@ -35,9 +35,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import check_run_args
+from . import check_run_args, write_run_files
 from .. import hessian
-from .._io import atomic_open, atomic_write_json
+from .._io import atomic_open
 from .._repro import seeded
 from ..criteria import OBD, Criterion, Magnitude, Precomputed, Random, ScoreContext, Taylor
 from ..data import load_mnist5k
@@ -521,10 +521,7 @@ def run(out: str | Path, *, quick: bool = False, seeds: Sequence[int] | None = N
         per_seed = [_run_seed(data, config, seed, bar) for seed in seeds]
     described = f"MNIST-5k: {len(data.X):,} train / {len(data.X_test):,} test digits"
     results = _results(per_seed, config, quick, described, time.perf_counter() - started)
-    atomic_write_json(out / "results.json", results)
     table = format_table(results)
-    with atomic_open(out / "table.md", "w") as f:
-        f.write(table + "\n")
-    _plot(results, out / "plot.png")
+    write_run_files(out, results, table, _plot)
     print(table)
     return results

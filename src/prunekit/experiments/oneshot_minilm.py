@@ -49,8 +49,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from . import check_run_args
-from .._io import atomic_open, atomic_write_json
+from . import check_run_args, write_run_files
+from .._io import atomic_open
 from .._repro import seeded
 from .._validate import check_int
 from ..oneshot import METHODS, prune_oneshot
@@ -516,10 +516,7 @@ def run(out: str | Path, *, quick: bool = False, seeds: Sequence[int] | None = N
     with tqdm(total=total, desc=NAME, unit="run", disable=not show, file=sys.stderr) as bar:
         per_seed = [_run_seed(config, seed, model, tokenizer, bar) for seed in seeds]
     results = _results(per_seed, config, quick, time.perf_counter() - started)
-    atomic_write_json(out / "results.json", results)
     table = format_table(results)
-    with atomic_open(out / "table.md", "w") as f:
-        f.write(table + "\n")
-    _plot(results, out / "plot.png")
+    write_run_files(out, results, table, _plot)
     print(table)
     return results

@@ -50,8 +50,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import check_run_args
-from .._io import atomic_open, atomic_write_json
+from . import check_run_args, write_run_files
+from .._io import atomic_open
 from .._repro import seeded
 from ..data import load_mnist5k
 from ..formats import load, save
@@ -668,10 +668,7 @@ def write_outputs(results: dict[str, Any], out: str | Path) -> str:
         ...                       "runs/seed-table")  # doctest: +SKIP
     """
     out = Path(out)
-    atomic_write_json(out / "results.json", results)
     table = format_table(results)
-    with atomic_open(out / "table.md", "w") as f:
-        f.write(table + "\n")
-    _plot(results, out / "plot.png")
+    write_run_files(out, results, table, _plot)
     _plot_schedule(results, out / "schedule.png")
     return table
