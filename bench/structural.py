@@ -3,9 +3,9 @@
 A CIFAR-style ResNet-18 (4 stages of 2 basic blocks, residual additions with
 1x1 downsample shortcuts, 32x32 inputs) at 3/8 width (24-48-96-192
 channels), random weights and BatchNorm statistics, is pruned one-shot with
-:func:`prunekit.structural.prune_channels` (L2 importance) removing 25%, 50%
+:func:`prunekit.methods.structural.prune_channels` (L2 importance) removing 25%, 50%
 and 75% of the units of every coupled group, with ``round_to`` 1, 8 and
-16. MACs are counted by :func:`prunekit.structural.count_macs`
+16. MACs are counted by :func:`prunekit.methods.structural.count_macs`
 (convolutions and the linear head). A forward runs in eval mode under
 ``torch.inference_mode`` with one intra-op thread, at batch 1 and batch 32.
 Wall-clock speedup is the median, over repetitions, of ``t_dense / t_pruned``
@@ -33,7 +33,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from prunekit._io import atomic_write_json
-from prunekit.structural import count_macs, count_params, prune_channels
+from prunekit.methods.structural import count_macs, count_params, prune_channels
 
 SEED = 0
 WIDTH = 24

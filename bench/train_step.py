@@ -23,7 +23,7 @@ from torch import nn
 
 import prunekit
 from prunekit._io import atomic_write_json
-from prunekit.models import LeNet5, LeNet300100
+from prunekit.apps.models import LeNet5, LeNet300100
 
 BATCH_SIZES = (64, 256)
 

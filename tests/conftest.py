@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import prunekit.scope as _scope
+import prunekit.core.scope as _scope
 from core_helpers import LAYER_CASES, LayerCase
 
 

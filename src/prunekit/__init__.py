@@ -9,17 +9,18 @@ Example:
     >>> model = prunekit.strip(model)
 """
 
-from .criteria import OBD, Criterion, Magnitude, Precomputed, Random, ScoreContext, Taylor
+from .core.criteria import Criterion, Magnitude, Precomputed, Random, ScoreContext
+from .methods.obd import OBD, Taylor
 from .formats import FormatError, export_onnx, load, quantize_int8, save, size_summary
-from .granularity import NM, Blocks, Channels, Granularity, Unstructured
-from .iterative import iterative_prune, round_sparsities
-from .layerspec import WeightSpec, weight_spec
-from .pruner import Pruner, strip
-from .report import LayerSparsity, SparsityReport, sparsity_report
+from .core.granularity import NM, Blocks, Channels, Granularity, Unstructured
+from .methods.iterative import iterative_prune, round_sparsities
+from .core.layerspec import WeightSpec, weight_spec
+from .core.pruner import Pruner, strip
+from .core.report import LayerSparsity, SparsityReport, sparsity_report
 from .runtime import AccelerationReport, SparseConv2d, SparseLinear, accelerate
-from .schedules import ConstantSparsity, PolynomialDecay, Schedule, schedule_from_dict
-from .layerspec import prunable_parameter_names, register_prunable
-from .structural import StructuredPruner, apply_shapes, prune_channels, register_surgery
+from .core.schedules import ConstantSparsity, PolynomialDecay, Schedule, schedule_from_dict
+from .core.layerspec import prunable_parameter_names, register_prunable
+from .methods.structural import StructuredPruner, apply_shapes, prune_channels, register_surgery
 
 __version__ = "0.1.0"
 

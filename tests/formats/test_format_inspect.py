@@ -10,7 +10,7 @@ import torch
 from formats_helpers import make_sparse
 
 import prunekit.formats as pf
-from prunekit.cli import main
+from prunekit.apps.cli import main
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import torch
 from formats_helpers import edit_manifest, read_manifest
 
 import prunekit.formats as pf
-from prunekit.cli import main
+from prunekit.apps.cli import main
 from prunekit.formats import FormatError
 from prunekit.formats.names import escape, problem, show
 

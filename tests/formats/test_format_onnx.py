@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.models import LeNet5
+from prunekit.apps.models import LeNet5
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

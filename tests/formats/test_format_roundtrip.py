@@ -63,7 +63,7 @@ def test_order_names_and_user_metadata_round_trip(small_state):
 
 
 def test_pruned_model_saves_and_loads_into_a_fresh_model(tmp_path):
-    from prunekit.models import LeNet5
+    from prunekit.apps.models import LeNet5
 
     torch.manual_seed(0)
     model = LeNet5()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.granularity import NM, Blocks, Unstructured
+from prunekit.core.granularity import NM, Blocks, Unstructured
 from prunekit.runtime import SparseConv2d, accelerate, kernels
 from prunekit.runtime.selection import build_candidates, relative_error
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.granularity import NM, Blocks, Unstructured
+from prunekit.core.granularity import NM, Blocks, Unstructured
 from prunekit.runtime import SparseLinear, accelerate, kernels
 from prunekit.runtime.selection import build_candidates, nm_pattern, relative_error, row_blocksize
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.scope import resolve_scope
+from prunekit.core.scope import resolve_scope
 
 from .models import Family, output
 
@@ -185,9 +185,9 @@ class _Gram:
 def check_oneshot(fam: Family, seed: int) -> None:
     """SparseGPT one-shot at 50%: blocks found, every compute layer of the blocks at 50%, and the last block's
     first layer calibrated on exactly what the pruned model's own full forward feeds it."""
-    from prunekit.layerspec import weight_spec
-    from prunekit.oneshot import prune_oneshot
-    from prunekit.oneshot.solvers import Target, sparsegpt_prune
+    from prunekit.core.layerspec import weight_spec
+    from prunekit.methods.oneshot import prune_oneshot
+    from prunekit.methods.oneshot.solvers import Target, sparsegpt_prune
 
     model = fam.build(seed)
     dense = copy.deepcopy(model)
@@ -235,8 +235,8 @@ def check_oneshot(fam: Family, seed: int) -> None:
 
 def masked_oracle(model: nn.Module, example: tuple, sparsity: float) -> nn.Module:
     """The dense model with every unit prune_channels removes set to zero (the oracle)."""
-    from prunekit.structural import build_graph, find_groups, param_masks, select_units
-    from prunekit.structural.prune import score_groups
+    from prunekit.methods.structural import build_graph, find_groups, param_masks, select_units
+    from prunekit.methods.structural.prune import score_groups
 
     model = copy.deepcopy(model)
     graph = build_graph(model, example)

@@ -12,7 +12,7 @@ and ``-`` when the record has no result for it.
 Example:
     >>> cells = {"lenet5/gradual": {"0": {"outcome": "pass"}, "1": {"outcome": "pass"}}}
     >>> render(cells, ["lenet5"], ["gradual"]).splitlines()[2]
-    '| lenet5 (prunekit.models) | pass (2 seeds) |'
+    '| lenet5 (prunekit.apps.models) | pass (2 seeds) |'
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.models import LeNet5, RowLSTM
+from prunekit.apps.models import LeNet5, RowLSTM
 
 __all__ = ["Family", "FAMILIES", "HF_FAMILIES", "TORCH_FAMILIES", "output", "SamePadConv2d",
            "EfficientNetLike", "TransformerEncoderNet"]
@@ -250,9 +250,9 @@ def _torch(factory: Callable[[], nn.Module]) -> Callable[[int], nn.Module]:
 
 
 TORCH_FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("lenet5", _torch(LeNet5), _tensor(1, 28, 28), "torch", False, source="prunekit.models"),
+    Family("lenet5", _torch(LeNet5), _tensor(1, 28, 28), "torch", False, source="prunekit.apps.models"),
     Family("row_lstm", _torch(lambda: RowLSTM(hidden_size=32, steps=8, features=8)), _tensor(8, 8), "torch", False,
-           source="prunekit.models"),
+           source="prunekit.apps.models"),
     Family("transformer_encoder", _torch(TransformerEncoderNet), _tensor(SEQ, 12), "torch", "encoder.layers",
            source="torch.nn"),
     Family("efficientnet_like", _torch(EfficientNetLike), _tensor(3, IMAGE, IMAGE), "torch", "blocks",

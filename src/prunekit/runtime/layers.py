@@ -1,7 +1,7 @@
 """Which layers :func:`prunekit.accelerate` can replace, and how each one's ``forward`` is reproduced.
 
 Layers are found by ``isinstance`` and by their layer spec
-(:func:`prunekit.layerspec.weight_spec`), never by exact type:
+(:func:`prunekit.core.layerspec.weight_spec`), never by exact type:
 
 - every ``nn.Linear`` subclass, and any registered layer with a 2-D weight laid
   out ``(out, in)``: ``y = x @ W.T + b``;
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layerspec import weight_spec
+from ..core.layerspec import weight_spec
 from .conv import PrePad, SparseConv2d, conv_padding, conv_supported, outputs_match
 from .modules import SparseLinear
 
