@@ -15,7 +15,8 @@ from .formats import FormatError, export_onnx, load, quantize_int8, save, size_s
 from .core.granularity import NM, Blocks, Channels, Granularity, Unstructured
 from .methods.iterative import iterative_prune, round_sparsities
 from .core.layerspec import WeightSpec, weight_spec
-from .core.pruner import Pruner, strip
+from .core.masks import MaskKeeper, strip
+from .core.pruner import Pruner
 from .core.report import LayerSparsity, SparsityReport, sparsity_report
 from .runtime import AccelerationReport, SparseConv2d, SparseLinear, accelerate
 from .core.schedules import ConstantSparsity, PolynomialDecay, Schedule, schedule_from_dict
@@ -34,6 +35,7 @@ __all__ = [
     "Granularity",
     "LayerSparsity",
     "Magnitude",
+    "MaskKeeper",
     "NM",
     "OBD",
     "PolynomialDecay",

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, Sequence
 
 from torch import nn
 
-from .scope import check_materialised, resolve_scope
+from .scope import Target, check_materialised, resolve_scope
 
-if TYPE_CHECKING:
-    from .pruner import Pruner
+__all__ = ["LayerSparsity", "Rows", "SparsityReport", "sparsity_report"]
 
-__all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
+
+class Rows(Protocol):
+    """What a report reads from a pruning engine (:class:`prunekit.Pruner` is one)."""
+
+    skipped: Sequence[tuple[str, str]]
+
+    def rows(self) -> list[tuple[Target, float]]:
+        """``(target, last target sparsity)`` per pruned parameter."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ class SparsityReport:
         return "\n".join(lines)
 
 
-def sparsity_report(model: nn.Module, pruner: "Pruner | None" = None) -> SparsityReport:
+def sparsity_report(model: nn.Module, pruner: Rows | None = None) -> SparsityReport:
     """Count zeros per prunable parameter of ``model``.
 
     Args:
@@ -114,9 +120,8 @@ def sparsity_report(model: nn.Module, pruner: "Pruner | None" = None) -> Sparsit
         items = [(t, None) for t in scope.targets]
         skipped = scope.skipped
     else:
-        pruner._check_model("sparsity_report")  # a replaced layer would otherwise be reported with its old target
-        _check_same_model(model, pruner)
-        items = [(s.target, s.target_sparsity) for s in pruner._slots]
+        items = pruner.rows()  # raises if a pruned layer was replaced: it would be reported with its old target
+        _check_same_model(model, items)
         skipped = pruner.skipped
     rows = []
     for target, goal in items:
@@ -126,10 +131,10 @@ def sparsity_report(model: nn.Module, pruner: "Pruner | None" = None) -> Sparsit
     return SparsityReport(rows, list(skipped))
 
 
-def _check_same_model(model: nn.Module, pruner: "Pruner") -> None:
+def _check_same_model(model: nn.Module, items: list[tuple[Target, float | None]]) -> None:
     # The rows come from the pruner: with another model they would describe tensors it does not have.
     own = {id(p) for p in model.parameters()}
-    for slot in pruner._slots:
-        if id(slot.param) not in own:
-            raise ValueError(f"sparsity_report: the pruner prunes '{slot.target.name}', which is not a parameter of "
+    for target, _ in items:
+        if id(target.param) not in own:
+            raise ValueError(f"sparsity_report: the pruner prunes '{target.name}', which is not a parameter of "
                              "model; pass the model the Pruner was built on, or no pruner")

@@ -17,7 +17,6 @@ from torch import nn
 from .._validate import check_int, check_real, check_sparsity
 from ..core.criteria import Criterion
 from ..core.pruner import Pruner
-from ..core.schedules import ConstantSparsity
 from ..core.scope import Selector
 
 __all__ = ["iterative_prune", "round_sparsities"]
@@ -25,8 +24,6 @@ __all__ = ["iterative_prune", "round_sparsities"]
 TrainFn = Callable[[nn.Module, "Pruner | None"], None]
 Callback = Callable[[nn.Module, Pruner, int, str], "dict[str, Any] | None"]
 
-# A schedule that never fires: in this loop masks change only through update_masks().
-_NEVER = ConstantSparsity(0.0, begin_step=2**62, end_step=2**62, frequency=1)
 
 
 def round_sparsities(fraction_per_round: float, rounds: int) -> list[float]:
@@ -147,7 +144,8 @@ def iterative_prune(
         criterion.bind(model)
     if train_first:
         train_fn(model, None)
-    pruner = Pruner(model, _NEVER, criterion=criterion, ranking=ranking, layers=layers, exclude=exclude)
+    # Manual: in this loop masks change only through update_masks(), once per round.
+    pruner = Pruner.manual(model, criterion=criterion, ranking=ranking, layers=layers, exclude=exclude)
     records = []
     try:
         for index, target in enumerate(targets, start=1):

@@ -1,10 +1,10 @@
-"""Lottery masks, computed and enforced by :class:`prunekit.Pruner` (no masking logic of its own).
+"""Lottery masks, computed and enforced by a manual :class:`prunekit.Pruner` (no masking logic of its own).
 
-A Pruner here never prunes on its own schedule: its schedule is a
-``ConstantSparsity`` that fires at an unreachable step, so its targets are read
-only by ``update_masks()``. That lets one Pruner carry two targets at once: the
-main rate for every tensor, and the output layer's own rate as an override,
-which also ranks the output layer alone under global ranking.
+A manual Pruner (:meth:`prunekit.Pruner.manual`) never prunes on a schedule:
+masks change only when :meth:`~prunekit.Pruner.update_masks` or
+:meth:`~prunekit.Pruner.set_masks` is called. It carries two targets at once:
+the main rate, given to ``update_masks``, and the output layer's own rate as a
+fixed override, which also ranks the output layer alone under global ranking.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from torch import nn
 from ...core.criteria import Criterion, Magnitude, Random
 from ...core.granularity import prune_count
 from ...core.pruner import Pruner
-from ...core.schedules import ConstantSparsity
 from ...core.scope import resolve_scope
 from .config import LotteryConfig, round_sparsity
 
@@ -28,11 +27,6 @@ __all__ = ["Targets", "Masks", "pruned_names", "output_name", "imp_targets", "ra
            "check_counts", "kept_counts", "full_masks"]
 
 Masks = dict[str, torch.Tensor]
-_NEVER_STEP = 2**62  # the schedule never fires: masks change only through update_masks()
-
-
-def _never(target: float) -> ConstantSparsity:
-    return ConstantSparsity(target, begin_step=_NEVER_STEP, end_step=_NEVER_STEP, frequency=1)
 
 
 @dataclass(frozen=True)
@@ -97,20 +91,17 @@ def full_masks(model: nn.Module, names: list[str]) -> Masks:
 
 
 def set_masks(pruner: Pruner, masks: Mapping[str, torch.Tensor]) -> None:
-    """Load keep ``masks`` into ``pruner`` through its public state and apply them to the weights."""
-    state = pruner.state_dict()
-    state["masks"] = {name: mask.to(torch.bool) for name, mask in masks.items()}
-    pruner.load_state_dict(state)
+    """Set keep ``masks`` in ``pruner`` and apply them to the weights (optimizer state is cleaned)."""
+    pruner.set_masks({name: mask.to(torch.bool) for name, mask in masks.items()})
 
 
 def masking_pruner(model: nn.Module, names: list[str], targets: Targets | None = None, *,
                    criterion: Criterion | None = None, ranking: str = "layerwise") -> Pruner:
-    """A Pruner over exactly ``names`` whose targets are ``targets`` but which never fires on its own."""
+    """A manual Pruner over exactly ``names``, with ``targets.own`` as fixed per-tensor targets."""
     targets = targets or Targets(0.0)
     escaped = [glob.escape(name) for name in names]  # scope selectors are glob patterns
     overrides = {glob.escape(name): value for name, value in targets.own.items()}
-    return Pruner(model, _never(targets.main), criterion=criterion, ranking=ranking, layers=escaped,
-                  overrides=overrides or None)
+    return Pruner.manual(model, criterion=criterion, ranking=ranking, layers=escaped, overrides=overrides or None)
 
 
 def rank_masks(model: nn.Module, names: list[str], targets: Targets, *, prior: Mapping[str, torch.Tensor] | None = None,
@@ -130,7 +121,7 @@ def rank_masks(model: nn.Module, names: list[str], targets: Targets, *, prior: M
     try:
         if prior is not None:
             set_masks(pruner, prior)
-        pruner.update_masks()
+        pruner.update_masks(targets.main)
         return pruner.masks
     finally:
         pruner.remove()

@@ -1,8 +1,9 @@
 """Gradual structural pruning: zero whole coupled units during training, remove them at the end.
 
-Like :class:`prunekit.Pruner` (no wrappers, masks kept outside the model,
-re-applied after every ``optimizer.step()``, gradients and momentum of pruned
-entries zeroed), but a mask never splits a unit: every member of a removed
+Like :class:`prunekit.Pruner`, its masks are kept by the one
+:class:`~prunekit.core.masks.MaskKeeper` (no wrappers, masks re-applied after
+every ``optimizer.step()``, gradients masked, optimizer state cleaned, masks
+synchronised across ranks), but a mask never splits a unit: every member of a removed
 unit is zero (conv rows and biases, BatchNorm weight *and* bias, the next
 layer's input columns, attention rows and columns). :meth:`StructuredPruner.finalize`
 then removes them physically; the smaller model computes exactly what the
@@ -11,14 +12,14 @@ masked one did.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..._validate import check_choice, check_int, check_sparsity
-from ...core.pruner import _check_unowned
+from ...core.distributed import sync_keeps
+from ...core.masks import MaskKeeper, check_unowned
 from ...core.schedules import ConstantSparsity, Schedule
 from .graph import build_graph
 from .groups import find_groups, param_masks
@@ -28,7 +29,7 @@ from .prune import StructuralReport, _check_importance, remove, select_units
 __all__ = ["StructuredPruner"]
 
 _FORMAT = "prunekit.StructuredPruner"
-_SECOND_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta"})
+_VERSION = 1  # states written before versioning carry no "version" and have the same layout
 
 
 class StructuredPruner:
@@ -72,20 +73,28 @@ class StructuredPruner:
                              "or a callable")
         self.importance, self.round_to = importance, check_int("StructuredPruner", "round_to", round_to, minimum=1)
         self.reduction = check_choice("StructuredPruner", "reduction", reduction, ("sum", "mean"))
-        _check_unowned("StructuredPruner", model.named_parameters())  # two engines would fight over the weights
+        check_unowned("StructuredPruner", model.named_parameters())  # two engines would fight over the weights
         self.model, self.example_input = model, example_input
         self.graph = build_graph(model, example_input, ignore)
         self.groups = find_groups(self.graph)
         self.keeps = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
-        self._params = dict(model.named_parameters())
-        self._masks: dict[str, torch.Tensor] = {}
-        self._step, self._optimizers, self._handles, self._done = 0, [], [], False
-        for name, param in self._params.items():
-            if param.requires_grad:
-                self._handles.append(param.register_post_accumulate_grad_hook(partial(self._mask_grad, name)))
-        if optimizer is not None:
-            self.attach(optimizer)
-        self._update()
+        self._step = 0
+        # Every parameter some unit reaches (each loses entries when all units go) is kept by the keeper.
+        members = param_masks(self.graph, self.groups, {g.name: torch.zeros(g.size, dtype=torch.bool)
+                                                         for g in self.groups})
+        self._keeper = MaskKeeper(model, list(members), owner="StructuredPruner", on_step=self.step)
+        try:
+            if optimizer is not None:
+                self.attach(optimizer)
+            self._update()
+        except BaseException:
+            self._keeper._release()
+            raise
+
+    @property
+    def keeper(self) -> MaskKeeper:
+        """The :class:`~prunekit.core.masks.MaskKeeper` holding this pruner's masks."""
+        return self._keeper
 
     @property
     def current_step(self) -> int:
@@ -95,28 +104,35 @@ class StructuredPruner:
     @property
     def masks(self) -> dict[str, torch.Tensor]:
         """Boolean keep-masks by parameter name (only parameters that lose entries)."""
-        return {name: mask.bool() for name, mask in self._masks.items()}
+        return {slot.name: ~slot.pruned for slot in self._keeper.slots if slot.active}
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "StructuredPruner":
         """Advance after every ``optimizer.step()``; returns ``self``."""
         self._check_live()
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"attach: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self._optimizers.append(optimizer)
-        self._handles.append(optimizer.register_step_post_hook(lambda *_: self.step()))
+        self._keeper.attach(optimizer)
         return self
+
+    def detach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop following ``optimizer``.
+
+        Raises:
+            ValueError: ``optimizer`` is not attached.
+        """
+        self._keeper.detach(optimizer)
 
     def step(self) -> None:
         """Advance one step: recompute masks if the schedule says so, then re-apply them."""
         self._check_live()
+        self._keeper.check_model("StructuredPruner.step")
         self._step += 1
+        self._keeper.hook_grads()
         self._update()
 
     def _update(self) -> None:
         if self.schedule.should_update(self._step):
             self.update_masks(self.schedule.sparsity(self._step))
         else:
-            self.apply_masks()
+            self._keeper.reapply()
 
     @torch.no_grad()
     def update_masks(self, sparsity: float) -> None:
@@ -127,69 +143,57 @@ class StructuredPruner:
             scores = group_scores(self.model, group, self.importance, self.reduction)
             scores = scores.masked_fill(~self.keeps[group.name], float("-inf"))
             self.keeps[group.name] = select_units(scores, sparsity, self.round_to)
-        masks = param_masks(self.graph, self.groups, self.keeps)
-        self._masks = {n: m.to(self._params[n].dtype) for n, m in masks.items()}
-        self._clear_optimizer_state()
-        self.apply_masks()
+        self._set_masks()
 
-    @torch.no_grad()
+    def _set_masks(self, sync: bool = True) -> None:
+        if sync:
+            # DDP: rank 0's kept units on every rank. The units are what finalize() removes,
+            # so they are synchronised rather than the parameter masks derived from them.
+            synced = sync_keeps([self.keeps[g.name] for g in self.groups])
+            self.keeps = {g.name: keep for g, keep in zip(self.groups, synced)}
+        masks = param_masks(self.graph, self.groups, self.keeps)
+        full = {slot.name: masks.get(slot.name, torch.ones_like(slot.pruned)) for slot in self._keeper.slots}
+        self._keeper.set_masks(full, sync=False)
+
     def apply_masks(self) -> None:
         """Zero every member of every removed unit, in place."""
-        for name, mask in self._masks.items():
-            param = self._params[name]
-            param.mul_(mask.to(device=param.device, dtype=param.dtype))
+        self._check_live()
+        self._keeper.apply()
 
     def finalize(self) -> tuple[nn.Module, StructuralReport]:
         """Apply masks, drop every hook and remove the zeroed units physically; returns ``(model, report)``."""
         self._check_live()
-        self.apply_masks()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._done = True
+        self._keeper.remove()
         return remove(self.graph, self.groups, self.keeps, self.example_input)
 
     def state_dict(self) -> dict[str, Any]:
-        """Step and kept units (``torch.load(weights_only=True)`` safe)."""
-        return {"format": _FORMAT, "step": self._step, "keeps": {k: v.clone() for k, v in self.keeps.items()}}
+        """Version, step and kept units (``torch.load(weights_only=True)`` safe)."""
+        return {"format": _FORMAT, "version": _VERSION, "step": self._step,
+                "keeps": {k: v.clone() for k, v in self.keeps.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` and apply the masks."""
+        """Restore :meth:`state_dict` and apply the masks (optimizer state of removed units is cleaned).
+
+        Raises:
+            ValueError: not a StructuredPruner state for this model's groups, or of another version.
+        """
         self._check_live()
         keeps = state.get("keeps") if isinstance(state, Mapping) and state.get("format") == _FORMAT else None
         if not isinstance(keeps, Mapping) or set(keeps) != set(self.keeps):
             raise ValueError("load_state_dict: not a StructuredPruner state for this model's groups")
+        if state.get("version", _VERSION) != _VERSION:
+            raise ValueError(f"load_state_dict: unsupported StructuredPruner state version {state.get('version')!r}; "
+                             f"this prunekit reads version {_VERSION}")
         for name, keep in keeps.items():
             if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != self.keeps[name].shape:
                 raise ValueError(f"load_state_dict: keeps[{name!r}] must be bool of shape {tuple(self.keeps[name].shape)}")
         self._step = check_int("load_state_dict", "step", state.get("step"), minimum=0)
         self.keeps = {k: v.clone() for k, v in keeps.items()}
-        masks = param_masks(self.graph, self.groups, self.keeps)
-        self._masks = {n: m.to(self._params[n].dtype) for n, m in masks.items()}
-        self.apply_masks()
-
-    def _mask_grad(self, name: str, param: torch.Tensor) -> None:
-        mask = self._masks.get(name)
-        if mask is not None and param.grad is not None:
-            param.grad.mul_(mask.to(param.grad.device))
-
-    @torch.no_grad()
-    def _clear_optimizer_state(self) -> None:
-        # Momentum would otherwise push removed entries back; second moments only divide
-        # a first moment that is now zero.
-        by_id = {id(p): n for n, p in self._params.items()}
-        for optimizer in self._optimizers:
-            for param, state in optimizer.state.items():
-                mask = self._masks.get(by_id.get(id(param), ""))
-                if mask is None:
-                    continue
-                for key, value in state.items():
-                    if isinstance(value, torch.Tensor) and value.shape == param.shape and key not in _SECOND_MOMENTS:
-                        value.mul_(mask.to(value.device, value.dtype))
+        self._set_masks(sync=False)
 
     def _check_live(self) -> None:
-        if self._done:
-            raise RuntimeError("this StructuredPruner was finalized; create a new one to prune again")
+        if self._keeper.removed:
+            raise RuntimeError("this StructuredPruner was finalized (or stripped); create a new one to prune again")
 
 
 def _as_schedule(value: Any) -> Schedule:
