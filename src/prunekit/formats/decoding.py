@@ -22,19 +22,38 @@ from typing import Iterator, Mapping
 import numpy as np
 import torch
 
-from .codecs import StreamReader
+from .codecs import BytesSource, StreamReader
 from .dtypes import DType
 from .encoding import ESCAPE, TensorSpec, checksum, checksum_head
 from .errors import FormatError
 from .names import show
 
-__all__ = ["BLOCK", "TINY", "TINY_SPARSE", "allocate", "decode_streams", "decode_tiny", "out_of_memory"]
+__all__ = ["BLOCK", "TINY", "TINY_SPARSE", "allocate", "decode", "decode_streams", "decode_tiny", "out_of_memory"]
 
 BLOCK = 1 << 16  # entries per block (read at call time, so tests can make it small)
 TINY = 1 << 12  # restored bytes: a tensor this small is rebuilt in one go (most tensors of a model, by count)
 TINY_SPARSE = 256  # entries: a sparse layout this small has its positions expanded in plain Python
 _LITTLE = sys.byteorder == "little"
 _SCALE_ROWS = 1 << 16  # quantization scales held at a time
+
+
+def decode(spec: TensorSpec, raw: Mapping[str, bytes]) -> torch.Tensor:
+    """Rebuild a tensor from its decoded streams, checking every data-dependent invariant.
+
+    A convenience over :func:`decode_streams`, which reads the streams from
+    the file piece by piece instead.
+
+    Args:
+        spec: the tensor's validated manifest entry.
+        raw: decoded streams by role, each already of its declared size.
+
+    Raises:
+        FormatError: positions, counts, codes or scales that contradict the manifest,
+            or a checksum mismatch.
+    """
+    streams = {role: StreamReader("none", BytesSource(data), 0, len(data), len(data), f"tensor '{role}'")
+               for role, data in raw.items()}
+    return decode_streams(spec, streams)
 
 
 def decode_streams(spec: TensorSpec, streams: Mapping[str, StreamReader]) -> torch.Tensor:

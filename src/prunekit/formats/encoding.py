@@ -20,7 +20,7 @@ import math
 import sys
 import zlib
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from . import codecs
 from .dtypes import DType, by_torch, nonzero_mask, to_numpy
 from .quantize import is_weight, quantize_int8
 
-__all__ = ["ENCODINGS", "ESCAPE", "SAMPLE", "Stream", "TensorSpec", "Encoded", "encode", "decode", "stream_roles",
+__all__ = ["ENCODINGS", "ESCAPE", "SAMPLE", "Stream", "TensorSpec", "Encoded", "encode", "stream_roles",
            "raw_size_bounds", "parse_quantize", "checksum", "checksum_head"]
 
 ENCODINGS = ("dense", "bitmask", "gaps")
@@ -265,28 +265,3 @@ def _gap_bytes(positions: np.ndarray) -> bytes:
     out = np.full(int(runs.sum()), ESCAPE, dtype=np.uint8)
     out[np.cumsum(runs) - 1] = gaps % ESCAPE
     return out.tobytes()
-
-
-# -- reading ---------------------------------------------------------------------------------
-
-
-def decode(spec: TensorSpec, raw: Mapping[str, bytes]) -> torch.Tensor:
-    """Rebuild a tensor from its decoded streams, checking every data-dependent invariant.
-
-    A convenience over :func:`.decoding.decode_streams`, which reads the
-    streams from the file piece by piece instead.
-
-    Args:
-        spec: the tensor's validated manifest entry.
-        raw: decoded streams by role, each already of its declared size.
-
-    Raises:
-        FormatError: positions, counts, codes or scales that contradict the manifest,
-            or a checksum mismatch.
-    """
-    from .codecs import BytesSource, StreamReader
-    from .decoding import decode_streams
-
-    streams = {role: StreamReader("none", BytesSource(data), 0, len(data), len(data), f"tensor '{role}'")
-               for role, data in raw.items()}
-    return decode_streams(spec, streams)

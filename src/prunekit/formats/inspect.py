@@ -1,4 +1,4 @@
-"""``prunekit inspect FILE [--json]``: where the bytes of a prunekit file go.
+"""Where the bytes of a prunekit file go (what ``prunekit inspect FILE [--json]`` prints).
 
 Per tensor: shape, dtype, how values are stored, sparsity, encoding, bytes and
 bits per weight. Totals against dense fp32, gzip of the fp32 state_dict and the
@@ -10,8 +10,6 @@ something else) with control characters cannot move the cursor or forge rows.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,7 +18,7 @@ from .container import DEFAULT_MAX_BYTES, Parsed, decode_all, open_bounded, pars
 from .names import escape
 from .stats import fp32_bytes, gzip_fp32_bytes, spec_bound_bits
 
-__all__ = ["TensorRow", "FileReport", "inspect_file", "inspect_bytes", "register"]
+__all__ = ["TensorRow", "FileReport", "inspect_file", "inspect_bytes"]
 
 
 @dataclass(frozen=True)
@@ -168,22 +166,3 @@ def _row(parsed: Parsed, entry) -> TensorRow:
     stored = s.values.name if s.bits is None else ("int8" if s.bits == 8 else f"int{s.bits} (int8 codes)")
     return TensorRow(s.name, s.shape, s.dtype.name, stored, s.numel, s.nnz, s.encoding,
                      tuple(r.codec for r in entry.streams), entry.stored_size, spec_bound_bits(s))
-
-
-def register(subparsers: Any) -> None:
-    """Add the ``inspect`` subcommand to the ``prunekit`` CLI."""
-    parser = subparsers.add_parser(
-        "inspect", help="show how a prunekit file stores each tensor",
-        description="Per tensor: shape, stored type, sparsity, encoding, bytes, bits per weight; totals against "
-                    "dense fp32, gzip of fp32 and the entropy bound. Verifies every checksum.")
-    parser.add_argument("file", help="a file written by prunekit.save")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
-                        help="refuse files needing more memory than this (default: %(default)s)")
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    report = inspect_file(args.file, max_bytes=args.max_bytes)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
-    return 0

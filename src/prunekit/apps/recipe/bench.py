@@ -9,7 +9,6 @@ run; only the side-by-side ratio is meaningful.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -18,9 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cli import int_at_least
-
-__all__ = ["register", "bench_model", "format_bench"]
+__all__ = ["bench_command", "bench_model", "format_bench"]
 
 
 def bench_model(model: nn.Module, example: torch.Tensor, batches: list[int], *, rounds: int = 7,
@@ -75,45 +72,29 @@ def format_bench(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def register(subparsers: Any) -> None:
-    """Add the ``bench`` subcommand.
+def bench_command(run_dir: Path | None, recipe: Path | None, runs: Path, batches: list[int], *, rounds: int = 7,
+                  out: Path | None = None) -> int:
+    """Time the final model of a run (``run_dir``, or ``recipe``'s run under ``runs``), print the table; exit code.
+
+    ``out`` also receives the rows as JSON.
 
     Example:
-        >>> parser = argparse.ArgumentParser(prog="prunekit")
-        >>> register(parser.add_subparsers())
-        >>> parser.parse_args(["bench", "runs/x", "--batch", "1", "8"]).batch
-        [1, 8]
+        >>> bench_command(Path("runs/demo-3f2a9c0b1d4e"), None, Path("runs"), [1, 64])  # doctest: +SKIP
+        0
     """
-    parser = subparsers.add_parser(
-        "bench", help="time a recipe run's pruned model: dense kernels vs prunekit.accelerate",
-        description="Time the final model of a recipe run with dense kernels and after prunekit.accelerate, "
-                    "interleaved in one process (median of --rounds). Prints a table; --out writes JSON.")
-    parser.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="a run directory of 'prunekit prune'")
-    parser.add_argument("--recipe", type=Path, metavar="R.yaml", help="instead of RUN_DIR: the recipe's run under --runs")
-    parser.add_argument("--runs", type=Path, default=Path("runs"), metavar="DIR",
-                        help="where --recipe's run directory is (default: runs)")
-    parser.add_argument("--batch", type=int_at_least(1), nargs="+", default=[1, 64], metavar="N",
-                        help="batch sizes (default: 1 64)")
-    parser.add_argument("--rounds", type=int_at_least(1), default=7, metavar="N",
-                        help="interleaved timing rounds; the median counts (default: 7)")
-    parser.add_argument("--out", type=Path, metavar="FILE", help="also write the results as JSON")
-    parser.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
     from ..._io import atomic_write_json
     from .build import load_data
     from .run import resolve_run
     from .stages import load_final_model
 
-    recipe, run = resolve_run(args.run_dir, args.recipe, args.runs)
-    if args.out is not None and args.out.is_dir():
-        raise ValueError(f"--out {str(args.out)!r} is a directory; give a file name")
-    model = load_final_model(recipe, run)
-    rows = bench_model(model, load_data(recipe.data).X_test[:64], args.batch, rounds=args.rounds)
-    print(f"{run.name}: {recipe.model.factory}")
+    config, run = resolve_run(run_dir, recipe, runs)
+    if out is not None and out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a directory; give a file name")
+    model = load_final_model(config, run)
+    rows = bench_model(model, load_data(config.data).X_test[:64], batches, rounds=rounds)
+    print(f"{run.name}: {config.model.factory}")
     print(format_bench(rows))
-    if args.out is not None:
-        atomic_write_json(args.out, {"run": run.name, "model": recipe.model.factory, "rows": rows})
-        print(f"wrote {args.out}")
+    if out is not None:
+        atomic_write_json(out, {"run": run.name, "model": config.model.factory, "rows": rows})
+        print(f"wrote {out}")
     return 0

@@ -2,36 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from typing import Any
 
-__all__ = ["register", "export_run"]
+__all__ = ["FORMATS", "export_command", "export_run"]
 
 FORMATS = ("prunekit", "int8", "onnx")
-
-
-def register(subparsers: Any) -> None:
-    """Add the ``export`` subcommand.
-
-    Example:
-        >>> parser = argparse.ArgumentParser(prog="prunekit")
-        >>> register(parser.add_subparsers())
-        >>> parser.parse_args(["export", "runs/x", "--to", "onnx", "--out", "m.onnx"]).to
-        'onnx'
-    """
-    parser = subparsers.add_parser(
-        "export", help="export a recipe run's pruned model: prunekit file, int8, or ONNX",
-        description="Rebuild a recipe run's final (pruned, stripped) model via the recipe's model factory and "
-                    "write it as a prunekit file (lossless), an int8 prunekit file, or ONNX (checked against "
-                    "onnxruntime).")
-    parser.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="a run directory of 'prunekit prune'")
-    parser.add_argument("--recipe", type=Path, metavar="R.yaml", help="instead of RUN_DIR: the recipe's run under --runs")
-    parser.add_argument("--runs", type=Path, default=Path("runs"), metavar="DIR",
-                        help="where --recipe's run directory is (default: runs)")
-    parser.add_argument("--to", choices=FORMATS, required=True, help="output format")
-    parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="output file")
-    parser.set_defaults(func=_main)
 
 
 def export_run(run_dir: Path | None, recipe: Path | None, to: str, out: Path, runs: Path = Path("runs")) -> int:
@@ -56,7 +31,14 @@ def export_run(run_dir: Path | None, recipe: Path | None, to: str, out: Path, ru
     return save(model, out, quantize="int8" if to == "int8" else None)
 
 
-def _main(args: argparse.Namespace) -> int:
-    written = export_run(args.run_dir, args.recipe, args.to, args.out, args.runs)
-    print(f"wrote {args.out} ({written:,} bytes, {args.to})")
+def export_command(run_dir: Path | None, recipe: Path | None, to: str, out: Path, runs: Path = Path("runs")) -> int:
+    """:func:`export_run`, then say what was written; the exit code.
+
+    Example:
+        >>> export_command(Path("runs/demo-3f2a9c0b1d4e"), None, "int8", Path("m.pkt"))  # doctest: +SKIP
+        wrote m.pkt (11,873 bytes, int8)
+        0
+    """
+    written = export_run(run_dir, recipe, to, out, runs)
+    print(f"wrote {out} ({written:,} bytes, {to})")
     return 0

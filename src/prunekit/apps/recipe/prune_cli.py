@@ -2,41 +2,26 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
-__all__ = ["register"]
+__all__ = ["prune_command"]
 
 
-def register(subparsers: Any) -> None:
-    """Add the ``prune`` subcommand.
+def prune_command(recipe: Path, out: Path, *, progress: bool | None = None) -> int:
+    """Run ``recipe`` under ``out``, print where its results are; the exit code.
+
+    A missing optional dependency prints one line and returns 1; bad input and
+    OS errors raise (the command line reports them with exit code 2).
 
     Example:
-        >>> parser = argparse.ArgumentParser(prog="prunekit")
-        >>> register(parser.add_subparsers())
-        >>> parser.parse_args(["prune", "--recipe", "r.yaml"]).out
-        PosixPath('runs')
+        >>> prune_command(Path("examples/demo.yaml"), Path("runs"), progress=False)  # doctest: +SKIP
+        0
     """
-    parser = subparsers.add_parser(
-        "prune", help="run a YAML recipe: dense training, pruning, export, evaluation (resumable)",
-        description="Run the pruning run a YAML recipe describes in OUT/<name>-<hash12>. Finished stages "
-                    "(dense-train, prune-train, export, evaluate) are skipped when run again; an interrupted "
-                    "stage resumes from its last checkpoint. See examples/*.yaml.")
-    parser.add_argument("--recipe", type=Path, required=True, metavar="R.yaml", help="the recipe (YAML)")
-    parser.add_argument("--out", type=Path, default=Path("runs"), metavar="DIR",
-                        help="parent of the run directory (default: runs)")
-    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
-                        help="no progress bars (default: shown when stderr is a terminal)")
-    parser.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
     from .run import run_recipe
 
     try:
-        result = run_recipe(args.recipe, args.out, progress=args.progress)
+        result = run_recipe(recipe, out, progress=progress)
     except ImportError as exc:
         # A missing optional dependency (e.g. onnx for export.onnx): the environment, not the input.
         # OSError (unreadable recipe, unwritable --out) is reported by prunekit.apps.cli.main with exit 2.

@@ -16,17 +16,17 @@ Attention and LSTM surgeries live in :mod:`prunekit.methods.structural.recurrent
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
-import sys
-
 from ...core.layerspec import weight_spec
 from .flow import Flow, GraphError
-from .graph import Context
-from .registry import Keep, find_surgery, register_surgery, slice_state
+
+if TYPE_CHECKING:  # annotations only: the registry reads this module, not the other way round
+    from .graph import Context
+    from .registry import Keep
 
 
 def kept(keep: Keep, param: str, dim: int, default: int) -> int:
@@ -45,6 +45,27 @@ def load_into(new: nn.Module, old: nn.Module, keep: Keep) -> nn.Module:
     for name, param in new.named_parameters():
         param.requires_grad_(flags.get(name, True))
     return new.train(old.training)
+
+
+def slice_state(module: nn.Module, keep: Keep) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with each tensor in ``keep`` cut to its kept indices.
+
+    Example:
+        >>> lin = nn.Linear(3, 4)
+        >>> state = slice_state(lin, {"weight": {0: torch.tensor([0, 2])}, "bias": {0: torch.tensor([0, 2])}})
+        >>> tuple(state["weight"].shape), tuple(state["bias"].shape)
+        ((2, 3), (2,))
+    """
+    state = module.state_dict(keep_vars=False)
+    unknown = sorted(set(keep) - set(state))
+    if unknown:
+        raise KeyError(f"slice_state: {type(module).__name__} has no tensors {unknown}")
+    out = {}
+    for name, tensor in state.items():
+        for dim, index in keep.get(name, {}).items():
+            tensor = tensor.index_select(dim, index.to(tensor.device))
+        out[name] = tensor.detach().clone()
+    return out
 
 
 def slice_inplace(module: nn.Module, keep: Keep) -> None:
@@ -224,21 +245,19 @@ def rebuild_groupnorm(m: nn.GroupNorm, keep: Keep) -> nn.Module:
     return m
 
 
-for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-    register_surgery(_conv, couple_conv, rebuild_conv)
-register_surgery(nn.Linear, couple_linear, rebuild_linear)
-register_surgery(nn.Embedding, couple_embedding, rebuild_embedding)
-register_surgery(nn.modules.batchnorm._BatchNorm, couple_batchnorm, rebuild_batchnorm)
-register_surgery(nn.LayerNorm, couple_layernorm, rebuild_layernorm)
-register_surgery(nn.GroupNorm, couple_groupnorm, rebuild_groupnorm)
+def builtin_surgeries() -> dict[type, tuple[Callable[..., Any], Callable[[nn.Module, Keep], nn.Module]]]:
+    """``{layer type: (couple, rebuild)}`` for the layers of this module (read by :mod:`.registry`).
 
-
-def register_known_libraries() -> None:
-    """Surgeries for layers of libraries already imported (transformers' ``Conv1D``); never imports anything."""
-    mod = sys.modules.get("transformers.pytorch_utils")
-    conv1d = getattr(mod, "Conv1D", None) if mod is not None else None
-    if isinstance(conv1d, type) and find_surgery(conv1d, known=False) is None:
-        register_surgery(conv1d, couple_linear, rebuild_linear)
-
-
-from . import recurrent  # noqa: E402,F401  (registers attention and LSTM)
+    Example:
+        >>> [f.__name__ for f in builtin_surgeries()[nn.Linear]]
+        ['couple_linear', 'rebuild_linear']
+    """
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    return {
+        **{conv: (couple_conv, rebuild_conv) for conv in convs},
+        nn.Linear: (couple_linear, rebuild_linear),
+        nn.Embedding: (couple_embedding, rebuild_embedding),
+        nn.modules.batchnorm._BatchNorm: (couple_batchnorm, rebuild_batchnorm),
+        nn.LayerNorm: (couple_layernorm, rebuild_layernorm),
+        nn.GroupNorm: (couple_groupnorm, rebuild_groupnorm),
+    }

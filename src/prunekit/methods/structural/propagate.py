@@ -13,7 +13,6 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from . import layers  # noqa: F401  (registers the built-in surgeries)
 from .flow import Flow, GraphError
 from .graph import Context, DependencyGraph, DimInt, flow_leaves, untracked_flow
 from .ops import rule_for

@@ -22,18 +22,19 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+import types
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .flow import Flow
-from .graph import Context
-import types
-
 from .layers import kept, load_into, slice_inplace
-from .registry import Keep, register_surgery
+
+if TYPE_CHECKING:  # annotations only: the registry reads this module, not the other way round
+    from .graph import Context
+    from .registry import Keep
 
 __all__ = ["PrunedMultiheadAttention"]
 
@@ -216,5 +217,11 @@ def rebuild_lstm(m: nn.LSTM, keep: Keep) -> nn.Module:
     return load_into(new, m, keep)
 
 
-register_surgery(nn.MultiheadAttention, couple_mha, rebuild_mha)
-register_surgery(nn.LSTM, couple_lstm, rebuild_lstm)
+def builtin_surgeries() -> dict[type, tuple[Callable[..., Any], Callable[[nn.Module, Keep], nn.Module]]]:
+    """``{layer type: (couple, rebuild)}`` for attention and LSTM (read by :mod:`.registry`).
+
+    Example:
+        >>> sorted(t.__name__ for t in builtin_surgeries())
+        ['LSTM', 'MultiheadAttention']
+    """
+    return {nn.MultiheadAttention: (couple_mha, rebuild_mha), nn.LSTM: (couple_lstm, rebuild_lstm)}

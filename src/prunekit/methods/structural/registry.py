@@ -13,15 +13,22 @@ A *surgery* is two functions for one layer type:
   a new module (:func:`slice_state` gives the sliced state to load).
 
 A type with a surgery is traced as one block (never entered by ``torch.fx``).
+The built-in surgeries (:mod:`.layers`, :mod:`.recurrent`) are looked up after
+the registered ones, so :func:`register_surgery` can replace any of them.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
+
+from . import layers, recurrent
+from .layers import slice_state
 
 __all__ = ["Surgery", "register_surgery", "find_surgery", "slice_state", "Keep"]
 
@@ -75,37 +82,34 @@ def register_surgery(module_type: type, couple: Callable[..., Any],
     _REGISTRY[module_type] = Surgery(couple, rebuild)
 
 
-def find_surgery(module_type: type, known: bool = True) -> Surgery | None:
-    """The surgery for ``module_type``: the most specific registered class in its MRO, or ``None``.
+def find_surgery(module_type: type) -> Surgery | None:
+    """The surgery for ``module_type``: the most specific class in its MRO with one, or ``None``.
 
-    ``known`` also registers layers of libraries already imported (transformers' ``Conv1D``).
+    At each class a registered surgery comes before a built-in one.
+
+    Example:
+        >>> find_surgery(nn.Conv2d).rebuild.__name__, find_surgery(nn.ReLU)
+        ('rebuild_conv', None)
     """
-    if known:
-        from .layers import register_known_libraries
-
-        register_known_libraries()
+    builtin, known = _builtin_surgeries(), _known_library_surgeries()
     for cls in module_type.__mro__:
-        if cls in _REGISTRY:
-            return _REGISTRY[cls]
+        surgery = _REGISTRY.get(cls) or builtin.get(cls) or known.get(cls)
+        if surgery is not None:
+            return surgery
     return None
 
 
-def slice_state(module: nn.Module, keep: Keep) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` with each tensor in ``keep`` cut to its kept indices.
+@functools.cache
+def _builtin_surgeries() -> dict[type, Surgery]:
+    # Built once, on the first lookup, and kept apart from _REGISTRY (which holds only what users register).
+    pairs = {**layers.builtin_surgeries(), **recurrent.builtin_surgeries()}
+    return {module_type: Surgery(couple, rebuild) for module_type, (couple, rebuild) in pairs.items()}
 
-    Example:
-        >>> lin = nn.Linear(3, 4)
-        >>> state = slice_state(lin, {"weight": {0: torch.tensor([0, 2])}, "bias": {0: torch.tensor([0, 2])}})
-        >>> tuple(state["weight"].shape), tuple(state["bias"].shape)
-        ((2, 3), (2,))
-    """
-    state = module.state_dict(keep_vars=False)
-    unknown = sorted(set(keep) - set(state))
-    if unknown:
-        raise KeyError(f"slice_state: {type(module).__name__} has no tensors {unknown}")
-    out = {}
-    for name, tensor in state.items():
-        for dim, index in keep.get(name, {}).items():
-            tensor = tensor.index_select(dim, index.to(tensor.device))
-        out[name] = tensor.detach().clone()
-    return out
+
+def _known_library_surgeries() -> dict[type, Surgery]:
+    """Surgeries for layers of libraries already imported (transformers' ``Conv1D``); never imports anything."""
+    # Only a library the user imported can have built the model's layers: sys.modules costs a dict lookup.
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    if not isinstance(conv1d, type):
+        return {}
+    return {conv1d: Surgery(layers.couple_linear, layers.rebuild_linear)}
