@@ -36,14 +36,13 @@ gradient hooks are left alone.
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from .._modes import in_mode
+from .._progress import progress_bar
 from .._validate import check_int
 
 __all__ = [
@@ -91,7 +90,7 @@ def _batches(loader: Iterable[Any], max_batches: int | None, device: torch.devic
     if hasattr(loader, "__len__"):
         total = len(loader) if total is None else min(total, len(loader))
     seen = 0
-    with tqdm(total=total, desc=desc, unit="batch", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+    with progress_bar(progress, total=total, desc=desc, unit="batch") as bar:
         for batch in loader:
             if max_batches is not None and seen >= max_batches:
                 break
@@ -103,16 +102,6 @@ def _batches(loader: Iterable[Any], max_batches: int | None, device: torch.devic
             bar.update(1)
     if seen == 0:
         raise ValueError(f"{desc}: the loader yielded no batch")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _zeros64(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -259,7 +248,7 @@ def exact_diagonal_entries(
     # Each chunk holds two (chunk, n) matrices: cap them at ~2**24 entries (64 MiB in float32).
     chunk = max(1, min(check_int("exact_diagonal", "chunk", chunk, minimum=1), 2**24 // n))
     acc, count = torch.zeros(n_req, dtype=torch.float64, device=_device(params)), 0
-    with _eval_mode(model):
+    with in_mode(model, training=False):
         for x, y in _batches(loader, max_batches, _device(params), progress, "exact Hessian diagonal"):
             flat = torch.cat([g.reshape(-1) for g in _grads(loss_fn(model(x), y), list(params.values()),
                                                              create_graph=True)])
@@ -334,7 +323,7 @@ def hutchinson_diagonal(
     chunk = max(1, min(chunk, 2**24 // n))  # bound the (chunk, n) probe matrices, as in exact_diagonal_entries
     gen = torch.Generator().manual_seed(check_int("hutchinson_diagonal", "seed", seed, minimum=0))
     acc, count = torch.zeros(n, dtype=torch.float64, device=_device(params)), 0
-    with _eval_mode(model):
+    with in_mode(model, training=False):
         for x, y in _batches(loader, max_batches, _device(params), progress, "Hutchinson Hessian diagonal"):
             flat = torch.cat([g.reshape(-1) for g in _grads(loss_fn(model(x), y), list(params.values()),
                                                              create_graph=True)])
@@ -541,7 +530,7 @@ def gauss_newton_diagonal(
     """
     params = _resolve_params(model, params, "gauss_newton_diagonal")
     acc, count = _zeros64(params), 0
-    with _eval_mode(model):
+    with in_mode(model, training=False):
         for x, y in _batches(loader, max_batches, _device(params), progress, "Gauss-Newton diagonal"):
             with torch.no_grad():
                 factors = _output_hessian_factors(model(x), y, loss_fn)
@@ -592,7 +581,7 @@ def empirical_fisher_diagonal(
     """
     params = _resolve_params(model, params, "empirical_fisher_diagonal")
     acc, count = _zeros64(params), 0
-    with _eval_mode(model):
+    with in_mode(model, training=False):
         for x, y in _batches(loader, max_batches, _device(params), progress, "empirical Fisher diagonal"):
             # A mean loss times the rows it averages is the sum of their per-sample losses.
             scalar: ScalarFn = lambda out, rows, y=y: loss_fn(out, y[rows]) * len(out)  # noqa: E731
@@ -631,7 +620,7 @@ def mean_gradient(
     """
     params = _resolve_params(model, params, "mean_gradient")
     acc, count = _zeros64(params), 0
-    with _eval_mode(model):
+    with in_mode(model, training=False):
         for x, y in _batches(loader, max_batches, _device(params), progress, "gradient"):
             grads = _grads(loss_fn(model(x), y), list(params.values()), create_graph=False)
             for name, g in zip(params, grads):

@@ -19,14 +19,13 @@ against the oracle. Layers that are never called as modules (e.g.
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from .._progress import progress_bar
 from .._validate import check_int, check_real
 from .layers import LayerPlan, layer_plan, runtime_layers, static_reason, weight_matrix
 from .modules import FORMATS, _quiet
@@ -174,8 +173,7 @@ def _choose(todo: list[tuple[LayerChoice, nn.Module, torch.Tensor, LayerPlan]], 
     """Time the candidates of every layer in ``todo``; ``({id(layer): fastest module}, failed formats)``."""
     chosen: dict[int, nn.Module] = {}
     unavailable: set[str] = set()
-    with tqdm(todo, desc="accelerate", unit="layer", disable=not progress or not todo, delay=2.0,
-              file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
+    with progress_bar(progress and bool(todo), todo, desc="accelerate", unit="layer", delay=2.0, leave=False) as bar:
         for layer, lin, x, plan in bar:
             cands, notes = build_candidates(lin, formats, x, rtol, plan)
             layer.notes += [f"{fmt}: {why}" for fmt, why in notes.items()]

@@ -3,7 +3,9 @@
 A checkpoint holds the model's state_dict, the optimizer's state (tensors in
 the file, everything else in JSON), the Pruner's state (masks as bool tensors,
 step/schedule/targets in JSON), the global torch RNG state and the position in
-the data order (epoch, batch within the epoch, optimizer steps, running loss).
+the data order (:class:`prunekit.training.loop.Position`: epoch, batch within
+the epoch, optimizer steps, running loss). :class:`Checkpoints` is the training
+loop's hook that writes them and resumes from them.
 It is written with :func:`prunekit._io.atomic_open`: a crash (even ``kill -9``)
 during a write leaves the previous checkpoint intact under the final name.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +33,15 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .._io import atomic_open
+from torch import nn
 
-__all__ = ["Position", "save_checkpoint", "load_checkpoint", "restore_checkpoint", "state_tensors"]
+from .._io import atomic_open, remove_stale_temps
+from .loop import Position
+
+__all__ = ["Checkpoints", "save_checkpoint", "load_checkpoint", "restore_checkpoint", "state_tensors"]
 
 _FORMAT, _VERSION = "prunekit.checkpoint", 1
 _META_KEY = "prunekit.checkpoint"
-
-
-@dataclass
-class Position:
-    """Where a training phase stands: the next batch to run and the losses so far."""
-
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
-    loss_sum: float = 0.0
-    loss_count: int = 0
-    epoch_losses: list[float] = field(default_factory=list)
 
 
 def state_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -151,3 +144,43 @@ def restore_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.o
         pruner.load_state_dict({**meta["pruner"], "masks": group("pruner/")})
     torch.set_rng_state(tensors["rng/torch"])
     return Position(**meta["position"])
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """The training loop's checkpoint hook: resume from ``path`` if it exists, save to it as the run goes.
+
+    Pass it to :func:`prunekit.training.loop.run_loop` both as ``start=`` (what
+    :meth:`resume` returns) and as a callback: a run killed at any point and run
+    again continues bit-identically from the last complete checkpoint.
+
+    Attributes:
+        path: the checkpoint file.
+        optimizer: saved and restored with the model.
+        pruner: saved and restored too (``None``: none).
+        every: optimizer steps between checkpoints (``None``: at the end of each epoch).
+
+    Example:
+        >>> from prunekit.training.loop import LoopOptions, run_loop
+        >>> ckpt = Checkpoints(Path("ckpt.safetensors"), optimizer=opt, pruner=None, every=100)  # doctest: +SKIP
+        >>> run_loop(model, opt, X, y, LoopOptions(batch_size=32, epochs=3), start=ckpt.resume(model),
+        ...          callbacks=[ckpt])  # doctest: +SKIP
+    """
+
+    path: Path
+    optimizer: torch.optim.Optimizer
+    pruner: Any | None = None
+    every: int | None = None
+
+    def resume(self, model: nn.Module) -> Position | None:
+        """Load the checkpoint into ``model``, the optimizer and the pruner; its position (``None``: none yet)."""
+        remove_stale_temps(self.path)  # debris of a write cut off by a crash (the checkpoint itself is intact)
+        if not self.path.exists():
+            return None
+        return restore_checkpoint(self.path, model=model, optimizer=self.optimizer, pruner=self.pruner)
+
+    def __call__(self, model: nn.Module, pos: Position) -> None:
+        """After an optimizer step: save if ``every`` steps have passed (or an epoch just ended)."""
+        due = pos.batch == 0 if self.every is None else pos.step % self.every == 0
+        if due:
+            save_checkpoint(self.path, model=model, optimizer=self.optimizer, pruner=self.pruner, position=pos)

@@ -1,4 +1,12 @@
-"""A small, reproducible training loop and an evaluation helper for in-memory data.
+"""The one training loop, its small hooks, and an evaluation helper, for in-memory data.
+
+Every training in prunekit runs through :func:`run_loop`: the demo and the
+experiments (through :func:`train`), recipe phases with checkpoints and resume
+(:func:`prunekit.apps.recipe.loop.run_phase`) and lottery-ticket trainings with
+early stopping (:func:`prunekit.methods.lottery.train.train_early_stopping`).
+What they need beyond the loop comes in through three hooks: a start
+:class:`Position` (resume: batches before it are skipped), callbacks run after
+every optimizer step (checkpoints, evaluation, weight capture) and a progress bar.
 
 The loop is deliberately ordinary (zero_grad, forward, backward, step): a
 :class:`prunekit.Pruner` attached to the optimizer prunes through it unchanged,
@@ -8,18 +16,20 @@ because it hooks ``optimizer.step()``.
 from __future__ import annotations
 
 import math
-import sys
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from .._modes import in_mode
+from .._progress import progress_bar
 from .._validate import check_int
 from .data import make_loader
 
-__all__ = ["train", "evaluate", "epoch_seed"]
+__all__ = ["LoopOptions", "Position", "StepCallback", "run_loop", "train", "evaluate", "epoch_seed"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,6 +48,181 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint32)[0])
 
 
+@dataclass
+class Position:
+    """Where a training stands: the next batch to run and the losses so far (what a checkpoint records).
+
+    Attributes:
+        epoch: the epoch being run (0-based).
+        batch: batches of that epoch already run.
+        step: optimizer steps run in all.
+        loss_sum: summed per-sample loss of the epoch so far.
+        loss_count: samples of the epoch so far.
+        epoch_losses: mean per-sample loss of each finished epoch.
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+
+    def record(self, loss: float, samples: int, per_epoch: int) -> dict[str, object]:
+        """Count one optimizer step on ``samples`` samples; close the epoch after its last batch.
+
+        Returns:
+            The bar's view of this step (epoch, running mean loss), taken before an epoch is closed.
+
+        Example:
+            >>> pos = Position()
+            >>> pos.record(2.0, 4, per_epoch=1), pos.epoch_losses, pos.epoch
+            ({'epoch': 1, 'loss': '2.0000'}, [2.0], 1)
+        """
+        self.loss_sum += loss * samples  # per-sample: a short last batch keeps its true weight
+        self.loss_count += samples
+        self.step += 1
+        self.batch += 1
+        shown: dict[str, object] = {"epoch": self.epoch + 1, "loss": f"{self.loss_sum / self.loss_count:.4f}"}
+        if self.batch == per_epoch:
+            self.epoch_losses.append(self.loss_sum / self.loss_count)
+            self.epoch, self.batch, self.loss_sum, self.loss_count = self.epoch + 1, 0, 0.0, 0
+        return shown
+
+
+# ``callback(model, position)`` after every optimizer step (the position already counts that step, and an
+# epoch's last step has closed the epoch); it may return entries for the progress bar's postfix.
+StepCallback = Callable[[nn.Module, Position], "Mapping[str, object] | None"]
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How :func:`run_loop` runs: length, batches, order, loss and progress bar.
+
+    Attributes:
+        batch_size: samples per optimizer step.
+        seed: epoch ``e`` visits the samples in the order of ``epoch_seed(seed, e)``.
+        epochs: passes over the data (``None``: as many as ``max_steps`` needs).
+        max_steps: stop after this many optimizer steps in all, mid-epoch if need be (``None``: no limit).
+        loss_fn: ``loss_fn(logits, targets) -> scalar`` (``None``: cross-entropy).
+        progress: show a bar (``None``: only when stderr is a terminal).
+        desc: label of the bar.
+        leave: keep the finished bar on screen (``False`` for bars nested in an outer one).
+
+    Example:
+        >>> LoopOptions(batch_size=8, max_steps=100).total_steps(samples=20)
+        100
+    """
+
+    batch_size: int
+    seed: int = 0
+    epochs: int | None = None
+    max_steps: int | None = None
+    loss_fn: LossFn | None = None
+    progress: bool | None = False
+    desc: str = "train"
+    leave: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("LoopOptions: give epochs, max_steps or both")
+
+    def total_steps(self, samples: int) -> int:
+        """Optimizer steps of a whole run over ``samples`` training samples."""
+        by_epochs = None if self.epochs is None else self.epochs * math.ceil(samples / self.batch_size)
+        return min(s for s in (by_epochs, self.max_steps) if s is not None)
+
+    def finished(self, pos: Position) -> bool:
+        """Whether a run standing at ``pos`` is over."""
+        return (self.epochs is not None and pos.epoch >= self.epochs) or (
+            self.max_steps is not None and pos.step >= self.max_steps)
+
+
+def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor,
+             options: LoopOptions, *, start: Position | None = None,
+             callbacks: Sequence[StepCallback] = ()) -> Position:
+    """Train ``model`` on in-memory ``(X, y)``, from ``start`` on, calling ``callbacks`` after every step.
+
+    The model is in training mode while it trains and every module's own mode
+    is restored afterwards; batches are moved to the device of its
+    parameters. Inputs are not validated here (the public adapters do that).
+
+    Args:
+        model: trained in place.
+        optimizer: updates the model's parameters; a Pruner may be attached.
+        X: inputs, first dimension = samples.
+        y: targets.
+        options: length, batch size, order, loss, progress bar.
+        start: resume from this position (not modified): the batches of its
+            epoch before ``start.batch`` are skipped, so a run cut at any step
+            and resumed from the saved position (and model, optimizer and RNG
+            state) gives bit-identical weights.
+        callbacks: run in order after every optimizer step.
+
+    Returns:
+        The final position (``epoch_losses`` holds each finished epoch's mean per-sample loss).
+
+    Example:
+        >>> model = nn.Linear(4, 2)
+        >>> X, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> steps = []
+        >>> pos = run_loop(model, opt, X, y, LoopOptions(batch_size=8, max_steps=5),
+        ...                callbacks=[lambda m, p: steps.append(p.step)])
+        >>> steps, pos.epoch, pos.batch
+        ([1, 2, 3, 4, 5], 1, 2)
+    """
+    pos = Position() if start is None else replace(start, epoch_losses=list(start.epoch_losses))
+    loss_fn = options.loss_fn if options.loss_fn is not None else nn.CrossEntropyLoss()
+    with in_mode(model, training=True), progress_bar(options.progress, total=options.total_steps(len(X)),
+                                                      initial=pos.step, desc=options.desc, unit="step",
+                                                      leave=options.leave) as bar:
+        run = _Run(model, optimizer, X, y, options, loss_fn, callbacks, bar)
+        while not options.finished(pos):
+            run.epoch(pos)
+    return pos
+
+
+@dataclass
+class _Run:
+    """What one :func:`run_loop` call holds while it runs; its methods are the epoch and the step."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    X: torch.Tensor
+    y: torch.Tensor
+    options: LoopOptions
+    loss_fn: LossFn
+    callbacks: Sequence[StepCallback]
+    bar: tqdm
+    postfix: dict[str, object] = field(default_factory=dict)  # what a callback reports stays until it reports again
+
+    def epoch(self, pos: Position) -> None:
+        """The rest of epoch ``pos.epoch`` (or up to ``max_steps``), advancing ``pos``."""
+        device, per_epoch = _device_of(self.model), math.ceil(len(self.X) / self.options.batch_size)
+        loader = make_loader(self.X, self.y, batch_size=self.options.batch_size, shuffle=True,
+                             seed=epoch_seed(self.options.seed, pos.epoch))
+        for index, (xb, yb) in enumerate(loader):
+            if index < pos.batch:  # already run before the position this run resumed from
+                continue
+            loss = self.step(xb.to(device), yb.to(device))
+            self.postfix.update(pos.record(loss, len(xb), per_epoch))
+            for callback in self.callbacks:
+                self.postfix.update(callback(self.model, pos) or {})
+            self.bar.update(1)
+            self.bar.set_postfix(self.postfix, refresh=False)
+            if self.options.finished(pos):
+                return
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
+        """One ordinary update; returns the batch's mean loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(xb), yb)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
 def _device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -52,14 +237,6 @@ def _check_data(owner: str, X: torch.Tensor, y: torch.Tensor) -> None:
                          f"{tuple(X.shape)} and {tuple(y.shape)}")
     if len(X) == 0:
         raise ValueError(f"{owner}: X and y are empty")
-
-
-def _resolve_progress(progress: bool | None) -> bool:
-    if progress is None:
-        return sys.stderr.isatty()  # tqdm draws on stderr: only worth it for a person watching
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be True, False or None (auto), got {type(progress).__name__} {progress!r}")
-    return progress
 
 
 def train(
@@ -81,7 +258,8 @@ def train(
     ``make_loader(..., seed=epoch_seed(seed, e))``, so a run is reproducible
     given the model's initial weights and the optimizer. The model is put in
     training mode and its previous mode is restored afterwards. Batches are
-    moved to the device of the model's parameters.
+    moved to the device of the model's parameters. This is :func:`run_loop`
+    with its arguments checked.
 
     Args:
         model: the model to train (in place).
@@ -112,46 +290,10 @@ def train(
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"{owner}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     _check_data(owner, X, y)
-    epochs = check_int(owner, "epochs", epochs, minimum=0)
-    batch_size = check_int(owner, "batch_size", batch_size, minimum=1)
-    seed = check_int(owner, "seed", seed, minimum=0)
-    loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
-    steps_per_epoch = math.ceil(len(X) / batch_size)
-    was_training = model.training
-    model.train()
-    try:
-        with tqdm(total=epochs * steps_per_epoch, desc=desc, unit="step", disable=not _resolve_progress(progress),
-                  file=sys.stderr, dynamic_ncols=True) as bar:
-            return [_train_epoch(model, X, y, e, batch_size, optimizer, seed, loss_fn, bar) for e in range(epochs)]
-    finally:
-        model.train(was_training)
-
-
-def _train_epoch(
-    model: nn.Module,
-    X: torch.Tensor,
-    y: torch.Tensor,
-    epoch: int,
-    batch_size: int,
-    optimizer: torch.optim.Optimizer,
-    seed: int,
-    loss_fn: LossFn,
-    bar: tqdm,
-) -> float:
-    """One pass over the data; returns the mean per-sample loss."""
-    device = _device_of(model)
-    total, count = 0.0, 0
-    for xb, yb in make_loader(X, y, batch_size=batch_size, shuffle=True, seed=epoch_seed(seed, epoch)):
-        xb, yb = xb.to(device), yb.to(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), yb)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(xb)
-        count += len(xb)
-        bar.update(1)
-        bar.set_postfix(epoch=epoch + 1, loss=f"{total / count:.4f}", refresh=False)
-    return total / count
+    options = LoopOptions(epochs=check_int(owner, "epochs", epochs, minimum=0),
+                          batch_size=check_int(owner, "batch_size", batch_size, minimum=1),
+                          seed=check_int(owner, "seed", seed, minimum=0), loss_fn=loss_fn, progress=progress, desc=desc)
+    return run_loop(model, optimizer, X, y, options).epoch_losses
 
 
 @torch.no_grad()
@@ -159,7 +301,7 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, batch_size: 
     """Mean cross-entropy and accuracy of a classifier on ``(X, y)``.
 
     Runs in eval mode under ``torch.no_grad()`` in batches of ``batch_size`` and
-    restores the model's previous train/eval mode.
+    restores every module's previous train/eval mode.
 
     Args:
         model: a classifier returning logits ``(N, num_classes)``.
@@ -182,16 +324,12 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, batch_size: 
     _check_data(owner, X, y)
     batch_size = check_int(owner, "batch_size", batch_size, minimum=1)
     device = _device_of(model)
-    was_training = model.training
-    model.eval()
-    try:
-        loss_sum, correct = 0.0, 0
+    loss_sum, correct = 0.0, 0
+    with in_mode(model, training=False):
         for start in range(0, len(X), batch_size):
             xb, yb = X[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
             logits = model(xb)
             # Summed per batch, divided once: a short last batch keeps its true weight.
             loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == yb).sum())
-    finally:
-        model.train(was_training)
     return {"loss": loss_sum / len(X), "accuracy": correct / len(X)}

@@ -31,7 +31,6 @@ import os
 import platform
 import queue
 import statistics
-import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -39,10 +38,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from tqdm import tqdm
 
 from . import write_run_files
 from ..._io import atomic_open
+from ..._progress import progress_bar
 from ..._validate import check_int
 from ...training.data import load_mnist5k
 from ...methods.lottery import LotteryConfig, LotteryData, RoundResult, TrainSpec, run_control, run_lottery
@@ -380,10 +379,9 @@ def run(out: Path, *, quick: bool = False, seeds: Sequence[int] | None = None, p
     workers = check_int("lottery", "workers", workers, minimum=1)
     out, data, started = Path(out), load_data(setup), time.perf_counter()
     runs = out / "runs" / ("quick" if quick else "full")
-    show = sys.stderr.isatty() if progress is None else bool(progress)
     trainings = len(seeds) * (2 + 5 * setup.rounds)
     trained = [0]  # trainings run by this invocation (finished rounds of an earlier one are skipped)
-    with _one_thread(), tqdm(total=trainings, desc=NAME, unit="training", disable=not show, dynamic_ncols=True) as bar:
+    with _one_thread(), progress_bar(progress, total=trainings, desc=NAME, unit="training") as bar:
         def advance(count: int) -> None:
             trained[0] += count
             bar.update(count)

@@ -24,7 +24,6 @@ import itertools
 import math
 import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from tqdm import tqdm
 from . import check_run_args, write_run_files
 from ...methods import hessian
 from ..._io import atomic_open
+from ..._progress import progress_bar
 from ..._repro import seeded
 from ...core.criteria import Criterion, Magnitude, Precomputed, Random, ScoreContext
 from ...methods.obd import OBD, Taylor
@@ -517,8 +517,7 @@ def run(out: str | Path, *, quick: bool = False, seeds: Sequence[int] | None = N
     config, seeds, out = check_run_args(NAME, out, quick, seeds, QUICK, FULL)
     started = time.perf_counter()
     data = _load(config)
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    with tqdm(total=4 * len(seeds), desc=NAME, unit="stage", disable=not show, file=sys.stderr) as bar:
+    with progress_bar(progress, total=4 * len(seeds), desc=NAME, unit="stage") as bar:
         per_seed = [_run_seed(data, config, seed, bar) for seed in seeds]
     described = f"MNIST-5k: {len(data.X):,} train / {len(data.X_test):,} test digits"
     results = _results(per_seed, config, quick, described, time.perf_counter() - started)

@@ -38,7 +38,6 @@ import random
 import re
 import resource
 import statistics
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -51,6 +50,7 @@ from tqdm import tqdm
 
 from . import check_run_args, write_run_files
 from ..._io import atomic_open
+from ..._progress import progress_bar, resolve_progress
 from ..._repro import seeded
 from ..._validate import check_int
 from ...methods.oneshot import METHODS, prune_oneshot
@@ -510,10 +510,10 @@ def run(out: str | Path, *, quick: bool = False, seeds: Sequence[int] | None = N
     """
     config, seeds, out = check_run_args(NAME, out, quick, seeds, QUICK, FULL)
     started = time.perf_counter()
-    show = sys.stderr.isatty() if progress is None else bool(progress)
+    show = resolve_progress(progress)
     model, tokenizer = load_minilm(progress=show)
     total = len(seeds) * len(METHODS) * len(config.levels)
-    with tqdm(total=total, desc=NAME, unit="run", disable=not show, file=sys.stderr) as bar:
+    with progress_bar(show, total=total, desc=NAME, unit="run") as bar:
         per_seed = [_run_seed(config, seed, model, tokenizer, bar) for seed in seeds]
     results = _results(per_seed, config, quick, time.perf_counter() - started)
     table = format_table(results)

@@ -39,7 +39,6 @@ import copy
 import math
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -52,6 +51,7 @@ from tqdm import tqdm
 
 from . import check_run_args, write_run_files
 from ..._io import atomic_open
+from ..._progress import progress_bar
 from ..._repro import seeded
 from ...training.data import load_mnist5k
 from ...formats import load, save
@@ -640,9 +640,8 @@ def run(out: str | Path, *, quick: bool = False, seeds: Sequence[int] | None = N
     config, seeds, out = check_run_args(NAME, out, quick, seeds, QUICK, FULL)
     started = time.perf_counter()
     data = _load(config)
-    show = sys.stderr.isatty() if progress is None else bool(progress)
     total = len(seeds) * len(FAMILIES) + len(config.minilm_sparsities)
-    with tqdm(total=total, desc=NAME, unit="stage", disable=not show, file=sys.stderr) as bar:
+    with progress_bar(progress, total=total, desc=NAME, unit="stage") as bar:
         families = _run_small(data, config, seeds, bar)
         minilm = _run_minilm(config, bar)
     results = {

@@ -1,4 +1,4 @@
-"""A resumable training phase: :func:`prunekit.training.loop.train`'s loop, checkpointed.
+"""A resumable training phase: :func:`prunekit.training.loop.run_loop` with checkpoints.
 
 The batch order, the update and the loss bookkeeping are those of
 :func:`prunekit.training.loop.train` (epoch ``e`` shuffled by
@@ -9,19 +9,15 @@ batches already run and continues bit-identically.
 
 from __future__ import annotations
 
-import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from ...training.data import make_loader
-from ...training.loop import epoch_seed
-from ...training.checkpoint import Position, restore_checkpoint, save_checkpoint
+from ...training.checkpoint import Checkpoints
+from ...training.loop import LoopOptions, run_loop
 
 __all__ = ["Phase", "run_phase"]
 
@@ -61,47 +57,9 @@ def run_phase(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tenso
         >>> run_phase(net, opt, X, y, Phase(epochs=2, batch_size=8, seed=0))["steps"]
         6
     """
-    pos, resumed = Position(), None
-    if phase.checkpoint is not None:
-        # Debris of a write cut off by a crash (the checkpoint itself is intact: writes are atomic).
-        for stale in phase.checkpoint.parent.glob(f".{phase.checkpoint.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-    if phase.checkpoint is not None and phase.checkpoint.exists():
-        pos = restore_checkpoint(phase.checkpoint, model=model, optimizer=optimizer, pruner=pruner)
-        resumed = pos.step
-    per_epoch = math.ceil(len(X) / phase.batch_size)
-    was_training = model.training
-    model.train()
-    try:
-        with tqdm(total=phase.epochs * per_epoch, initial=pos.step, desc=phase.desc, unit="step",
-                  disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
-            while pos.epoch < phase.epochs:
-                _epoch(model, optimizer, X, y, phase, pos, per_epoch, pruner, bar)
-    finally:
-        model.train(was_training)
-    return {"epoch_losses": pos.epoch_losses, "steps": pos.step, "resumed_at": resumed}
-
-
-def _epoch(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor, phase: Phase,
-           pos: Position, per_epoch: int, pruner: Any | None, bar: tqdm) -> None:
-    loader = make_loader(X, y, batch_size=phase.batch_size, shuffle=True, seed=epoch_seed(phase.seed, pos.epoch))
-    loss_fn = nn.CrossEntropyLoss()
-    for index, (xb, yb) in enumerate(loader):
-        if index < pos.batch:  # already run before the checkpoint this phase resumed from
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), yb)
-        loss.backward()
-        optimizer.step()
-        pos.loss_sum += loss.item() * len(xb)
-        pos.loss_count += len(xb)
-        pos.step += 1
-        pos.batch = index + 1
-        bar.update(1)
-        bar.set_postfix(epoch=pos.epoch + 1, loss=f"{pos.loss_sum / pos.loss_count:.4f}", refresh=False)
-        if pos.batch == per_epoch:
-            pos.epoch_losses.append(pos.loss_sum / pos.loss_count)
-            pos.epoch, pos.batch, pos.loss_sum, pos.loss_count = pos.epoch + 1, 0, 0.0, 0
-        due = pos.batch == 0 if phase.every is None else pos.step % phase.every == 0
-        if phase.checkpoint is not None and due:
-            save_checkpoint(phase.checkpoint, model=model, optimizer=optimizer, pruner=pruner, position=pos)
+    checkpoints = None if phase.checkpoint is None else Checkpoints(phase.checkpoint, optimizer, pruner, phase.every)
+    start = None if checkpoints is None else checkpoints.resume(model)
+    options = LoopOptions(epochs=phase.epochs, batch_size=phase.batch_size, seed=phase.seed, progress=progress,
+                          desc=phase.desc)
+    pos = run_loop(model, optimizer, X, y, options, start=start, callbacks=[] if checkpoints is None else [checkpoints])
+    return {"epoch_losses": pos.epoch_losses, "steps": pos.step, "resumed_at": None if start is None else start.step}

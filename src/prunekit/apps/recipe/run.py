@@ -15,13 +15,13 @@ import copy
 import fcntl
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..._io import atomic_write_json
+from ..._progress import resolve_progress
 from ..._repro import seeded
 from ...core.criteria import Magnitude
 from ...core.pruner import Pruner
@@ -126,7 +126,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], out: str | os.PathLike[s
         recipe = load_recipe(recipe)
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {str(out)!r} is an existing file, not a directory")
-    show = sys.stderr.isatty() if progress is None else bool(progress)
+    show = resolve_progress(progress)
     say = log or (lambda line: None)
     run_dir = run_dir_for(recipe, out)
     if all((run_dir / "stages" / f"{name}.json").is_file() for name in STAGES):

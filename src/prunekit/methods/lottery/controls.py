@@ -17,8 +17,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
+from ..._progress import progress_bar
 from ..._validate import check_choice, check_int
 from .config import LotteryConfig
 from .data import LotteryData
@@ -70,7 +69,7 @@ def run_control(kind: str, model_fn: ModelFn, data: LotteryData, config: Lottery
     store = RunStore(out)
     store.bind({"kind": "control", "control": kind, "seed": seed, "ticket": ticket.store.hash})
     results = []
-    with tqdm(range(1, rounds + 1), desc=kind, unit="round", disable=not ticket.progress, dynamic_ncols=True) as bar:
+    with progress_bar(ticket.progress, range(1, rounds + 1), desc=kind, unit="round") as bar:
         for r in bar:
             finished = store.is_finished(r)
             results.append(_finished(ticket, store, r) if finished else _run(kind, model_fn, ticket, store, r, seed))

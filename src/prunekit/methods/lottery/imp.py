@@ -10,13 +10,13 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from ..._progress import progress_bar, resolve_progress
 from .config import LotteryConfig
 from .data import LotteryData
 from .masks import Masks, Targets, check_counts, full_masks, imp_targets, kept_counts, pruned_names, rank_masks
 from .store import RunStore, Spec, spec_of, tensor_digest
-from .train import TrainOutcome, Trainer, resolve_progress, snapshot, train_masked
+from .train import TrainOutcome, Trainer, snapshot, train_masked
 
 __all__ = ["RoundResult", "run_lottery", "init_weights", "derive_seed", "RunContext", "open_run"]
 
@@ -185,8 +185,7 @@ def run_lottery(model_fn: ModelFn, data: LotteryData, config: LotteryConfig, out
     """
     ctx = open_run(model_fn, data, config, out, trainer=trainer, progress=progress)
     results = []
-    with tqdm(range(config.rounds + 1), desc="lottery rounds", unit="round", disable=not ctx.progress,
-              dynamic_ncols=True) as bar:
+    with progress_bar(ctx.progress, range(config.rounds + 1), desc="lottery rounds", unit="round") as bar:
         for r in bar:
             results.append(_finished_round(ctx, r) if ctx.store.is_finished(r) else _run_round(ctx, r))
             bar.set_postfix(remaining=f"{results[-1].remaining:.1%}", acc=f"{results[-1].test_accuracy:.4f}")

@@ -1,32 +1,27 @@
 """Training with a fixed mask: early-stopping bookkeeping and a snapshot at the rewind iteration.
 
-The default trainer is an ordinary loop (zero_grad, forward, backward, step)
-over :func:`prunekit.training.data.make_loader` batches, epoch ``e`` shuffled with
-:func:`prunekit.training.loop.epoch_seed`. Every ``eval_every`` steps it measures the
-validation loss; the early-stopping iteration is the one of minimum validation
-loss (the first, on ties). Test accuracy is measured once, on the weights of
-that iteration, and once on the final weights.
+The default trainer is :func:`prunekit.training.loop.run_loop` (epoch ``e``
+shuffled with :func:`prunekit.training.loop.epoch_seed`) for exactly
+``spec.iterations`` steps, with one callback: every ``eval_every`` steps it
+measures the validation loss; the early-stopping iteration is the one of
+minimum validation loss (the first, on ties). Test accuracy is measured once,
+on the weights of that iteration, and once on the final weights.
 """
 
 from __future__ import annotations
 
-import itertools
-import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from ...training.data import make_loader
-from ...training.loop import epoch_seed, evaluate
+from ...training.loop import LoopOptions, Position, evaluate, run_loop
 from .config import TrainSpec
 from .data import LotteryData
 from .masks import masking_pruner, set_masks
 
-__all__ = ["TrainOutcome", "Trainer", "train_early_stopping", "train_masked", "make_optimizer", "snapshot",
-           "resolve_progress"]
+__all__ = ["TrainOutcome", "Trainer", "train_early_stopping", "train_masked", "make_optimizer", "snapshot"]
 
 State = dict[str, torch.Tensor]
 
@@ -63,11 +58,6 @@ def snapshot(model: nn.Module) -> State:
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
-def resolve_progress(progress: bool | None) -> bool:
-    """``None`` means: show progress bars only when stderr is a terminal."""
-    return sys.stderr.isatty() if progress is None else bool(progress)
-
-
 def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
     """A fresh optimizer for one training, as ``spec`` says."""
     if spec.optimizer == "adam":
@@ -75,22 +65,25 @@ def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum)
 
 
-def _batches(data: LotteryData, spec: TrainSpec, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Exactly ``spec.iterations`` shuffled training batches, epoch after epoch."""
-    def epochs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for epoch in itertools.count():
-            yield from make_loader(data.X_train, data.y_train, batch_size=spec.batch_size, shuffle=True,
-                                   seed=epoch_seed(seed, epoch))
-    return itertools.islice(epochs(), spec.iterations)
-
-
 class _EarlyStopping:
-    """Tracks the minimum validation loss and keeps a copy of the weights that reached it."""
+    """The loop's callback: validation every ``spec.eval_every`` steps and at the last, a copy of the best weights.
 
-    def __init__(self, data: LotteryData) -> None:
-        self.data = data
+    Also captures the weights after ``capture_at`` steps (the late-rewinding point).
+    """
+
+    def __init__(self, data: LotteryData, spec: TrainSpec, capture_at: int | None) -> None:
+        self.data, self.spec, self.capture_at = data, spec, capture_at
         self.curve: list[dict[str, float]] = []
         self.best: tuple[float, int, State] | None = None
+        self.captured: State | None = None
+
+    def __call__(self, model: nn.Module, pos: Position) -> dict[str, str] | None:
+        """After optimizer step ``pos.step``: capture, and evaluate when due; the bar's postfix."""
+        if pos.step == self.capture_at:
+            self.captured = snapshot(model)
+        if pos.step % self.spec.eval_every and pos.step != self.spec.iterations:
+            return None
+        return {"val_loss": f"{self.observe(model, pos.step)['loss']:.4f}"}
 
     def observe(self, model: nn.Module, iteration: int) -> dict[str, float]:
         val = evaluate(model, self.data.X_val, self.data.y_val)
@@ -99,14 +92,14 @@ class _EarlyStopping:
             self.best = (val["loss"], iteration, snapshot(model))
         return val
 
-    def outcome(self, model: nn.Module, captured: State | None) -> TrainOutcome:
+    def outcome(self, model: nn.Module) -> TrainOutcome:
         assert self.best is not None, "at least one evaluation happens (the last iteration)"
         final = self._scores(model)
         current = snapshot(model)
         model.load_state_dict(self.best[2])
         early = self._scores(model)
         model.load_state_dict(current)  # leave the final weights in the model: the next round prunes them
-        return TrainOutcome(self.curve, self.best[1], early, final, captured)
+        return TrainOutcome(self.curve, self.best[1], early, final, self.captured)
 
     def _scores(self, model: nn.Module) -> dict[str, float]:
         val = evaluate(model, self.data.X_val, self.data.y_val)
@@ -138,26 +131,13 @@ def train_early_stopping(model: nn.Module, optimizer: torch.optim.Optimizer, dat
         >>> [p["iteration"] for p in out.curve]
         [4, 8]
     """
-    tracker, captured = _EarlyStopping(data), snapshot(model) if capture_at == 0 else None
-    loss_fn, device = nn.CrossEntropyLoss(), next(model.parameters()).device
-    was_training = model.training
-    model.train()
-    try:
-        with tqdm(total=spec.iterations, desc=desc, unit="step", disable=not progress, leave=False,
-                  file=sys.stderr, dynamic_ncols=True) as bar:
-            for iteration, (xb, yb) in enumerate(_batches(data, spec, seed), start=1):
-                optimizer.zero_grad(set_to_none=True)
-                loss_fn(model(xb.to(device)), yb.to(device)).backward()
-                optimizer.step()
-                if iteration == capture_at:
-                    captured = snapshot(model)
-                if iteration % spec.eval_every == 0 or iteration == spec.iterations:
-                    val = tracker.observe(model, iteration)
-                    bar.set_postfix(val_loss=f"{val['loss']:.4f}", refresh=False)
-                bar.update(1)
-    finally:
-        model.train(was_training)
-    return tracker.outcome(model, captured)
+    tracker = _EarlyStopping(data, spec, capture_at)
+    if capture_at == 0:
+        tracker.captured = snapshot(model)
+    options = LoopOptions(batch_size=spec.batch_size, seed=seed, max_steps=spec.iterations, progress=progress,
+                          desc=desc, leave=False)
+    run_loop(model, optimizer, data.X_train, data.y_train, options, callbacks=[tracker])
+    return tracker.outcome(model)
 
 
 def train_masked(model: nn.Module, start: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -14,6 +12,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..._modes import in_mode
+from ..._progress import progress_bar, resolve_progress
 from ..._validate import check_choice
 from .blocks import BlockFeeder, Inputs, resolve_blocks
 from ..._hf import cache_disabled
@@ -182,14 +182,14 @@ def prune_oneshot(model: nn.Module, calibration: Iterable[Any] | None, *, method
     report = OneShotReport(method, _describe(model, block_list), len(samples or []))
     report.skipped, report.reasons = list(selection.left), dict(selection.left)
     solve = _solver(method, percdamp, blocksize, report, selection.aliases)
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    with _eval_mode(model), cache_disabled(model), torch.no_grad():
+    show = resolve_progress(progress)
+    with in_mode(model, training=False), cache_disabled(model), torch.no_grad():
         if block_list is not None:
             _by_block(model, block_list, selection, samples, solve, report, explicit, show, on_block_inputs)
         else:
             _raise_unsupported(selection.unsupported)
-            with tqdm(total=len(selection.targets), desc=f"prune_oneshot[{method}]", unit="layer",
-                      disable=not show, file=sys.stderr) as bar:
+            with progress_bar(show, total=len(selection.targets), desc=f"prune_oneshot[{method}]",
+                              unit="layer") as bar:
                 _one_pass(model, selection.targets, samples, solve, bar)
     report.seconds = time.perf_counter() - started
     return report
@@ -250,17 +250,6 @@ def _samples(model: nn.Module, calibration: Any, method: str) -> list[Any] | Non
     return samples
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 Solve = Callable[[str, Layer, Target, "torch.Tensor | None"], None]
 
 
@@ -306,8 +295,7 @@ def _by_block(model: nn.Module, blocks: list[tuple[str, nn.Module]], selection: 
     feeder = BlockFeeder(model, blocks, samples)
     report.blocks = _describe(model, feeder.order)  # in the order the forward runs them
     report.full_captures = [feeder.order[p][0] for p in feeder.full_captures]
-    with tqdm(total=len(blocks), desc=f"prune_oneshot[{report.method}]", unit="block", disable=not show,
-              file=sys.stderr) as bar:
+    with progress_bar(show, total=len(blocks), desc=f"prune_oneshot[{report.method}]", unit="block") as bar:
 
         def process(position: int, name: str, block: nn.Module, inputs: list[Inputs]) -> None:
             bar.set_postfix(block=name)
