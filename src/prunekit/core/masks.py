@@ -38,6 +38,8 @@ _STATE_VERSION = 1
 _LIVE: "weakref.WeakSet[MaskKeeper]" = weakref.WeakSet()
 # Optimizer state entries that only ever scale a first moment or gradient (torch.optim names).
 _SECOND_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta"})
+# Per-parameter counters (torch.optim names): of a parameter's shape only when it is a scalar; never masked.
+_COUNTERS = frozenset({"step", "mu_product"})
 
 # How the model reaches a masked weight: ``table.get(key) is expected`` along the path
 # (``model._modules``, ..., ``module._parameters``) while the model is unchanged.
@@ -408,7 +410,7 @@ class MaskKeeper:
                 if not state or not slot.active:
                     continue
                 for key, value in state.items():
-                    if isinstance(value, torch.Tensor) and value.shape == slot.param.shape:
+                    if key not in _COUNTERS and isinstance(value, torch.Tensor) and value.shape == slot.param.shape:
                         if key in _SECOND_MOMENTS:
                             value.masked_fill_(slot.pruned & (value == 0), 1.0)
                         else:

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import prunekit
-import prunekit.core.pruner
+import prunekit.core.masks
 
 STEPS = 12
 GLOBAL_BATCH = 32
@@ -87,11 +87,11 @@ def main(out_dir: str) -> int:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    sync = prunekit.core.pruner.sync_keeps
+    sync = prunekit.core.masks.sync_keeps
     for scenario, criterion, synced in (("magnitude", "magnitude", True), ("taylor", "taylor", True),
                                         ("taylor-nosync", "taylor", False)):
-        # The negative control replaces the Pruner's sync by the identity.
-        prunekit.core.pruner.sync_keeps = sync if synced else (lambda keeps: keeps)
+        # The negative control replaces the mask keeper's sync by the identity.
+        prunekit.core.masks.sync_keeps = sync if synced else (lambda keeps: keeps)
         result = train(criterion, world=world, rank=rank)
         gathered: list = [None] * world
         dist.all_gather_object(gathered, result["hashes"])
@@ -101,7 +101,7 @@ def main(out_dir: str) -> int:
             tensors = {**{f"w/{k}": v.contiguous() for k, v in result["weights"].items()},
                        **{f"m/{k}": v.contiguous() for k, v in result["masks"].items()}}
             save_file(tensors, os.path.join(out_dir, f"{scenario}.safetensors"))
-    prunekit.core.pruner.sync_keeps = sync
+    prunekit.core.masks.sync_keeps = sync
     dist.barrier()  # every file is written
     dist.destroy_process_group()
     return 0
