@@ -294,6 +294,45 @@ def test_only_the_cli_uses_argparse():
     assert not users, f"argparse outside {sorted(ARGPARSE_ALLOWED)}: {users}"
 
 
+def registration_on_import(module: str, source: str, modules: Iterable[str]) -> list[str]:
+    """What ``source`` (the text of ``module``) does at import to fill a registry elsewhere: module-level
+    calls of an imported ``register*`` function, and modules of ``modules`` imported and never used (imported
+    for their side effect). A module filling its own table (a ``register*`` it defines) builds a constant.
+
+    Example:
+        >>> registration_on_import("p.a", "from .reg import register_x\\nregister_x(int)\\nfrom . import b\\n",
+        ...                        {"p", "p.a", "p.b", "p.reg"})
+        ['line 2: register_x(...) at import', "line 3: module 'b' imported and never used"]
+    """
+    known = set(modules)
+    tree = ast.parse(source)
+    imported, module_names = {}, {}
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            base = _base(module, False, node) if isinstance(node, ast.ImportFrom) else ""
+            for alias in node.names:
+                name = alias.asname or alias.name.split(".")[0]
+                imported[name] = node.lineno
+                if (f"{base}.{alias.name}" if base else alias.name) in known:
+                    module_names[name] = node.lineno
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    found = [f"line {line}: module {name!r} imported and never used" for name, line in module_names.items()
+             if name not in used]
+    top_level = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    for call in (c for node in top_level for c in ast.walk(node) if isinstance(c, ast.Call)):
+        name = call.func.id if isinstance(call.func, ast.Name) else ""
+        if name.lstrip("_").startswith("register") and name in imported:
+            found.append(f"line {call.lineno}: {name}(...) at import")
+    return sorted(found)
+
+
+def test_no_registration_by_import_side_effect():
+    files = module_files()
+    found = [f"{name} {what}" for name, path in files.items() if path.name != "__init__.py"  # (re-exports)
+             for what in registration_on_import(name, path.read_text(encoding="utf-8"), files)]
+    assert not found, "registries must be filled explicitly, not by importing a module:\n  " + "\n  ".join(found)
+
+
 # -- negative controls: the checks catch what they exist for --------------------------------------------------------
 
 
@@ -316,6 +355,15 @@ def test_relative_imports_resolve_from_modules_and_packages():
     modules = {"p", "p.x", "p.x.y", "p.z"}
     assert imports_of("p.x.y", "from ..z import f\nfrom .. import z\nfrom . import q", modules) == {"p.z": 1, "p.x": 3}
     assert imports_of("p.x", "from . import y\nfrom ..z import f", modules, is_package=True) == {"p.x.y": 1, "p.z": 2}
+
+
+def test_a_synthetic_registration_on_import_is_caught():
+    modules = {"p", "p.a", "p.codecs", "p.layers", "p.registry", "p.x"}
+    loop = "from .registry import register\nfor t in (1, 2):\n    register(t)\n"
+    assert registration_on_import("p.layers", loop, modules) == ["line 3: register(...) at import"]
+    own_table = "def _register_defaults():\n    pass\n_register_defaults()\n"
+    used = "from . import codecs\nfrom .x import f, unused_name\n\ndef g():\n    return codecs.f(f)\n"
+    assert registration_on_import("p.a", own_table, modules) == registration_on_import("p.a", used, modules) == []
 
 
 def test_a_synthetic_layering_violation_is_caught():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -225,3 +226,36 @@ def test_os_error_in_a_subprocess_has_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "File name too long" in proc.stderr
+
+
+# -- the functions behind the commands take plain arguments (the parser lives in prunekit.apps.cli only) ----------
+
+
+def test_command_functions_need_no_parser(tmp_path):
+    from prunekit.apps.experiments.cli import experiment_command
+    from prunekit.apps.recipe.bench import bench_command
+    from prunekit.apps.recipe.export_cli import export_command
+
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="is an existing file, not a directory"):
+        experiment_command("lottery", a_file, quick=True, progress=False)
+    with pytest.raises(ValueError, match="unknown experiment 'nope'"):
+        experiment_command("nope", tmp_path / "out")
+    for call in (lambda: bench_command(tmp_path, None, tmp_path, [1]),
+                 lambda: export_command(tmp_path, None, "int8", tmp_path / "m.pkt")):
+        with pytest.raises(FileNotFoundError, match="not a recipe run directory"):
+            call()
+
+
+def test_every_command_is_declared_with_the_function_it_calls():
+    from prunekit.apps.cli import build_parser
+
+    def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return dict(actions[0].choices) if actions else {}
+
+    commands = subcommands(build_parser())
+    assert tuple(commands) == COMMANDS
+    leaves = {**{n: p for n, p in commands.items() if n != "experiment"}, **subcommands(commands["experiment"])}
+    assert len(leaves) > len(COMMANDS) and all(callable(p.get_default("func")) for p in leaves.values())
