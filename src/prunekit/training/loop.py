@@ -179,7 +179,9 @@ def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor
                                                       leave=options.leave) as bar:
         run = _Run(model, optimizer, X, y, options, loss_fn, callbacks, bar)
         while not options.finished(pos):
-            run.epoch(pos)
+            if not run.epoch(pos):  # without this, empty data or a position past the epoch's end would never end
+                raise ValueError(f"run_loop: no batch left to run in epoch {pos.epoch} (empty data, or a start "
+                                 f"position past the end of the epoch: batch {pos.batch})")
     return pos
 
 
@@ -197,11 +199,12 @@ class _Run:
     bar: tqdm
     postfix: dict[str, object] = field(default_factory=dict)  # what a callback reports stays until it reports again
 
-    def epoch(self, pos: Position) -> None:
-        """The rest of epoch ``pos.epoch`` (or up to ``max_steps``), advancing ``pos``."""
+    def epoch(self, pos: Position) -> int:
+        """Run the rest of epoch ``pos.epoch`` (or up to ``max_steps``), advancing ``pos``; the steps run."""
         device, per_epoch = _device_of(self.model), math.ceil(len(self.X) / self.options.batch_size)
         loader = make_loader(self.X, self.y, batch_size=self.options.batch_size, shuffle=True,
                              seed=epoch_seed(self.options.seed, pos.epoch))
+        first = pos.step
         for index, (xb, yb) in enumerate(loader):
             if index < pos.batch:  # already run before the position this run resumed from
                 continue
@@ -212,7 +215,8 @@ class _Run:
             self.bar.update(1)
             self.bar.set_postfix(self.postfix, refresh=False)
             if self.options.finished(pos):
-                return
+                break
+        return pos.step - first
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
         """One ordinary update; returns the batch's mean loss."""
