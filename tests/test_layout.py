@@ -43,13 +43,7 @@ LAYER_EXCEPTIONS: dict[tuple[str, str], str] = {
 # Known findings in files other engineers are rewriting right now, to be fixed there and then removed
 # from here (the test fails once an entry is no longer needed, so this list can only shrink).
 # Import edges that close a cycle: (importer, imported) -> where the fix belongs.
-KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {
-    # build_graph (graph.py) runs the Capture of propagate.py, which builds on graph.py's Context and
-    # DependencyGraph. Fix: move build_graph and _Recorder into propagate.py (graph.py keeps the data
-    # structures) once methods/structural/gradual.py, being rewritten, imports build_graph from there
-    # (prune.py, structural/__init__.py and the groups/importance doctests change with it).
-    ("prunekit.methods.structural.graph", "prunekit.methods.structural.propagate"): "gradual.py imports graph.build_graph",
-}
+KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {}
 # Layering violations: (importer, imported) -> why it is still there.
 KNOWN_LAYER_VIOLATIONS: dict[tuple[str, str], str] = {}
 

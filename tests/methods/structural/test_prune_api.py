@@ -60,7 +60,7 @@ def test_unsupported_op_names_op_and_module_path() -> None:
 def test_unsupported_layer_names_layer_and_fix() -> None:
     # (ConvTranspose2d, formerly the example here, is supported now)
     message = (r"cannot prune through 'layer3\.0' \(Mix\): register surgery with "
-               r"prunekit\.structural\.register_surgery\(Mix.*ignore=\['layer3\.0'\].*torch\.einsum")
+               r"prunekit\.register_surgery\(Mix.*ignore=\['layer3\.0'\].*torch\.einsum")
     with pytest.raises(GraphError, match=message):
         build_graph(WithCustom(up=True), torch.randn(1, 3, 8, 8))
 

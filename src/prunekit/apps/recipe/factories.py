@@ -119,6 +119,11 @@ def _describe(obj: Any) -> str:
     return f"a {type(obj).__name__} object"
 
 
+# Modules of earlier releases that recipes may name, and where they live now: recipes are
+# data written once, so they keep working when the package is rearranged.
+_MOVED = {"prunekit.models": "prunekit.apps.models"}
+
+
 def resolve_factory(factory: str, path: str = "recipe.model.factory") -> Callable[..., Any]:
     """Import ``"package.module:attr"`` and return it if a recipe may call it (see the module docstring).
 
@@ -129,12 +134,15 @@ def resolve_factory(factory: str, path: str = "recipe.model.factory") -> Callabl
     Example:
         >>> resolve_factory("prunekit.apps.models:LeNet5").__name__
         'LeNet5'
+        >>> resolve_factory("prunekit.models:LeNet5").__name__  # the path of earlier releases
+        'LeNet5'
         >>> resolve_factory("prunekit.apps.models:check_int")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         prunekit.apps.recipe.config.RecipeError: recipe.model.factory: 'prunekit.apps.models:check_int' is a function ...
     """
     module_name, _, attr = factory.partition(":")
+    module_name = _MOVED.get(module_name, module_name)
     obj: Any = _import(module_name, path)
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -33,7 +33,7 @@ from ..._io import atomic_write_bytes, atomic_write_json
 
 __all__ = ["RunStore", "tensor_digest", "Spec"]
 
-_FORMAT = "prunekit.methods.lottery.run"
+_FORMAT = "prunekit.lottery.run"  # a file format marker: unchanged when the package moved
 _VERSION = 1
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (shape, dtype)
 _METRICS_KEYS = ("round", "config_hash", "files", "remaining", "early_stop_iteration", "early_stop")

@@ -28,7 +28,8 @@ Example:
 
 from .flow import Flow, GraphError
 from .gradual import StructuredPruner
-from .graph import Context, DependencyGraph, build_graph
+from .graph import Context, DependencyGraph
+from .trace import build_graph
 from .groups import Group, find_groups, param_masks
 from .importance import group_scores
 from .macs import count_macs, count_params

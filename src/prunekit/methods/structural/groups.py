@@ -51,7 +51,7 @@ def find_groups(graph: DependencyGraph) -> list[Group]:
     """Every prunable group of ``graph`` (frozen units are left out), in model order.
 
     Example:
-        >>> from prunekit.methods.structural.graph import build_graph
+        >>> from prunekit.methods.structural.trace import build_graph
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
         >>> [g.describe() for g in find_groups(build_graph(net, torch.randn(1, 4)))]
         ['0.weight[0]: 6 units over 0.weight[0], 0.bias[0], 2.weight[1]']

@@ -10,7 +10,7 @@ it on the meta device: if some size cannot be expressed (GPT-2, BERT and ViT
 derive ``head_dim = hidden_size // num_attention_heads``, so fewer heads with
 the same hidden size cannot be described; or layers differ), the config keeps
 what it can express and a note says to reload with
-:func:`~prunekit.methods.structural.apply_shapes`.
+:func:`~prunekit.apply_shapes`.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def _sync_config(model: nn.Module, config: Any, attention: list[tuple[int, int |
 
 
 _RELOAD = ("save_pretrained/from_pretrained will not round-trip. Reload with "
-           "prunekit.methods.structural.apply_shapes(ModelClass(config), report.shapes), then load the weights")
+           "prunekit.apply_shapes(ModelClass(config), report.shapes), then load the weights")
 _EPS_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_eps", "rms_norm_epsilon")
 _SIZE_ATTRS = ("hidden_size", "embed_dim", "d_model", "n_embd")
 _HEAD_KEYS = ("num_attention_heads", "head_dim", "num_key_value_heads")
@@ -253,7 +253,7 @@ def _apply_config(model: nn.Module, config: Any, changes: dict[str, Any]) -> lis
            f"{changes} (a model that derives head_dim = hidden_size // num_attention_heads cannot describe fewer "
            "heads of the same size)")
     return [f"{type(model).__name__}.config cannot express the pruned sizes: {why}; save_pretrained/from_pretrained "
-            "will not round-trip. Reload with prunekit.methods.structural.apply_shapes(ModelClass(config), report.shapes), "
+            "will not round-trip. Reload with prunekit.apply_shapes(ModelClass(config), report.shapes), "
             "then load the weights"]
 
 
@@ -264,7 +264,7 @@ def _hidden_note(model: nn.Module, changes: dict[str, Any], tried: dict[str, Any
     why = _mismatch(model, trial) or "it does not build"
     return (f"{type(model).__name__}.config keeps hidden_size={model.config.hidden_size}: a model built with "
             f"hidden_size={changes['hidden_size']} would differ ({why}); save_pretrained/from_pretrained will not "
-            "round-trip. Reload with prunekit.methods.structural.apply_shapes(ModelClass(config), report.shapes), then load "
+            "round-trip. Reload with prunekit.apply_shapes(ModelClass(config), report.shapes), then load "
             "the weights")
 
 

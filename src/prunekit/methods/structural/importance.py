@@ -55,7 +55,7 @@ def group_scores(model: nn.Module, group: Group, method: Importance = "l2", redu
     """One score per unit of ``group`` (higher = keep).
 
     Example:
-        >>> from prunekit.methods.structural.graph import build_graph
+        >>> from prunekit.methods.structural.trace import build_graph
         >>> from prunekit.methods.structural.groups import find_groups
         >>> net = nn.Sequential(nn.Linear(2, 3, bias=False), nn.Linear(3, 1, bias=False))
         >>> with torch.no_grad():

@@ -98,10 +98,10 @@ class Capture:
             "pass the enclosing module in ignore="
         if any(True for _ in module.parameters(recurse=False)):
             raise GraphError(f"cannot prune through '{path}' ({kind}): register surgery with "
-                             f"prunekit.methods.structural.register_surgery({kind}, couple, rebuild), or {skip} "
+                             f"prunekit.register_surgery({kind}, couple, rebuild), or {skip} "
                              f"({op_name(func)}: {message})")
         raise GraphError(f"cannot prune through {op_name(func)} in {self.where()}: {message}; wrap it in a layer "
-                         f"and register surgery with prunekit.methods.structural.register_surgery(Layer, couple, rebuild), "
+                         f"and register surgery with prunekit.register_surgery(Layer, couple, rebuild), "
                          f"or {skip}")
 
     def release(self, flows: Any) -> None:

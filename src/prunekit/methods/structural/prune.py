@@ -13,7 +13,8 @@ from torch import nn
 from ..._validate import check_choice, check_int, check_sparsity
 from ...core.granularity import lowest_k, prune_count
 from .flow import GraphError
-from .graph import DependencyGraph, build_graph, call_model
+from .graph import DependencyGraph, call_model
+from .trace import build_graph
 from .groups import Group, find_groups, kept_indices, param_masks
 from .hf import input_embeddings, sync_transformers
 from .importance import METHODS, Importance, group_scores
