@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from core_helpers import LAYER_CASES, LayerCase
 
 import prunekit.core.scope as _scope
-from core_helpers import LAYER_CASES, LayerCase
 
 
 @pytest.fixture(autouse=True)

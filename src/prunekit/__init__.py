@@ -10,18 +10,17 @@ Example:
 """
 
 from .core.criteria import Criterion, Magnitude, Precomputed, Random, ScoreContext
-from .methods.obd import OBD, Taylor
-from .formats import FormatError, export_onnx, load, quantize_int8, save, size_summary
 from .core.granularity import NM, Blocks, Channels, Granularity, Unstructured
-from .methods.iterative import iterative_prune, round_sparsities
-from .core.layerspec import WeightSpec, weight_spec
+from .core.layerspec import WeightSpec, prunable_parameter_names, register_prunable, weight_spec
 from .core.masks import MaskKeeper, strip
 from .core.pruner import Pruner
 from .core.report import LayerSparsity, SparsityReport, sparsity_report
-from .runtime import AccelerationReport, SparseConv2d, SparseLinear, accelerate
 from .core.schedules import ConstantSparsity, PolynomialDecay, Schedule, schedule_from_dict
-from .core.layerspec import prunable_parameter_names, register_prunable
+from .formats import FormatError, export_onnx, load, quantize_int8, save, size_summary
+from .methods.iterative import iterative_prune, round_sparsities
+from .methods.obd import OBD, Taylor
 from .methods.structural import StructuredPruner, apply_shapes, prune_channels, register_surgery
+from .runtime import AccelerationReport, SparseConv2d, SparseLinear, accelerate
 
 __version__ = "0.1.0"
 

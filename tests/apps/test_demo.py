@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from prunekit.training.data import load_mnist5k
 from prunekit.apps.demo import FULL, QUICK, demo_schedule, run_demo
 from prunekit.apps.models import LeNet5
 from prunekit.core.schedules import PolynomialDecay, schedule_from_dict
+from prunekit.training.data import load_mnist5k
 from prunekit.training.loop import evaluate
 
 WEIGHTS = ("conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight", "fc3.weight")

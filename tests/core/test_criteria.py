@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from core_helpers import reference_keep
 from torch import nn
 
-from core_helpers import reference_keep
 from prunekit import ConstantSparsity, Criterion, Magnitude, Pruner, Random, ScoreContext
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -17,11 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import engine_worker as w
 import pytest
 import torch
 from torch import nn
 
-import engine_worker as w
 import prunekit
 from prunekit._io import TEMP_MARK
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from core_helpers import reference_keep
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core_helpers import reference_keep
 from prunekit.core.granularity import Granularity, Unstructured, lowest_k, prune_count, rank_units
 
 pytestmark = pytest.mark.usefixtures("single_thread")

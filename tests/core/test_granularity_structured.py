@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from core_helpers import reference_keep
 from torch import nn
 
 import prunekit
-from core_helpers import reference_keep
-from prunekit import Blocks, ConstantSparsity, NM, Pruner
+from prunekit import NM, Blocks, ConstantSparsity, Pruner
 from prunekit.core.granularity import rank_units
 
 pytestmark = pytest.mark.usefixtures("single_thread")

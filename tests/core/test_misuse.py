@@ -16,9 +16,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunekit import Pruner, sparsity_report, strip
+from prunekit.core.criteria import Magnitude
 from prunekit.methods.iterative import iterative_prune
 from prunekit.methods.lottery.masks import Targets, rank_masks
-from prunekit.core.criteria import Magnitude
 from prunekit.methods.obd import Taylor
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -8,11 +8,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from core_helpers import LAYER_CASES, reference_keep
 from torch import nn
 
-from core_helpers import LAYER_CASES, reference_keep
-from prunekit import (ConstantSparsity, Granularity, Magnitude, PolynomialDecay, Pruner, Unstructured,
-                      register_prunable, strip)
+from prunekit import (
+    ConstantSparsity,
+    Granularity,
+    Magnitude,
+    PolynomialDecay,
+    Pruner,
+    Unstructured,
+    register_prunable,
+    strip,
+)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN:UserWarning"),

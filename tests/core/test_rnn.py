@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.formats import export_onnx, load, save
 from prunekit.apps.models import RowLSTM
+from prunekit.formats import export_onnx, load, save
 
 KINDS = {"lstm": nn.LSTM, "gru": nn.GRU}
 CASES = list(itertools.product(KINDS, (False, True), (1, 2)))

@@ -12,8 +12,8 @@ from torch import nn
 import prunekit
 import prunekit.formats as pf
 from prunekit.formats import codecs
-from prunekit.formats.encoding import _layouts, encode
 from prunekit.formats.dtypes import by_torch, nonzero_mask, to_numpy
+from prunekit.formats.encoding import _layouts, encode
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
           torch.int8, torch.uint8, torch.bool]

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.training.data import load_digits
 from prunekit.apps.models import LeNet300100
+from prunekit.training.data import load_digits
 from prunekit.training.loop import evaluate, train
 
 

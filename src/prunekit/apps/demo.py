@@ -31,14 +31,14 @@ from torch import nn
 from .._io import atomic_write_bytes, atomic_write_json
 from .._repro import seeded
 from .._validate import check_int
-from ..training.data import load_mnist5k
-from ..formats import dumps, export_onnx, loads
-from .models import LeNet5
 from ..core.pruner import Pruner, strip
 from ..core.report import SparsityReport, sparsity_report
-from ..runtime import accelerate
 from ..core.schedules import PolynomialDecay
+from ..formats import dumps, export_onnx, loads
+from ..runtime import accelerate
+from ..training.data import load_mnist5k
 from ..training.loop import evaluate, train
+from .models import LeNet5
 
 __all__ = ["DemoConfig", "FULL", "QUICK", "run_demo", "demo_schedule", "format_table", "demo_command"]
 

@@ -28,9 +28,15 @@ from typing import Any, Callable, Mapping, Sequence, Union
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .layerspec import _REGISTRY  # noqa: F401 - the one layer registry, also reachable as scope._REGISTRY
-from .layerspec import (DEFAULT_SPEC, POSITION_MODULES, WeightSpec, declared_specs, prunable_parameter_names,
-                        register_prunable)
+from .layerspec import (
+    _REGISTRY,  # noqa: F401 - the one layer registry, also reachable as scope._REGISTRY
+    DEFAULT_SPEC,
+    POSITION_MODULES,
+    WeightSpec,
+    declared_specs,
+    prunable_parameter_names,
+    register_prunable,
+)
 
 __all__ = [
     "register_prunable",

@@ -26,6 +26,7 @@ from torch import nn
 
 from .._hf import cache_disabled
 from .._io import atomic_write_bytes
+from .._modes import in_mode
 
 __all__ = ["OnnxExport", "export_onnx"]
 
@@ -103,18 +104,12 @@ def export_onnx(
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx: model must be an nn.Module, got {type(model).__name__}")
     inputs, names = _as_inputs(example_input)
-    modes = {m: m.training for m in model.modules()}  # each module's own flag, not the root's broadcast
-    model.eval()
-    try:
-        with cache_disabled(model):
-            _refuse_caches(model, inputs, names)
-            data = _export(model, inputs, names, opset, dynamic_batch)
-            if quantize_dynamic:
-                data = _quantize(data)
-            error = _check(model, inputs, data, names) if check else None
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with in_mode(model, training=False), cache_disabled(model):
+        _refuse_caches(model, inputs, names)
+        data = _export(model, inputs, names, opset, dynamic_batch)
+        if quantize_dynamic:
+            data = _quantize(data)
+        error = _check(model, inputs, data, names) if check else None
     if error is not None and not quantize_dynamic and error > rtol:
         raise RuntimeError(f"export_onnx: onnxruntime output differs from torch by {error:.2e} (relative), "
                            f"more than rtol={rtol:g}; nothing written")

@@ -32,7 +32,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-
 from torch import nn
 
 from .._io import atomic_open, remove_stale_temps

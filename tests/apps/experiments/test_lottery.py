@@ -80,10 +80,10 @@ def test_parallel_workers_give_the_same_numbers(quick, tmp_path):
 
 
 def test_full_setup_reaches_about_two_percent_of_the_weights():
+    from prunekit.apps.models import LeNet300100
+    from prunekit.core.granularity import prune_count
     from prunekit.methods.lottery import imp_targets
     from prunekit.methods.lottery.masks import pruned_names
-    from prunekit.core.granularity import prune_count
-    from prunekit.apps.models import LeNet300100
 
     model = LeNet300100()
     config = FULL.config(seed=0)

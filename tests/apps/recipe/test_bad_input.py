@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from recipe_helpers import FINAL_ARTIFACTS, TINY, merged, write_recipe
 
 from prunekit.apps.cli import main
-from recipe_helpers import FINAL_ARTIFACTS, TINY, merged, write_recipe
 
 CASES = [
     ("invalid field", dict(training={"epochs": -1}), "recipe.training.epochs: must be a positive integer, got -1"),

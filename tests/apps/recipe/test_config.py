@@ -6,11 +6,11 @@ import re
 
 import pytest
 import yaml
+from recipe_helpers import EXAMPLES, TINY, merged, write_recipe
 
 from prunekit import NM, Blocks, Channels, PolynomialDecay, Unstructured
 from prunekit.apps.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 from prunekit.apps.recipe.build import build_granularity
-from recipe_helpers import EXAMPLES, TINY, merged, write_recipe
 
 BAD = [
     ("negative epochs", dict(training={"epochs": -1}), "recipe.training.epochs: must be a positive integer, got -1"),

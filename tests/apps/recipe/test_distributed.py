@@ -14,11 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ddp_worker
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import ddp_worker
 from prunekit.core.distributed import distributed_world_size, sync_keeps
 
 WORKER = Path(__file__).with_name("ddp_worker.py")

@@ -12,15 +12,15 @@ import sys
 import textwrap
 
 import pytest
+import recipe_models
+from recipe_helpers import TINY, merged, write_recipe
 from torch import nn
 
-import recipe_models
 from prunekit.apps.cli import main
 from prunekit.apps.recipe import ENTRY_POINT_GROUP, RecipeError, model_factory, register_model_factory
 from prunekit.apps.recipe.build import build_model
 from prunekit.apps.recipe.config import ModelConfig
 from prunekit.apps.recipe.factories import is_model_factory, resolve_factory
-from recipe_helpers import TINY, merged, write_recipe
 
 REFUSED = [
     # (factory, what the message says it is)

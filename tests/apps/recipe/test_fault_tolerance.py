@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from recipe_helpers import FINAL_ARTIFACTS, write_recipe
 from safetensors.torch import load_file, save_file
 
 from prunekit._io import temp_prefix
 from prunekit.apps.recipe import parse_recipe, run_recipe
 from prunekit.training.checkpoint import load_checkpoint
-from recipe_helpers import FINAL_ARTIFACTS, write_recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -8,19 +8,19 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
-from torch import nn
+from recipe_helpers import EXAMPLES, TINY, merged, write_recipe
 from safetensors.torch import load_file
+from torch import nn
 
 import prunekit
 from prunekit._repro import seeded
 from prunekit.apps.cli import main
-from prunekit.apps.models import LeNet300100
-from prunekit.training.loop import epoch_seed, train
 from prunekit.apps.demo import QUICK, demo_schedule, run_demo
+from prunekit.apps.models import LeNet300100
 from prunekit.apps.recipe import load_recipe, parse_recipe, run_recipe
 from prunekit.apps.recipe.build import load_data
 from prunekit.apps.recipe.stages import STAGES, load_final_model
-from recipe_helpers import EXAMPLES, TINY, merged, write_recipe
+from prunekit.training.loop import epoch_seed, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -12,12 +12,11 @@ import sys
 
 import pytest
 import yaml
+from recipe_helpers import TINY, write_recipe
 
 from prunekit.apps.cli import main
-from prunekit.apps.recipe import RecipeError, load_recipe
-from prunekit.apps.recipe import safe_yaml
+from prunekit.apps.recipe import RecipeError, load_recipe, safe_yaml
 from prunekit.apps.recipe.safe_yaml import MAX_DEPTH, MAX_NODES, RecipeYAMLError, load_yaml
-from recipe_helpers import TINY, write_recipe
 
 TINY_YAML = yaml.safe_dump(TINY, sort_keys=False)
 

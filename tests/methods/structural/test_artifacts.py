@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
+from structural_zoo import ZOO, build, rel_err
 
 import prunekit
 from prunekit.methods.structural import apply_shapes, prune_channels
-from structural_zoo import ZOO, build, rel_err
 
 
 @pytest.mark.parametrize("name", list(ZOO))

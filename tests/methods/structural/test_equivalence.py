@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from structural_zoo import ZOO, build, reference_macs, rel_err
 from torch import nn
 
 from prunekit.methods.structural import build_graph, find_groups, param_masks, prune_channels, select_units
 from prunekit.methods.structural.prune import score_groups
-from structural_zoo import ZOO, build, reference_macs, rel_err
 
 CASES = [(name, seed, sparsity, importance)
          for name in ZOO

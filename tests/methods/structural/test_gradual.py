@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from structural_zoo import build, rel_err
 from torch import nn
 
 from prunekit import PolynomialDecay
 from prunekit.methods.structural import StructuredPruner
-from structural_zoo import build, rel_err
 
 
 def _unit_state(pruner: StructuredPruner) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from structural_zoo import build
 from torch import nn
 
 from prunekit.methods.structural import build_graph, find_groups
-from structural_zoo import build
 
 
 def _groups(name: str) -> dict[str, set[str]]:

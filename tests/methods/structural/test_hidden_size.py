@@ -13,13 +13,20 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
-from prunekit.methods.structural import apply_shapes, build_graph, find_groups, param_masks, prune_channels, select_units
-from prunekit.methods.structural.prune import score_groups
-from prunekit.methods.structural.rmsnorm import RMSNormInfo, rms_norm_info, rms_surgery
 from real_zoo import VOCAB, logits, randomize
 from structural_zoo import rel_err
+from torch import nn
+
+from prunekit.methods.structural import (
+    apply_shapes,
+    build_graph,
+    find_groups,
+    param_masks,
+    prune_channels,
+    select_units,
+)
+from prunekit.methods.structural.prune import score_groups
+from prunekit.methods.structural.rmsnorm import RMSNormInfo, rms_norm_info, rms_surgery
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from structural_zoo import rel_err
 from torch import nn
 
 from prunekit.methods.structural import PrunedMultiheadAttention, count_macs
-from structural_zoo import rel_err
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

@@ -6,11 +6,17 @@ import copy
 
 import pytest
 import torch
+from structural_zoo import build, rel_err
 from torch import nn
 
-from prunekit.methods.structural import (GraphError, build_graph, find_groups, prune_channels, register_surgery,
-                                 slice_state)
-from structural_zoo import build, rel_err
+from prunekit.methods.structural import (
+    GraphError,
+    build_graph,
+    find_groups,
+    prune_channels,
+    register_surgery,
+    slice_state,
+)
 
 
 @pytest.mark.parametrize("name", ["resnet", "mobilenet", "transformer", "lstm"])

@@ -11,13 +11,20 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-
-from prunekit.methods.structural import (GraphError, apply_shapes, build_graph, find_groups, param_masks, prune_channels,
-                                 select_units)
-from prunekit.methods.structural.prune import score_groups
 from real_zoo import TORCH_MODELS, SamePadConv2d, logits, make_input, randomize
 from structural_zoo import rel_err
+from torch import nn
+
+from prunekit.methods.structural import (
+    GraphError,
+    apply_shapes,
+    build_graph,
+    find_groups,
+    param_masks,
+    prune_channels,
+    select_units,
+)
+from prunekit.methods.structural.prune import score_groups
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

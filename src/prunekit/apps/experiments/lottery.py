@@ -39,14 +39,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from . import write_run_files
 from ..._io import atomic_open
 from ..._progress import progress_bar
 from ..._validate import check_int
-from ...training.data import load_mnist5k
 from ...methods.lottery import LotteryConfig, LotteryData, RoundResult, TrainSpec, run_control, run_lottery
 from ...methods.lottery.train import TrainOutcome, train_early_stopping
+from ...training.data import load_mnist5k
 from ..models import LeNet300100
+from . import write_run_files
 
 __all__ = ["Setup", "FULL", "QUICK", "CONDITIONS", "run"]
 

@@ -34,19 +34,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import check_run_args, write_run_files
-from ...methods import hessian
 from ..._io import atomic_open
 from ..._progress import progress_bar
 from ..._repro import seeded
 from ...core.criteria import Criterion, Magnitude, Precomputed, Random, ScoreContext
-from ...methods.obd import OBD, Taylor
-from ...training.data import load_mnist5k
-from ...methods.iterative import iterative_prune
-from ..models import LeNet300100
 from ...core.pruner import Pruner
 from ...core.scope import resolve_scope
+from ...methods import hessian
+from ...methods.iterative import iterative_prune
+from ...methods.obd import OBD, Taylor
+from ...training.data import load_mnist5k
 from ...training.loop import epoch_seed, evaluate, train
+from ..models import LeNet300100
+from . import check_run_args, write_run_files
 
 __all__ = ["Config", "FULL", "QUICK", "CRITERIA", "run"]
 

@@ -48,12 +48,13 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from . import check_run_args, write_run_files
 from ..._io import atomic_open
+from ..._modes import in_mode
 from ..._progress import progress_bar, resolve_progress
 from ..._repro import seeded
 from ..._validate import check_int
 from ...methods.oneshot import METHODS, prune_oneshot
+from . import check_run_args, write_run_files
 
 __all__ = ["Config", "FULL", "QUICK", "LEVELS", "SPLITS", "load_minilm", "model_dir", "sentence_split", "embed",
            "fidelity", "run"]
@@ -217,17 +218,15 @@ def embed(model: torch.nn.Module, tokenizer: Any, sentences: Sequence[str], batc
     batch_size = check_int("embed", "batch_size", batch_size, minimum=1)
     if isinstance(sentences, str) or not sentences:
         raise ValueError("embed: sentences must be a non-empty list of strings")
-    was_training = model.training
-    model.eval()
     out = []
-    for i in range(0, len(sentences), batch_size):
-        batch = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
-                          max_length=MAX_LENGTH, return_tensors="pt")
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        out.append(torch.nn.functional.normalize(pooled, dim=1))
-    model.train(was_training)
+    with in_mode(model, training=False):
+        for i in range(0, len(sentences), batch_size):
+            batch = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
+                              max_length=MAX_LENGTH, return_tensors="pt")
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=1))
     return torch.cat(out)
 
 

@@ -49,18 +49,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import check_run_args, write_run_files
 from ..._io import atomic_open
 from ..._progress import progress_bar
 from ..._repro import seeded
-from ...training.data import load_mnist5k
-from ...formats import load, save
-from ..models import LeNet5, LeNet300100, RowLSTM
 from ...core.pruner import Pruner, strip
-from ...runtime import accelerate
 from ...core.schedules import PolynomialDecay
 from ...core.scope import resolve_scope
+from ...formats import load, save
+from ...runtime import accelerate
+from ...training.data import load_mnist5k
 from ...training.loop import epoch_seed, evaluate, train
+from ..models import LeNet5, LeNet300100, RowLSTM
+from . import check_run_args, write_run_files
 
 __all__ = ["Config", "Family", "FAMILIES", "FULL", "QUICK", "NOT_AVAILABLE", "format_table", "make_schedule",
            "latency_cell", "measured_sparsity", "median_ms", "run", "write_outputs"]

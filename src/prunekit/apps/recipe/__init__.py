@@ -15,8 +15,19 @@ Example:
     >>> result = run_recipe("examples/demo.yaml", "runs")  # doctest: +SKIP
 """
 
-from .config import (CriterionConfig, DataConfig, ExportConfig, GranularityConfig, ModelConfig, Recipe, RecipeError,
-                     ScopeConfig, TrainingConfig, load_recipe, parse_recipe)
+from .config import (
+                     CriterionConfig,
+                     DataConfig,
+                     ExportConfig,
+                     GranularityConfig,
+                     ModelConfig,
+                     Recipe,
+                     RecipeError,
+                     ScopeConfig,
+                     TrainingConfig,
+                     load_recipe,
+                     parse_recipe,
+)
 from .factories import ENTRY_POINT_GROUP, model_factory, register_model_factory
 from .run import RunResult, resolve_run, run_dir_for, run_recipe
 

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._modes import in_mode
 from ...core.criteria import Criterion, Magnitude, Random
+from ...core.granularity import NM, Blocks, Channels, Granularity, Unstructured
 from ...methods.obd import OBD, Taylor
 from ...training.data import load_digits, load_mnist5k
-from ...core.granularity import NM, Blocks, Channels, Granularity, Unstructured
 from .config import CriterionConfig, DataConfig, GranularityConfig, ModelConfig, Recipe, RecipeError, TrainingConfig
 from .factories import resolve_factory
 
@@ -74,17 +75,13 @@ def check_compatible(model: nn.Module, data: Data) -> None:
         >>> check_compatible(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), d)
     """
     x = data.X_train[:2]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with in_mode(model, training=False), torch.no_grad():
             out = model(x)
     except (RuntimeError, ValueError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RecipeError(f"recipe.data: the model cannot take inputs of shape {tuple(x.shape)} from "
                           f"{type(model).__name__} ({first})") from None
-    finally:
-        model.train(was_training)
     classes = int(data.y_train.max()) + 1
     if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == len(x) and out.shape[1] >= classes):
         raise RecipeError(f"recipe.model: outputs of shape {tuple(getattr(out, 'shape', ()))} for inputs "

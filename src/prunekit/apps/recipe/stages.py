@@ -27,12 +27,12 @@ from torch import nn
 
 from ..._io import atomic_write_bytes, atomic_write_json
 from ..._repro import seeded
-from ...formats import dumps, export_onnx, loads
 from ...core.pruner import Pruner, strip
 from ...core.report import sparsity_report
+from ...formats import dumps, export_onnx, loads
+from ...training.checkpoint import state_tensors
 from ...training.loop import epoch_seed, evaluate
 from .build import Data, build_model, build_optimizer, build_pruner_kwargs
-from ...training.checkpoint import state_tensors
 from .config import Recipe
 from .loop import Phase, run_phase
 

@@ -27,7 +27,7 @@ from .data import LotteryData
 from .imp import RoundResult, derive_seed, init_weights, run_lottery
 from .masks import Targets, imp_targets, kept_counts, pruned_names, random_masks_like, rank_masks
 from .store import RunStore, tensor_digest
-from .train import TrainOutcome, Trainer, train_early_stopping, train_masked
+from .train import Trainer, TrainOutcome, train_early_stopping, train_masked
 
 __all__ = [
     "CONTROLS",

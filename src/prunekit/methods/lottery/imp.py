@@ -16,7 +16,7 @@ from .config import LotteryConfig
 from .data import LotteryData
 from .masks import Masks, Targets, check_counts, full_masks, imp_targets, kept_counts, pruned_names, rank_masks
 from .store import RunStore, Spec, spec_of, tensor_digest
-from .train import TrainOutcome, Trainer, snapshot, train_masked
+from .train import Trainer, TrainOutcome, snapshot, train_masked
 
 __all__ = ["RoundResult", "run_lottery", "init_weights", "derive_seed", "RunContext", "open_run"]
 

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..._hf import cache_disabled
 from ..._modes import in_mode
 from ..._progress import progress_bar, resolve_progress
 from ..._validate import check_choice
 from .blocks import BlockFeeder, Inputs, resolve_blocks
-from ..._hf import cache_disabled
 from .calibration import call_model, gather_grams, to_device
 from .layers import Layer, UnsupportedLayer
 from .select import Selection, globs, select_layers

@@ -29,7 +29,6 @@ Example:
 from .flow import Flow, GraphError
 from .gradual import StructuredPruner
 from .graph import Context, DependencyGraph
-from .trace import build_graph
 from .groups import Group, find_groups, param_masks
 from .importance import group_scores
 from .macs import count_macs, count_params
@@ -37,6 +36,7 @@ from .prune import GroupResult, StructuralReport, prune_channels, select_units
 from .recurrent import PrunedMultiheadAttention
 from .registry import register_surgery, slice_state
 from .surgery import apply_shapes
+from .trace import build_graph
 
 __all__ = [
     "Context",

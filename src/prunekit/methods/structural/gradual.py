@@ -21,10 +21,10 @@ from ..._validate import check_choice, check_int, check_sparsity
 from ...core.distributed import sync_keeps
 from ...core.masks import MaskKeeper, check_unowned
 from ...core.schedules import ConstantSparsity, Schedule
-from .trace import build_graph
 from .groups import find_groups, param_masks
 from .importance import Importance, group_scores
 from .prune import StructuralReport, _check_importance, remove, select_units
+from .trace import build_graph
 
 __all__ = ["StructuredPruner"]
 

@@ -10,13 +10,13 @@ and hidden products per step, layer and direction). Everything else
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
-
 import sys
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from ..._modes import in_mode
 from .graph import call_model
 
 __all__ = ["count_macs", "count_params"]
@@ -81,13 +81,10 @@ def count_macs(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Te
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention, nn.LSTM)) or _is_conv1d(m)]
-    was_training = model.training
-    model.eval()  # running statistics must not move
     try:
-        with torch.no_grad():
+        with in_mode(model, training=False), torch.no_grad():  # running statistics must not move
             call_model(model, example_input)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return total[0]

@@ -10,16 +10,17 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from ..._modes import in_mode
 from ..._validate import check_choice, check_int, check_sparsity
 from ...core.granularity import lowest_k, prune_count
 from .flow import GraphError
 from .graph import DependencyGraph, call_model
-from .trace import build_graph
 from .groups import Group, find_groups, kept_indices, param_masks
 from .hf import input_embeddings, sync_transformers
 from .importance import METHODS, Importance, group_scores
 from .macs import count_macs, count_params
 from .surgery import Shapes, shrink
+from .trace import build_graph
 
 __all__ = ["GroupResult", "StructuralReport", "prune_channels", "select_units", "score_groups"]
 
@@ -278,13 +279,8 @@ def _follow_sizes(module: nn.Module, leaf: str, weight: torch.Tensor) -> None:
 
 
 def _outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = call_model(model, example_input)
-    finally:
-        model.train(was_training)
+    with in_mode(model, training=False), torch.no_grad():
+        out = call_model(model, example_input)
     leaves: list[torch.Tensor] = []
     _tensor_leaves(out, leaves)
     return leaves

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..._modes import in_mode
 from .graph import DependencyGraph, call_model, check_example_input
 from .propagate import Capture
 
@@ -68,15 +69,12 @@ def build_graph(model: nn.Module, example_input: Any, ignore: Iterable[str | typ
     capture = Capture(graph, ignore)
     if hidden:
         graph.surgeries = capture.rms_surgeries()
-    was_training = model.training
-    model.eval()  # running statistics must not move
     handles = capture.install()
     try:
-        with torch.no_grad(), _Recorder(capture):
+        with in_mode(model, training=False), torch.no_grad(), _Recorder(capture):  # running statistics must not move
             output = call_model(model, example_input)
         capture.finish(output)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return graph
