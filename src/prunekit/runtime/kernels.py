@@ -53,10 +53,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "spmm_t", "spmm", "spmm_rows", "row_blocks", "spmm_nm", "nm_pack"]
+__all__ = ["available", "library", "spmm_t", "spmm", "spmm_rows", "row_blocks", "spmm_nm", "nm_pack"]
 
-# The C source is a real file of the package (csrc/spmm.c), compiled at first use (see _build).
-_SOURCE = (Path(__file__).parent / "csrc" / "spmm.c").read_text(encoding="utf-8")
+# The C sources are real files of the package (csrc/*.c), compiled together at first use into one
+# library (see _build): spmm.c holds the fp32 kernels, the other files add their own functions to it.
+_SOURCES = {path.name: path.read_text(encoding="utf-8")
+            for path in sorted((Path(__file__).parent / "csrc").glob("*.c"))}
 
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=c11",
           "-fno-fast-math"]
@@ -109,7 +111,8 @@ def _build() -> Path:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RuntimeError(f"C compiler {cc} does not run: {exc}") from exc
-    key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, cc, version, _cpu_id(), platform.machine()]).encode()
+    parts = [f"{name}\0{text}" for name, text in _SOURCES.items()]
+    key = hashlib.sha256("\0".join([*parts, *_FLAGS, cc, version, _cpu_id(), platform.machine()]).encode()
                          ).hexdigest()[:16]
     cache = _cache_dir()
     lib = cache / f"prunekit_spmm_{key}.so"
@@ -117,12 +120,14 @@ def _build() -> Path:
         return lib
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as tmp:
-        src = Path(tmp) / "spmm.c"
-        src.write_text(_SOURCE)
+        sources = []
+        for name, text in _SOURCES.items():
+            sources.append(Path(tmp) / name)
+            sources[-1].write_text(text)
         out = Path(tmp) / "spmm.so"
         try:
-            proc = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True,
-                                  timeout=120)
+            proc = subprocess.run([cc, *_FLAGS, *map(str, sources), "-o", str(out)], capture_output=True,
+                                  text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise RuntimeError(f"compiling the kernel failed: {exc}") from exc
         if proc.returncode != 0:
@@ -369,6 +374,18 @@ def _get() -> tuple[bool, str, object]:
                     except Exception as exc:  # any failure means: not available, with the reason
                         _state = (False, f"{type(exc).__name__}: {str(exc)[:200]}", None)
     return _state
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library (every ``csrc/*.c`` compiled together), or ``None`` where it is not available.
+
+    Other runtime modules bind their own functions from it with ``ctypes``.
+
+    Example:
+        >>> lib = library()  # doctest: +SKIP
+    """
+    ok, _, fn = _get()
+    return fn._lib if ok else None
 
 
 def available() -> tuple[bool, str]:
