@@ -7,7 +7,11 @@ from typing import Any
 
 from .modules import FORMATS
 
-__all__ = ["AccelerationReport", "LayerChoice"]
+__all__ = ["AccelerationReport", "LayerChoice", "INT8_CANDIDATES"]
+
+# Candidate names of the int8 executions (:class:`prunekit.runtime.int8.Int8Linear` formats, prefixed).
+INT8_CANDIDATES = ("int8-dense", "int8-csr", "int8-nm", "int8-rows")
+_ORDER = FORMATS + INT8_CANDIDATES
 
 
 @dataclass
@@ -20,7 +24,8 @@ class LayerChoice:
             ``in_features`` is ``in_channels * kh * kw``).
         input_shape: shape of the layer's input during ``example_input`` (``None`` if never called).
         sparsity: fraction of exact zeros in the weight.
-        format: one of :data:`prunekit.runtime.modules.FORMATS` — what the accelerated model runs.
+        format: one of :data:`prunekit.runtime.modules.FORMATS`, or with ``quantize="int8"`` one of
+            :data:`INT8_CANDIDATES` (``Int8Linear`` in that format) — what the accelerated model runs.
         blocksize: BSR block edge when ``format == "bsr"``, rows per block when
             ``format == "prunekit-rows"``, else ``None``.
         pattern: ``"n:m"`` when ``format == "prunekit-nm"``, else ``None``.
@@ -28,6 +33,9 @@ class LayerChoice:
         notes: why candidates were skipped (below ``min_sparsity``, not blocky, unavailable, a subclass
             whose own forward is not reproduced, ...).
         kind: the layer's class name (``"Linear"``, ``"Conv2d"``, ``"Conv1D"``, a subclass's name).
+        precision: ``"fp32"`` or ``"int8"``: the arithmetic of the chosen format.
+        int8_errors: per int8 candidate, its ``max|y - y_fp32| / max|y_fp32|`` against the fp32 layer on the
+            captured input (empty without ``quantize="int8"``).
     """
 
     name: str
@@ -41,6 +49,8 @@ class LayerChoice:
     timings_ms: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     kind: str = "Linear"
+    precision: str = "fp32"
+    int8_errors: dict[str, float] = field(default_factory=dict)
 
     @property
     def speedup(self) -> float | None:
@@ -61,6 +71,14 @@ class AccelerationReport:
         repeats: timed calls per candidate.
         threads: ``torch.get_num_threads()`` during timing.
         notes: model-wide notes (e.g. sparse formats unavailable on this platform).
+        quantize: ``None`` or ``"int8"``, as passed to :func:`~prunekit.accelerate`.
+        activations: how int8 layers quantize their input (``"dynamic per-token"``, ``"static (N calibration
+            inputs)"``), ``None`` without ``quantize``.
+        calibration_relative_error: the largest end-to-end ``max|y - y_fp32| / max|y_fp32|`` over the
+            calibration inputs (``None`` without calibration).
+        top1_agreement: for classifier outputs (a 2-D tensor, or ``logits`` of one), the fraction of rows whose
+            argmax equals the fp32 model's, over the calibration inputs (else ``example_input``); ``None`` for
+            other outputs.
     """
 
     layers: list[LayerChoice]
@@ -68,11 +86,20 @@ class AccelerationReport:
     repeats: int
     threads: int
     notes: list[str] = field(default_factory=list)
+    quantize: str | None = None
+    activations: str | None = None
+    calibration_relative_error: float | None = None
+    top1_agreement: float | None = None
 
     @property
     def choices(self) -> dict[str, str]:
         """``{layer name: format}``."""
         return {layer.name: layer.format for layer in self.layers}
+
+    @property
+    def precisions(self) -> dict[str, str]:
+        """``{layer name: "fp32" | "int8"}``."""
+        return {layer.name: layer.precision for layer in self.layers}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serializable dict."""
@@ -85,21 +112,36 @@ class AccelerationReport:
     def table(self) -> str:
         """Markdown table, one row per layer."""
         formats = sorted({f for layer in self.layers for f in layer.timings_ms},
-                         key=lambda f: FORMATS.index(f) if f in FORMATS else len(FORMATS))
-        head = ["layer", "shape", "input", "sparsity", "chosen", *[f"{f} ms" for f in formats], "speedup", "notes"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 5 + ["---:"] * (len(head) - 6) + ["---"]) + "|"]
+                         key=lambda f: _ORDER.index(f) if f in _ORDER else len(_ORDER))
+        head = ["layer", "shape", "input", "sparsity", "chosen", "precision", *[f"{f} ms" for f in formats],
+                "speedup", "notes"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 6 + ["---:"] * (len(head) - 7) + ["---"]) + "|"]
         for layer in self.layers:
             chosen = layer.format + _block_label(layer)
             times = [f"{layer.timings_ms[f]:.4f}" if f in layer.timings_ms else "–" for f in formats]
             speed = f"{layer.speedup:.2f}×" if layer.speedup is not None else "–"
             shape = f"{layer.out_features}×{layer.in_features}"
             inp = "–" if layer.input_shape is None else "×".join(map(str, layer.input_shape))
-            lines.append("| " + " | ".join([layer.name, shape, inp, f"{layer.sparsity:.1%}", chosen, *times, speed,
-                                             "; ".join(layer.notes)]) + " |")
+            lines.append("| " + " | ".join([layer.name, shape, inp, f"{layer.sparsity:.1%}", chosen, layer.precision,
+                                             *times, speed, "; ".join(layer.notes)]) + " |")
         footer = [f"max relative error vs dense oracle: {self.max_relative_error:.2e}; "
                   f"{self.repeats} interleaved repeats, {self.threads} threads"]
-        footer += self.notes
+        footer += self._quantize_lines() + self.notes
         return "\n".join(lines) + "\n\n" + "\n".join(footer)
+
+    def _quantize_lines(self) -> list[str]:
+        if self.quantize is None:
+            return []
+        n_int8 = sum(layer.precision == "int8" for layer in self.layers)
+        lines = [f"quantize={self.quantize!r}: {n_int8} of {len(self.layers)} layers run int8 "
+                 f"({self.activations} activations), the others fp32"]
+        change = [f"max relative error {self.max_relative_error:.2e} on example_input"]
+        if self.calibration_relative_error is not None:
+            change.append(f"{self.calibration_relative_error:.2e} over the calibration inputs")
+        if self.top1_agreement is not None:
+            change.append(f"top-1 agreement {self.top1_agreement:.1%}")
+        lines.append("output change vs the fp32 model: " + ", ".join(change))
+        return lines
 
     def __str__(self) -> str:
         return self.table()
@@ -111,4 +153,4 @@ def _block_label(layer: LayerChoice) -> str:
     if not layer.blocksize:
         return ""
     b = layer.blocksize
-    return f" {b}x1 rows" if layer.format == "prunekit-rows" else f" {b}x{b}"
+    return f" {b}x1 rows" if layer.format in ("prunekit-rows", "int8-rows") else f" {b}x{b}"

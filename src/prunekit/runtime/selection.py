@@ -8,6 +8,10 @@ square blocks only), "prunekit" (prunekit's own float32 kernel) when
 their zeros (:func:`row_blocksize`), and "prunekit-nm" (its N:M kernel) for N:M
 patterns along the inputs (:func:`nm_pattern`). Each candidate
 is first checked against the dense layer on the captured input; one that errors or disagrees is dropped with a note.
+With ``accelerate(..., quantize="int8")``, :func:`build_int8_candidates` adds
+:class:`~prunekit.runtime.int8.Int8Linear` candidates ("int8-dense", "int8-csr", and
+"int8-nm" / "int8-rows" where :func:`int8_formats` finds the pattern), each checked
+against the fp32 layer within the int8 tolerance; convolutions get none.
 Timing interleaves the candidates (one call each per round, in rotating order)
 and takes the median per candidate, so drifting machine load hits all alike.
 """
@@ -25,7 +29,8 @@ from . import kernels
 from .layers import LayerPlan, build_sparse, layer_plan, weight_matrix
 from .modules import SparseLinear, _quiet
 
-__all__ = ["blocky_blocksize", "row_blocksize", "nm_pattern", "build_candidates", "relative_error", "time_candidates"]
+__all__ = ["blocky_blocksize", "row_blocksize", "nm_pattern", "build_candidates", "build_int8_candidates", "int8_formats",
+           "plain_linear", "relative_error", "time_candidates"]
 
 # Square BSR block edges tried, largest first.
 BLOCK_EDGES = (16, 8, 4, 2)
@@ -217,3 +222,106 @@ def fastest(timings: dict[str, float]) -> str:
 def first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The input tensor of an ``nn.Linear`` call (positional or ``input=``)."""
     return args[0] if args else kwargs.get("input")
+
+
+def plain_linear(module: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` computing what a linear-like layer computes (``module`` itself if it is exactly one).
+
+    Transformers ``Conv1D`` and linear subclasses whose forward reproduces ``nn.Linear`` get a plain
+    ``nn.Linear`` with the ``(out, in)`` weight, so the int8 modules are built from one kind of layer.
+
+    Example:
+        >>> lin = nn.Linear(4, 2)
+        >>> plain_linear(lin) is lin
+        True
+    """
+    if type(module) is nn.Linear:
+        return module
+    weight, bias = weight_matrix(module), getattr(module, "bias", None)
+    lin = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
+                             dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias.detach())
+    return lin.eval()
+
+
+def int8_formats(weight: torch.Tensor, sparse: bool = True) -> dict[str, tuple[int | None, tuple[int, int] | None]]:
+    """The int8 candidates that fit ``weight``'s zeros: ``{name: (blocksize, pattern)}``.
+
+    Dense int8 always; unless ``sparse=False``, int8 CSR, int8 N:M where :func:`nm_pattern` finds one and
+    int8 row blocks where :func:`row_blocksize` does.
+
+    Example:
+        >>> w = torch.zeros(8, 8)
+        >>> w[:, ::4] = 1.0
+        >>> sorted(int8_formats(w))
+        ['int8-csr', 'int8-dense', 'int8-nm', 'int8-rows']
+    """
+    found: dict[str, tuple[int | None, tuple[int, int] | None]] = {"int8-dense": (None, None)}
+    if not sparse:
+        return found
+    found["int8-csr"] = (None, None)
+    pattern = nm_pattern(weight)
+    if pattern is not None:
+        found["int8-nm"] = (None, pattern)
+    rows = row_blocksize(weight)
+    if rows is not None:
+        found["int8-rows"] = (rows, None)
+    return found
+
+
+def _int8_module() -> tuple[Any, str | None]:
+    """``(prunekit.runtime.int8, None)``, or ``(None, why int8 cannot run here)``."""
+    try:
+        from . import int8
+    except ImportError as exc:
+        return None, f"prunekit.runtime.int8 does not import ({type(exc).__name__}: {exc})"
+    return int8, None
+
+
+def build_int8_candidates(linear: nn.Module, x: torch.Tensor, int8_rtol: float, *, plan: LayerPlan | None = None,
+                          act_scale: float | None = None, granularity: str = "token", sparse: bool = True
+                          ) -> tuple[dict[str, nn.Module], dict[str, str], dict[str, float]]:
+    """Int8 candidate modules by name, notes on dropped ones, and each built candidate's relative error.
+
+    Each candidate is an :class:`~prunekit.runtime.int8.Int8Linear` (weights per output channel;
+    activations static with ``act_scale``, else dynamic with ``granularity``) in a format of
+    :func:`int8_formats` (``sparse=False``: dense int8 only), kept when ``max|y - y_fp32| / max|y_fp32| <= int8_rtol`` on ``x``.
+    Convolutions get none (they stay fp32); an unavailable int8 runtime is a note, not an error.
+    """
+    kind = plan.kind if plan is not None else ("conv2d" if isinstance(linear, nn.Conv2d) else "linear")
+    if kind == "conv2d":
+        return {}, {"int8": "skipped: convolutions stay fp32"}, {}
+    if linear.weight.dtype != torch.float32 or x.dtype != torch.float32:
+        return {}, {"int8": f"skipped: int8 needs float32 (weight {linear.weight.dtype}, input {x.dtype})"}, {}
+    int8, why = _int8_module()
+    if int8 is None:
+        return {}, {"int8": f"unavailable: {why}"}, {}
+    ok, why = int8.available()
+    if not ok:
+        return {}, {"int8": f"unavailable: {why}"}, {}
+    lin = plain_linear(linear)
+    with torch.inference_mode():
+        ref = linear(x)
+    cands: dict[str, nn.Module] = {}
+    notes: dict[str, str] = {}
+    errors: dict[str, float] = {}
+    mode = {"activations": "static", "act_scale": act_scale} if act_scale is not None else {
+        "activations": "dynamic", "granularity": granularity}
+    for name, (blocksize, pattern) in int8_formats(weight_matrix(linear), sparse).items():
+        try:
+            module = int8.Int8Linear.from_linear(lin, name[len("int8-"):], blocksize=blocksize, pattern=pattern,
+                                                 **mode)
+            with torch.inference_mode(), _quiet():
+                err = relative_error(module(x), ref)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+            notes[name] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+            continue
+        errors[name] = err
+        if not err <= int8_rtol:
+            notes[name] = f"rejected: relative error {err:.2e} > int8_rtol={int8_rtol:g}"
+            continue
+        cands[name] = module
+    return cands, notes, errors
