@@ -1,0 +1,454 @@
+/* Sparse int8 weights times int8 activations, int32 accumulation, fp32 output (prunekit.runtime.int8).
+
+   Y^T[o, b] = acc[o, b] * (ws[o] * xs[b]) + bias[o], acc = sum_k w[o, k] * xq[k, b] exactly in int32,
+   every product and rescale rounded separately (no FMA), so the result equals the fp32 evaluation of
+   that formula bit for bit.
+
+   Activations (prunekit_i8_quantize): xq = clamp(rint(x / s), -127, 127), s = amax / 127 per tensor or
+   per row of x (a zero scale becomes 1), or a given static s. They are stored as int16, transposed and
+   batch-contiguous in chunks of 64 batch columns: chunk c (columns 64c ..) is an (N x W) block at
+   offset 64 * c * N, W = the chunk's width rounded up to 16, padding columns zero. Inside every 16
+   columns the order is b0-3, b8-11, b4-7, b12-15 (what _mm256_packs_epi32 of two 8-lane vectors
+   gives, and what makes _mm256_unpack{lo,hi}_epi16 of two such rows yield b0-7 and b8-15 in order).
+   Batch 1: a plain vector of N + 1 values (the last is 0).
+
+   AVX2 path (no VNNI on the target: _mm256_madd_epi16 is the widest exact int multiply-add): two kept
+   weights of one output row (CSR, N:M), or two kept columns of one row block, are a pair; the two
+   activation rows are interleaved with unpacklo/hi and multiplied by the broadcast weight pair with
+   _mm256_madd_epi16 (s16 x s16 -> s32 pair sums, exact), one vpaddd into the accumulators. That is one
+   madd per 16 multiply-adds, with 8-bit (not 7-bit) activations and no saturation. Without __AVX2__
+   (or with PRUNEKIT_I8_GENERIC defined) plain C loops compute the same integers.
+
+   Overflow: |acc| <= 127 * 127 * N, exact in int32 for N < 133,000 inputs (the Python side checks). */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <omp.h>
+
+#if defined(__AVX2__) && !defined(PRUNEKIT_I8_GENERIC)
+#include <immintrin.h>
+#define I8_AVX2 1
+#define I8_SIMD "avx2"
+#else
+#define I8_SIMD "generic"
+#endif
+
+#define I8_CHUNK 64
+/* Input feature of entry k: CSR stores it; N:M stores its offset inside group (k - k0) >> sh of mm. */
+#define COL_CSR(k) ((int64_t)col[k])
+#define COL_NM(k) ((((int64_t)(k) - k0) >> sh) * mm + (int64_t)col[k])
+
+/* Position of batch column b (relative to its chunk) in the stored order (see above). */
+static inline int64_t lane_pos(int64_t b) {
+    static const int8_t perm[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+    return (b & ~(int64_t)15) | perm[b & 15];
+}
+
+static inline int64_t chunk_width(int64_t B, int64_t c) {
+    const int64_t r = B - I8_CHUNK * c;
+    return r >= I8_CHUNK ? I8_CHUNK : (r + 15) / 16 * 16;
+}
+
+/* int16 values the quantized activations take (the caller allocates them). */
+int64_t prunekit_i8_xq_size(int64_t B, int64_t N) { return B == 1 ? N + 1 : N * ((B + 15) / 16 * 16); }
+
+static inline int16_t quant1(float v, float s) {
+    float q = rintf(v / s);
+    q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
+    return (int16_t)q;
+}
+
+/* Per-row (token) or whole (tensor) max |x| into xs[0..B), 0 ok, 1 if x holds NaN or inf. */
+static int absmax_rows(int64_t B, int64_t N, const float *restrict x, int64_t sb, int64_t sn, float *restrict xs) {
+    int bad = 0;
+    if (sb == 1 && B > 1) { /* x^T contiguous (a previous kernel's output): vectorise over the batch */
+        for (int64_t b = 0; b < B; ++b) xs[b] = 0.0f;
+        for (int64_t n = 0; n < N; ++n) {
+            const float *restrict p = x + n * sn;
+            for (int64_t b = 0; b < B; ++b) {
+                const float a = fabsf(p[b]);
+                bad |= !(a <= 3.402823466e38f);
+                xs[b] = a > xs[b] ? a : xs[b];
+            }
+        }
+    } else {
+        for (int64_t b = 0; b < B; ++b) {
+            const float *restrict p = x + b * sb;
+            float m = 0.0f;
+            for (int64_t n = 0; n < N; ++n) {
+                const float a = fabsf(p[n * sn]);
+                bad |= !(a <= 3.402823466e38f);
+                m = a > m ? a : m;
+            }
+            xs[b] = m;
+        }
+    }
+    return bad;
+}
+
+/* Quantize the 16 columns b0..b0+15 (r of them real) of input feature n into dst (stored order). */
+static inline void quant16(const float *restrict p, int64_t r, const float *restrict s, int16_t *restrict dst) {
+#ifdef I8_AVX2
+    if (r == 16) {
+        const __m256 lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
+        __m256 a = _mm256_div_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(s));
+        __m256 c = _mm256_div_ps(_mm256_loadu_ps(p + 8), _mm256_loadu_ps(s + 8));
+        a = _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        c = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        a = _mm256_max_ps(_mm256_min_ps(a, lim), nlim);
+        c = _mm256_max_ps(_mm256_min_ps(c, lim), nlim);
+        /* packs works per 128-bit lane: b0-3, b8-11, b4-7, b12-15, the stored order. */
+        _mm256_storeu_si256((__m256i *)dst, _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(c)));
+        return;
+    }
+#endif
+    for (int64_t t = 0; t < 16; ++t) dst[lane_pos(t)] = t < r ? quant1(p[t], s[t]) : 0;
+}
+
+/* x (B x N; element (b, n) at x[b * sb + n * sn]) -> xq (layout above) and xs[0 .. round16(B)) (scales,
+   padding 0). mode 0: dynamic per tensor, 1: dynamic per row of x, 2: static scale `scale`.
+   Returns 0, or 1 if x holds NaN or inf (nothing useful is written then). */
+int prunekit_i8_quantize(int64_t B, int64_t N, const float *restrict x, int64_t sb, int64_t sn, int mode,
+                         float scale, int16_t *restrict xq, float *restrict xs) {
+    const int64_t Bp = (B + 15) / 16 * 16;
+    if (absmax_rows(B, N, x, sb, sn, xs)) return 1;
+    if (mode == 0) {
+        float m = 0.0f;
+        for (int64_t b = 0; b < B; ++b) m = xs[b] > m ? xs[b] : m;
+        scale = m / 127.0f;
+    }
+    for (int64_t b = 0; b < B; ++b) {
+        float s = mode == 1 ? xs[b] / 127.0f : scale;
+        xs[b] = s > 0.0f ? s : 1.0f;
+    }
+    for (int64_t b = B; b < Bp; ++b) xs[b] = 0.0f;
+    if (B == 1) {
+        for (int64_t n = 0; n < N; ++n) xq[n] = quant1(x[n * sn], xs[0]);
+        xq[N] = 0;
+        return 0;
+    }
+    for (int64_t c = 0; c * I8_CHUNK < B; ++c) {
+        const int64_t W = chunk_width(B, c), b0 = c * I8_CHUNK;
+        int16_t *restrict base = xq + b0 * N;
+        if (sb == 1) { /* x^T rows contiguous: 16 columns at a time */
+            for (int64_t n = 0; n < N; ++n)
+                for (int64_t t = 0; t < W; t += 16) {
+                    const int64_t r = B - b0 - t < 16 ? B - b0 - t : 16;
+                    quant16(x + n * sn + b0 + t, r, xs + b0 + t, base + n * W + t);
+                }
+        } else {
+            for (int64_t t = B - b0; t < W; ++t)
+                for (int64_t n = 0; n < N; ++n) base[n * W + lane_pos(t)] = 0;
+            for (int64_t t = 0; t < W && b0 + t < B; ++t) {
+                const float *restrict p = x + (b0 + t) * sb;
+                const float s = xs[b0 + t];
+                const int64_t pos = lane_pos(t);
+                for (int64_t n = 0; n < N; ++n) base[n * W + pos] = quant1(p[n * sn], s);
+            }
+        }
+    }
+    return 0;
+}
+
+/* The fp32 rescale of one output value: acc * (ws * xs) + bias, each operation rounded. */
+static inline float rescale1(int32_t acc, float ws, float xs, const float *bias, int64_t o) {
+    const float y = (float)acc * (ws * xs);
+    return bias ? y + bias[o] : y;
+}
+
+/* Int32 pair (lo = w0, hi = w1) for _mm256_madd_epi16. */
+static inline int32_t wpair(int32_t w0, int32_t w1) {
+    return (int32_t)((uint32_t)(uint16_t)(int16_t)w0 | ((uint32_t)(uint16_t)(int16_t)w1 << 16));
+}
+
+#ifdef I8_AVX2
+/* Store 2*NV accumulators of output row o (columns b0 .. b0 + 16 NV, r of them real). */
+static inline void store_row(const __m256i *acc, int NV, float ws, const float *restrict xs, const float *bias,
+                             int64_t o, float *restrict y, int64_t r) {
+    const __m256 w = _mm256_set1_ps(ws);
+    const __m256 bb = _mm256_set1_ps(bias ? bias[o] : 0.0f);
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int h = 0; h < 2 * NV; ++h) {
+        const int64_t left = r - 8 * h;
+        if (left <= 0) break;
+        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[h]), _mm256_mul_ps(w, _mm256_loadu_ps(xs + 8 * h)));
+        if (bias) v = _mm256_add_ps(v, bb);
+        if (left >= 8) _mm256_storeu_ps(y + 8 * h, v);
+        else _mm256_maskstore_ps(y + 8 * h, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left), iota), v);
+    }
+}
+
+/* One output row of CSR (COL = col[k]) or N:M (COL from the 1-byte offset), chunk width 16 NV.
+   Nonzeros k0 .. k1 are taken in pairs; an odd last one is paired with itself at weight 0. */
+#define PAIRROW(NAME, NV, IDXT, COL)                                                            \
+static inline void NAME(const int8_t *restrict val, const IDXT *restrict col, int64_t k0, int64_t k1, \
+                        const int16_t *restrict xq, int sh, int64_t mm, __m256i *acc) {         \
+    (void)sh; (void)mm;                                                                        \
+    for (int h = 0; h < 2 * NV; ++h) acc[h] = _mm256_setzero_si256();                          \
+    int64_t k = k0;                                                                            \
+    for (; k + 2 <= k1; k += 2) {                                                              \
+        const __m256i w = _mm256_set1_epi32(wpair(val[k], val[k + 1]));                        \
+        const int16_t *p0 = xq + COL(k) * (16 * NV), *p1 = xq + COL(k + 1) * (16 * NV);        \
+        _Pragma("GCC unroll 4")                                                                \
+        for (int v = 0; v < NV; ++v) {                                                         \
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(p0 + 16 * v));             \
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(p1 + 16 * v));             \
+            acc[2 * v] = _mm256_add_epi32(acc[2 * v], _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, x1), w)); \
+            acc[2 * v + 1] = _mm256_add_epi32(acc[2 * v + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, x1), w)); \
+        }                                                                                      \
+    }                                                                                          \
+    if (k < k1) {                                                                              \
+        const __m256i w = _mm256_set1_epi32(wpair(val[k], 0));                                 \
+        const int16_t *p0 = xq + COL(k) * (16 * NV);                                           \
+        for (int v = 0; v < NV; ++v) {                                                         \
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(p0 + 16 * v));             \
+            acc[2 * v] = _mm256_add_epi32(acc[2 * v], _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, x0), w)); \
+            acc[2 * v + 1] = _mm256_add_epi32(acc[2 * v + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, x0), w)); \
+        }                                                                                      \
+    }                                                                                          \
+}
+PAIRROW(csr_row1, 1, int32_t, COL_CSR)
+PAIRROW(csr_row2, 2, int32_t, COL_CSR)
+PAIRROW(csr_row3, 3, int32_t, COL_CSR)
+PAIRROW(csr_row4, 4, int32_t, COL_CSR)
+PAIRROW(nm_row1, 1, uint8_t, COL_NM)
+PAIRROW(nm_row2, 2, uint8_t, COL_NM)
+PAIRROW(nm_row3, 3, uint8_t, COL_NM)
+PAIRROW(nm_row4, 4, uint8_t, COL_NM)
+
+static inline void pair_row(int is_nm, int NV, const int8_t *val, const void *col, int64_t k0, int64_t k1,
+                            const int16_t *xq, int sh, int64_t mm, __m256i *acc) {
+    if (is_nm) {
+        const uint8_t *c = (const uint8_t *)col;
+        if (NV == 4) nm_row4(val, c, k0, k1, xq, sh, mm, acc);
+        else if (NV == 3) nm_row3(val, c, k0, k1, xq, sh, mm, acc);
+        else if (NV == 2) nm_row2(val, c, k0, k1, xq, sh, mm, acc);
+        else nm_row1(val, c, k0, k1, xq, sh, mm, acc);
+    } else {
+        const int32_t *c = (const int32_t *)col;
+        if (NV == 4) csr_row4(val, c, k0, k1, xq, sh, mm, acc);
+        else if (NV == 3) csr_row3(val, c, k0, k1, xq, sh, mm, acc);
+        else if (NV == 2) csr_row2(val, c, k0, k1, xq, sh, mm, acc);
+        else csr_row1(val, c, k0, k1, xq, sh, mm, acc);
+    }
+}
+#endif
+
+/* Exact sum_k val[k] * x[COL(k)] of one row at batch 1 (four partial sums for independent chains). */
+#define DOT1(NAME, IDXT, COL)                                                                     \
+static inline int32_t NAME(const int8_t *restrict val, const IDXT *restrict col, int64_t k0, int64_t k1, \
+                           const int16_t *restrict x, int sh, int64_t mm) {                     \
+    (void)sh; (void)mm;                                                                        \
+    int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;                                                    \
+    int64_t k = k0;                                                                            \
+    for (; k + 4 <= k1; k += 4) {                                                              \
+        s0 += (int32_t)val[k] * x[COL(k)];                                                     \
+        s1 += (int32_t)val[k + 1] * x[COL(k + 1)];                                             \
+        s2 += (int32_t)val[k + 2] * x[COL(k + 2)];                                             \
+        s3 += (int32_t)val[k + 3] * x[COL(k + 3)];                                             \
+    }                                                                                          \
+    for (; k < k1; ++k) s0 += (int32_t)val[k] * x[COL(k)];                                     \
+    return (s0 + s1) + (s2 + s3);                                                              \
+}
+DOT1(csr_dot1, int32_t, COL_CSR)
+DOT1(nm_dot1, uint8_t, COL_NM)
+
+#ifndef I8_AVX2
+/* Generic: one output row, one chunk of W columns (stored order), int32 accumulators per position. */
+#define GENROW(NAME, IDXT, COL)                                                                   \
+static void NAME(const int8_t *restrict val, const IDXT *restrict col, int64_t k0, int64_t k1,  \
+                 const int16_t *restrict xq, int64_t W, int sh, int64_t mm, int32_t *restrict acc) { \
+    (void)sh; (void)mm;                                                                        \
+    for (int64_t t = 0; t < W; ++t) acc[t] = 0;                                                \
+    for (int64_t k = k0; k < k1; ++k) {                                                        \
+        const int32_t w = val[k];                                                              \
+        const int16_t *restrict p = xq + COL(k) * W;                                           \
+        for (int64_t t = 0; t < W; ++t) acc[t] += w * p[t];                                    \
+    }                                                                                          \
+}
+GENROW(csr_gen, int32_t, COL_CSR)
+GENROW(nm_gen, uint8_t, COL_NM)
+#endif
+
+/* CSR (is_nm = 0: row i has val/col[crow[i] .. crow[i+1]), int32 columns) or N:M (is_nm = 1: row i has
+   the K entries i*K .., 1-byte offsets, n = 2^sh per group of mm) times the quantized activations. */
+static void pair_matmul(int is_nm, int64_t M, int64_t N, int64_t B, const int32_t *crow, int64_t K, int sh,
+                        int64_t mm, const void *col, const int8_t *val, const int16_t *xq, const float *ws,
+                        const float *xs, const float *bias, float *yt, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int64_t lo = M * tid / nth, hi = M * (tid + 1) / nth;
+        int32_t acc32[I8_CHUNK];
+        for (int64_t i = lo; i < hi && B == 1; ++i) {
+            const int64_t k0 = is_nm ? i * K : crow[i], k1 = is_nm ? k0 + K : crow[i + 1];
+            const int32_t a = is_nm ? nm_dot1(val, (const uint8_t *)col, k0, k1, xq, sh, mm)
+                                    : csr_dot1(val, (const int32_t *)col, k0, k1, xq, sh, mm);
+            yt[i] = rescale1(a, ws[i], xs[0], bias, i);
+        }
+        for (int64_t c = 0; B > 1 && c * I8_CHUNK < B; ++c) {
+            const int64_t W = chunk_width(B, c), b0 = c * I8_CHUNK, r = B - b0 < W ? B - b0 : W;
+            const int16_t *xc = xq + b0 * N;
+            for (int64_t i = lo; i < hi; ++i) {
+                const int64_t k0 = is_nm ? i * K : crow[i], k1 = is_nm ? k0 + K : crow[i + 1];
+#ifdef I8_AVX2
+                __m256i acc[8];
+                pair_row(is_nm, (int)(W / 16), val, col, k0, k1, xc, sh, mm, acc);
+                store_row(acc, (int)(W / 16), ws[i], xs + b0, bias, i, yt + i * B + b0, r);
+                (void)acc32;
+#else
+                if (is_nm) nm_gen(val, (const uint8_t *)col, k0, k1, xc, W, sh, mm, acc32);
+                else csr_gen(val, (const int32_t *)col, k0, k1, xc, W, sh, mm, acc32);
+                for (int64_t t = 0; t < r; ++t)
+                    yt[i * B + b0 + t] = rescale1(acc32[lane_pos(t)], ws[i], xs[b0 + t], bias, i);
+#endif
+            }
+        }
+    }
+}
+
+/* yt (M x B) from CSR int8 weights (crow, col int32, val int8), ws (M), xq/xs from prunekit_i8_quantize. */
+void prunekit_i8_csr(int64_t M, int64_t N, int64_t B, const int32_t *crow, const int32_t *col, const int8_t *val,
+                     const int16_t *xq, const float *ws, const float *xs, const float *bias, float *yt,
+                     int nthreads) {
+    pair_matmul(0, M, N, B, crow, 0, 0, 0, col, val, xq, ws, xs, bias, yt, nthreads);
+}
+
+/* yt (M x B) from N:M int8 weights: K entries per row (off uint8 offsets in groups of mm, n = 2^sh). */
+void prunekit_i8_nm(int64_t M, int64_t N, int64_t B, int64_t K, int sh, int64_t mm, const uint8_t *off,
+                    const int8_t *val, const int16_t *xq, const float *ws, const float *xs, const float *bias,
+                    float *yt, int nthreads) {
+    pair_matmul(1, M, N, B, 0, K, sh, mm, off, val, xq, ws, xs, bias, yt, nthreads);
+}
+
+/* ---- Row blocks: G groups of R consecutive output rows sharing the columns col[gptr[g] .. gptr[g+1]),
+   values val[k * R + r]. ---- */
+
+/* Batch 1, rows r0 .. r0 + S of a group: one loaded activation serves the S rows. */
+static void rows_dot1(int64_t R, int64_t r0, int64_t S, const int32_t *restrict col, const int8_t *restrict val,
+                      int64_t k0, int64_t k1, const int16_t *restrict x, int32_t *restrict acc) {
+    for (int64_t s = 0; s < S; ++s) acc[s] = 0;
+#ifdef I8_AVX2
+    if (S == 8) { /* (w sign-extended to 32 bits) x (x, 0): madd's high halves multiply by 0 */
+        __m256i a = _mm256_setzero_si256(), a2 = _mm256_setzero_si256();
+        int64_t k = k0;
+        for (; k + 2 <= k1; k += 2) {
+            const __m256i w0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(val + k * R + r0)));
+            const __m256i w1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(val + (k + 1) * R + r0)));
+            a = _mm256_add_epi32(a, _mm256_madd_epi16(w0, _mm256_set1_epi32((uint16_t)x[col[k]])));
+            a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(w1, _mm256_set1_epi32((uint16_t)x[col[k + 1]])));
+        }
+        for (; k < k1; ++k) {
+            const __m256i w0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(val + k * R + r0)));
+            a = _mm256_add_epi32(a, _mm256_madd_epi16(w0, _mm256_set1_epi32((uint16_t)x[col[k]])));
+        }
+        _mm256_storeu_si256((__m256i *)acc, _mm256_add_epi32(a, a2));
+        return;
+    }
+#endif
+    for (int64_t k = k0; k < k1; ++k) {
+        const int32_t xv = x[col[k]];
+        const int8_t *restrict w = val + k * R + r0;
+        for (int64_t s = 0; s < S; ++s) acc[s] += w[s] * xv;
+    }
+}
+
+#ifdef I8_AVX2
+/* Batch > 1, S rows (S = 4, 2, 1) of a group, one 16-column vector at column offset t of a chunk of width W.
+   wp[p * R + r] are the weight pairs of column pair p (built once per group). */
+#define ROWSPAIR(S)                                                                               \
+static inline void rows_pair##S(const int32_t *restrict col, const int32_t *restrict wp, int64_t R, \
+                                int64_t k0, int64_t k1, const int16_t *restrict xc, int64_t W, __m256i *acc) { \
+    for (int h = 0; h < 2 * S; ++h) acc[h] = _mm256_setzero_si256();                          \
+    for (int64_t k = k0, p = 0; k < k1; k += 2, ++p) {                                        \
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xc + (int64_t)col[k] * W));   \
+        const __m256i x1 = k + 1 < k1 ? _mm256_loadu_si256((const __m256i *)(xc + (int64_t)col[k + 1] * W)) : x0; \
+        const __m256i lo = _mm256_unpacklo_epi16(x0, x1), hi = _mm256_unpackhi_epi16(x0, x1); \
+        _Pragma("GCC unroll 4")                                                                \
+        for (int s = 0; s < S; ++s) {                                                          \
+            const __m256i w = _mm256_set1_epi32(wp[p * R + s]);                                \
+            acc[2 * s] = _mm256_add_epi32(acc[2 * s], _mm256_madd_epi16(lo, w));               \
+            acc[2 * s + 1] = _mm256_add_epi32(acc[2 * s + 1], _mm256_madd_epi16(hi, w));       \
+        }                                                                                      \
+    }                                                                                          \
+}
+ROWSPAIR(4) ROWSPAIR(2) ROWSPAIR(1)
+
+/* All R rows of group g for one chunk (columns b0 .., r real, width W). */
+static void rows_chunk(int64_t R, const int32_t *col, const int32_t *wp, int64_t k0, int64_t k1,
+                       const int16_t *xc, int64_t W, const float *ws, const float *xs, const float *bias,
+                       int64_t o0, float *yt, int64_t B, int64_t b0, int64_t r) {
+    __m256i acc[8];
+    for (int64_t t = 0; t < W; t += 16) {
+        const int64_t rt = r - t;
+        if (rt <= 0) break;
+        for (int64_t s = 0; s < R;) {
+            const int64_t left = R - s, S = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            if (S == 4) rows_pair4(col, wp + s, R, k0, k1, xc + t, W, acc);
+            else if (S == 2) rows_pair2(col, wp + s, R, k0, k1, xc + t, W, acc);
+            else rows_pair1(col, wp + s, R, k0, k1, xc + t, W, acc);
+            for (int64_t q = 0; q < S; ++q)
+                store_row(acc + 2 * q, 1, ws[o0 + s + q], xs + b0 + t, bias, o0 + s + q,
+                          yt + (o0 + s + q) * B + b0 + t, rt < 16 ? rt : 16);
+            s += S;
+        }
+    }
+}
+#endif
+
+void prunekit_i8_rows(int64_t G, int64_t R, int64_t N, int64_t B, const int32_t *gptr, const int32_t *col,
+                      const int8_t *val, const int16_t *xq, const float *ws, const float *xs, const float *bias,
+                      float *yt, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    int64_t maxk = 0;
+    for (int64_t g = 0; g < G; ++g) maxk = gptr[g + 1] - gptr[g] > maxk ? gptr[g + 1] - gptr[g] : maxk;
+    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int64_t lo = G * tid / nth, hi = G * (tid + 1) / nth;
+        int32_t *scratch = (int32_t *)malloc(sizeof(int32_t) * (size_t)((maxk + 1) / 2 * R + I8_CHUNK + 8));
+        int32_t *acc = scratch; /* batch 1 and generic: up to I8_CHUNK (or 8 rows) accumulators */
+        int32_t *wp = scratch + I8_CHUNK + 8; /* AVX2: weight pairs of the group */
+        (void)wp;
+        for (int64_t g = lo; g < hi && scratch; ++g) {
+            const int64_t k0 = gptr[g], k1 = gptr[g + 1], o0 = g * R;
+            if (B == 1) {
+                for (int64_t s = 0; s < R;) {
+                    const int64_t S = R - s >= 8 ? 8 : R - s;
+                    rows_dot1(R, s, S, col, val, k0, k1, xq, acc);
+                    for (int64_t q = 0; q < S; ++q) yt[o0 + s + q] = rescale1(acc[q], ws[o0 + s + q], xs[0], bias, o0 + s + q);
+                    s += S;
+                }
+                continue;
+            }
+#ifdef I8_AVX2
+            for (int64_t k = k0, p = 0; k < k1; k += 2, ++p)
+                for (int64_t s = 0; s < R; ++s)
+                    wp[p * R + s] = wpair(val[k * R + s], k + 1 < k1 ? val[(k + 1) * R + s] : 0);
+#endif
+            for (int64_t c = 0; c * I8_CHUNK < B; ++c) {
+                const int64_t W = chunk_width(B, c), b0 = c * I8_CHUNK, r = B - b0 < W ? B - b0 : W;
+                const int16_t *xc = xq + b0 * N;
+#ifdef I8_AVX2
+                rows_chunk(R, col + k0, wp, 0, k1 - k0, xc, W, ws, xs, bias, o0, yt, B, b0, r);
+#else
+                for (int64_t s = 0; s < R; ++s) {
+                    for (int64_t t = 0; t < W; ++t) acc[t] = 0;
+                    for (int64_t k = k0; k < k1; ++k) {
+                        const int32_t w = val[k * R + s];
+                        const int16_t *restrict p = xc + (int64_t)col[k] * W;
+                        for (int64_t t = 0; t < W; ++t) acc[t] += w * p[t];
+                    }
+                    for (int64_t t = 0; t < r; ++t)
+                        yt[(o0 + s) * B + b0 + t] = rescale1(acc[lane_pos(t)], ws[o0 + s], xs[b0 + t], bias, o0 + s);
+                }
+#endif
+            }
+        }
+        free(scratch);
+    }
+}
+
+const char *prunekit_i8_simd(void) { return I8_SIMD; }
