@@ -19,6 +19,7 @@ from .core.schedules import ConstantSparsity, PolynomialDecay, Schedule, schedul
 from .formats import FormatError, export_onnx, load, quantize_int8, save, size_summary
 from .methods.iterative import iterative_prune, round_sparsities
 from .methods.obd import OBD, Taylor
+from .methods.sensitivity import SensitivityResult, sensitivity
 from .methods.structural import StructuredPruner, apply_shapes, prune_channels, register_surgery
 from .runtime import AccelerationReport, SparseConv2d, SparseLinear, accelerate
 
@@ -45,6 +46,7 @@ __all__ = [
     "StructuredPruner",
     "ScoreContext",
     "SparseConv2d",
+    "SensitivityResult",
     "SparseLinear",
     "SparsityReport",
     "Taylor",
@@ -62,6 +64,7 @@ __all__ = [
     "register_surgery",
     "round_sparsities",
     "save",
+    "sensitivity",
     "schedule_from_dict",
     "size_summary",
     "sparsity_report",
