@@ -1,7 +1,16 @@
-"""Sparse 2-D convolution for inference: im2col, then a sparse weight times the patches.
+"""Sparse 2-D convolution for inference: a sparse weight times the input, pointwise or after im2col.
 
-A convolution with weight ``(out, in, kh, kw)`` is the matrix product of the
-weight seen as ``(out, in*kh*kw)`` with the unfolded input patches
+**Pointwise (1x1) convolutions** (``groups=1``) need no im2col: for NCHW input one
+image's activations ``x[n]`` seen as ``(in, H*W)`` are exactly the batch-contiguous
+``X^T`` that prunekit's kernels read, so :class:`SparseConv2d` computes
+``y[n] = W @ x[n].view(in, H*W) + b`` straight into the NCHW output (no unfold, no
+transpose; the layout of Elsen et al., "Fast Sparse ConvNets", and XNNPACK). Padding
+(the layer's own or a subclass's) is applied first and a stride is a subsampling
+(``x[:, :, ::s, ::s]``, one copy of the smaller input); channels_last input costs one
+transposing copy per image inside the product; the output is NCHW-contiguous.
+
+**Other convolutions**: a convolution with weight ``(out, in, kh, kw)`` is the matrix
+product of the weight seen as ``(out, in*kh*kw)`` with the unfolded input patches
 ``(in*kh*kw, B*L)`` (``L`` output positions). :class:`SparseConv2d` unfolds the
 input (``torch.nn.functional.unfold``), lays the patches out feature-major (the
 layout prunekit's kernels read without a copy), multiplies by the weight held in
@@ -164,7 +173,7 @@ def _pad(x: torch.Tensor, pre_pad: PrePad, kernel: tuple[int, ...], stride: tupl
 
 
 class SparseConv2d(nn.Module):
-    """A pruned ``nn.Conv2d`` run as im2col + a sparse matrix product; for inference only.
+    """A pruned ``nn.Conv2d`` run as a sparse matrix product (pointwise, or after im2col); for inference only.
 
     Args:
         conv: the ``nn.Conv2d`` (or subclass) to replace (``groups=1``, zero padding given as
@@ -244,6 +253,11 @@ class SparseConv2d(nn.Module):
         """Device of the stored weight values."""
         return self.matmul.device
 
+    @property
+    def pointwise(self) -> bool:
+        """Whether this is a 1x1 convolution, run without im2col (see the module docs)."""
+        return tuple(self.kernel_size) == (1, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(f"SparseConv2d: input must have shape (B, {self.in_channels}, H, W) or "
@@ -252,6 +266,27 @@ class SparseConv2d(nn.Module):
         if unbatched:
             x = x.unsqueeze(0)
         x = _pad(x, self.pre_pad, self.kernel_size, self.stride, self.dilation)
+        y = self._pointwise(x) if self.pointwise else self._im2col(x)
+        return y[0] if unbatched else y
+
+    def _pointwise(self, x: torch.Tensor) -> torch.Tensor:
+        """1x1 convolution of a padded ``(B, in, H, W)`` input: one ``W @ x[n].view(in, H*W)`` per image."""
+        ph, pw = self.padding
+        if ph or pw:
+            x = F.pad(x, [pw, pw, ph, ph])
+        sh, sw = self.stride
+        if sh != 1 or sw != 1:  # a 1x1 kernel with stride s reads every s-th row and column
+            x = x[:, :, ::sh, ::sw]
+        batch, _, h, w = x.shape
+        # x[n] as (in, H*W) is a view for NCHW input (a copy after subsampling). Its transpose is the
+        # (B=H*W, in) input SparseLinear expects, whose X^T the kernels then read in place; the product
+        # comes back as a view of a contiguous (out, H*W), i.e. one image of the NCHW output.
+        outs = [self.matmul(x[n].reshape(self.in_channels, h * w).t()).t() for n in range(batch)]
+        y = outs[0].unsqueeze(0) if batch == 1 else torch.stack(outs)
+        return y.reshape(batch, self.out_channels, h, w).contiguous()
+
+    def _im2col(self, x: torch.Tensor) -> torch.Tensor:
+        """Any convolution of a padded ``(B, in, H, W)`` input: unfold, sparse product, fold back."""
         batch, _, h, w = x.shape
         out_h, out_w = (_out_size(n, k, s, p, d) for n, k, s, p, d in
                         zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation))
@@ -260,8 +295,7 @@ class SparseConv2d(nn.Module):
         xt = cols.transpose(0, 1).reshape(cols.shape[1], -1)
         y = self.matmul(xt.t())  # (B*L, out), a view of the contiguous (out, B*L)
         # Contiguous like nn.Conv2d's output, so a following .view() works as it did.
-        y = y.t().reshape(self.out_channels, batch, out_h, out_w).transpose(0, 1).contiguous()
-        return y[0] if unbatched else y
+        return y.t().reshape(self.out_channels, batch, out_h, out_w).transpose(0, 1).contiguous()
 
     def extra_repr(self) -> str:
         pre = "" if self.pre_pad is None else f", pre_pad={self.pre_pad!r}"
