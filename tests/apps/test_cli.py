@@ -72,7 +72,7 @@ def test_console_script_help():
     assert proc.returncode == 0 and "demo" in proc.stdout
 
 
-COMMANDS = ("demo", "prune", "inspect", "export", "bench", "experiment")
+COMMANDS = ("demo", "prune", "inspect", "export", "bench", "experiment", "sensitivity")
 
 
 def test_top_level_help_lists_every_command_in_order(capsys):

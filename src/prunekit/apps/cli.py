@@ -25,6 +25,7 @@ from .experiments.cli import experiment_command
 from .recipe.bench import bench_command
 from .recipe.export_cli import FORMATS, export_command
 from .recipe.prune_cli import prune_command
+from .recipe.sensitivity_cli import sensitivity_command
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="<command>", parser_class=OneLineErrorParser)
-    for add in (_add_demo, _add_prune, _add_inspect, _add_export, _add_bench, _add_experiment):
+    for add in (_add_demo, _add_prune, _add_inspect, _add_export, _add_bench, _add_experiment, _add_sensitivity):
         add(commands)
     return parser
 
@@ -170,6 +171,26 @@ def _add_one_experiment(names: Any, entry: Experiment) -> None:
     _add_no_progress(parser)
     parser.set_defaults(func=lambda a: experiment_command(a.experiment, a.out, quick=a.quick, seeds=a.seeds,
                                                           progress=a.progress))
+
+
+def _add_sensitivity(commands: Any) -> None:
+    parser = commands.add_parser(
+        "sensitivity", help="prune each layer of a recipe's dense model alone over a sparsity grid: accuracy table, "
+                            "curves and heat map",
+        description="Take the recipe's dense model (reused from its run directory under --runs when its dense-train "
+                    "stage is done, otherwise trained by that stage here), prune each layer of the recipe's scope "
+                    "alone with its criterion and granularity at each sparsity of the grid, and measure test "
+                    "accuracy. Writes DIR/sensitivity.json, DIR/sensitivity.md and DIR/sensitivity.png.")
+    parser.add_argument("--recipe", type=Path, required=True, metavar="R.yaml", help="the recipe (YAML)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="output directory (default: RUNS/<run name>/sensitivity)")
+    parser.add_argument("--runs", type=Path, default=Path("runs"), metavar="RUNS",
+                        help="where the recipe's run directory is; its dense model is reused if there (default: runs)")
+    parser.add_argument("--sparsities", default=None, metavar="S,S,...",
+                        help="comma-separated sparsity grid in [0, 1) (default: 0.1,0.2,...,0.9; 1-n/m for N:M)")
+    _add_no_progress(parser)
+    parser.set_defaults(func=lambda a: sensitivity_command(a.recipe, a.out, runs=a.runs, sparsities=a.sparsities,
+                                                           progress=a.progress))
 
 
 def _add_run_choice(parser: argparse.ArgumentParser) -> None:

@@ -32,7 +32,7 @@ from ..core.granularity import NM, Granularity, Unstructured
 from ..core.pruner import Pruner, _check_bound_model
 from ..core.scope import Selector, Target, check_materialised, resolve_scope
 
-__all__ = ["DEFAULT_SPARSITIES", "SensitivityResult", "sensitivity"]
+__all__ = ["DEFAULT_SPARSITIES", "SensitivityResult", "check_grid", "sensitivity"]
 
 DEFAULT_SPARSITIES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 _FORMAT, _VERSION = "prunekit.sensitivity", 1
@@ -88,7 +88,7 @@ class SensitivityResult:
         return [s for s, _ in first]
 
     def drop(self, layer: str) -> list[tuple[float, float]]:
-        """``[(sparsity, how much worse than dense)]`` for ``layer``: positive is worse, whatever the metric's direction.
+        """``[(sparsity, how much worse than dense)]`` for ``layer``: positive is worse, for either metric direction.
 
         Rounded to 12 digits so that ``0.9 - 0.85`` reads ``0.05``.
 
@@ -141,7 +141,7 @@ class SensitivityResult:
                    str(data["criterion"]), str(data["granularity"]))
 
     def table(self, fmt: str = "markdown") -> str:
-        """Metric per layer (rows) and sparsity (columns), with each layer's size; ``fmt``: ``"markdown"`` or ``"text"``.
+        """Metric per layer (rows) and sparsity (columns) with each layer's size; ``fmt``: ``"markdown"`` or ``"text"``.
 
         Example:
             >>> r = SensitivityResult(0.9, {"fc.weight": [(0.5, 0.85)]}, {"fc.weight": 64})
@@ -154,7 +154,8 @@ class SensitivityResult:
         fmt = check_choice("SensitivityResult.table", "fmt", fmt, ("markdown", "text"))
         head = ["layer", "weights"] + [f"{s * 100:g}%" for s in self.sparsities]
         rows = [["(dense)", ""] + [_number(self.dense)] * len(self.sparsities)]
-        rows += [[name, f"{self.sizes[name]:,}"] + [_number(m) for _, m in curve] for name, curve in self.curves.items()]
+        rows += [[name, f"{self.sizes[name]:,}"] + [_number(m) for _, m in curve]
+                 for name, curve in self.curves.items()]
         if fmt == "markdown":
             lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
             return "\n".join(lines + ["| " + " | ".join(r).replace("|  |", "| |") + " |" for r in rows])
@@ -379,7 +380,23 @@ def _dense_scores(model: nn.Module, criterion: Criterion, targets: Sequence[Targ
 # -- the analysis ---------------------------------------------------------------------------------------------------
 
 
-def _check_grid(sparsities: Any, granularity: Granularity) -> list[float]:
+def check_grid(sparsities: Any, granularity: Granularity | None = None) -> list[float]:
+    """The sparsity grid, validated and sorted: numbers in ``[0, 1)``, at least one, no duplicates.
+
+    With an :class:`~prunekit.NM` granularity only ``0`` and its pattern's sparsity are possible.
+
+    Raises:
+        TypeError: not a sequence of real numbers.
+        ValueError: empty, duplicates, a value outside ``[0, 1)``, or one the granularity cannot reach.
+
+    Example:
+        >>> check_grid((0.5, 0.1))
+        [0.1, 0.5]
+        >>> check_grid((0.3,), NM(2, 4))
+        Traceback (most recent call last):
+        ...
+        ValueError: sensitivity: NM(2, 4) fixes the sparsity at 0.5, got 0.3 in sparsities; pass sparsities=(0.5,)
+    """
     if isinstance(sparsities, (str, bytes)) or not hasattr(sparsities, "__iter__"):
         raise TypeError(f"{_OWNER}: sparsities must be a sequence of numbers in [0, 1), got {sparsities!r}")
     grid = [check_sparsity(_OWNER, f"sparsities[{i}]", s) for i, s in enumerate(sparsities)]
@@ -493,7 +510,8 @@ def sensitivity(
     if not isinstance(model, nn.Module):
         raise TypeError(f"{_OWNER}: model must be an nn.Module, got {type(model).__name__}")
     if not callable(evaluate):
-        raise TypeError(f"{_OWNER}: evaluate must be a callable evaluate(model) -> float, got {type(evaluate).__name__}")
+        raise TypeError(f"{_OWNER}: evaluate must be a callable evaluate(model) -> float, "
+                        f"got {type(evaluate).__name__}")
     criterion = Magnitude() if criterion is None else criterion
     granularity = Unstructured() if granularity is None else granularity
     for arg, value, kind in (("criterion", criterion, Criterion), ("granularity", granularity, Granularity)):
@@ -502,7 +520,7 @@ def sensitivity(
     if not isinstance(higher_is_better, bool):
         raise TypeError(f"{_OWNER}: higher_is_better must be True or False, got {higher_is_better!r}")
     ranking = check_choice(_OWNER, "ranking", ranking, ("layerwise", "global"))
-    grid = _check_grid(sparsities, granularity)
+    grid = check_grid(sparsities, granularity)
     units, targets = _units(model, layers, exclude, groups)
     check_materialised(_OWNER, targets)
     started = time.perf_counter()
