@@ -50,6 +50,8 @@ class FakeInt8Linear(nn.Module):
         assert type(linear) is nn.Linear, "accelerate must hand Int8Linear a plain nn.Linear"
         if fmt in cls.broken:
             raise RuntimeError(f"int8 {fmt} not built here")
+        if fmt == "dense" and activations == "dynamic" and granularity != "tensor":
+            raise ValueError("fbgemm quantizes activations per tensor")  # as the real module
         m = cls()
         m.fmt, m.blocksize, m.pattern = fmt, blocksize, pattern
         m.activations, m.granularity, m.act_scale = activations, granularity, act_scale
@@ -120,6 +122,8 @@ def test_int8_chosen_only_when_faster(fake, monkeypatch, seed):
         assert module.activations == "dynamic" and module.granularity == swap.DYNAMIC_GRANULARITY
         assert set(layer.int8_errors) >= {"int8-dense", "int8-csr"}
         assert all(0 < e <= swap.INT8_RTOL for e in layer.int8_errors.values())
+    dense_built = [b for b in FakeInt8Linear.built if b["fmt"] == "dense"]
+    assert dense_built and all(b["granularity"] == "tensor" for b in dense_built)  # fbgemm: per tensor
     assert report.precisions == {"0": "int8", "2": "int8", "4": "int8"}
     assert 0 < report.max_relative_error <= swap.INT8_RTOL
     assert report.max_relative_error == pytest.approx(relative_error(_out(fast, x), _out(model, x)), rel=1e-6)
@@ -227,7 +231,7 @@ def test_calibration_inputs_as_tuples_and_mappings(fake, monkeypatch):
     assert FakeInt8Linear.built[0]["act_scale"] > 0
 
 
-def test_end_to_end_failure_falls_back_to_fp32(fake, monkeypatch):
+def test_end_to_end_failure_reverts_the_worst_int8_layers(fake, monkeypatch):
     model, x = _mlp(4), torch.randn(3, 96)
     _timings(monkeypatch, {"dense": 3.0, "csr": 2.0, "int8-csr": 0.1})
     real, calls = swap._max_error, []
@@ -237,13 +241,15 @@ def test_end_to_end_failure_falls_back_to_fp32(fake, monkeypatch):
         return 0.5 if len(calls) == 1 else real(out, ref)
 
     monkeypatch.setattr(swap, "_max_error", first_call_fails)
-    model_in = _mlp(4)
-    fast, report = accelerate(model_in, x, quantize="int8", inplace=True, progress=False)
-    assert set(report.choices.values()) == {"csr"} and set(report.precisions.values()) == {"fp32"}
-    assert not any(isinstance(m, FakeInt8Linear) for m in fast.modules())
-    assert any("int8 model differs from the fp32 model by relative error 5.00e-01" in n for n in report.notes)
-    assert report.max_relative_error <= 1e-5 and len(calls) == 2
-    assert relative_error(_out(fast, x), _out(model, x)) <= 1e-5
+    fast, report = accelerate(_mlp(4), x, quantize="int8", inplace=True, progress=False)
+    worst = max(report.layers, key=lambda layer: layer.int8_errors["int8-csr"])
+    assert worst.format == "csr" and worst.precision == "fp32"  # ceil(3 / 8) = 1 layer back to fp32
+    assert "int8-csr: reverted to fp32 csr by the end-to-end check" in worst.notes
+    assert [layer.precision for layer in report.layers].count("int8") == 2
+    assert isinstance(dict(fast.named_modules())[worst.name], prunekit.SparseLinear)
+    assert any("relative error 5.00e-01 > int8_rtol" in n and "the 1 of 3 int8 layers" in n for n in report.notes)
+    assert len(calls) == 2 and report.max_relative_error <= swap.INT8_RTOL
+    assert report.max_relative_error == pytest.approx(relative_error(_out(fast, x), _out(model, x)), rel=1e-6)
 
 
 def test_fallback_to_dense_when_dense_was_fastest_fp32(fake, monkeypatch):
@@ -261,6 +267,7 @@ def test_fallback_to_dense_when_dense_was_fastest_fp32(fake, monkeypatch):
     monkeypatch.setattr(swap, "_swap", spy)
     fast, report = accelerate(model, x, quantize="int8", progress=False)
     assert set(report.choices.values()) == {"dense"} and all(type(fast[i]) is nn.Linear for i in (0, 2, 4))
+    assert any("the 3 of 3 int8 layers" in n for n in report.notes)
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -272,7 +279,7 @@ def test_report_fields_and_text(fake, monkeypatch):
     _, report = accelerate(model, x, quantize="int8", progress=False)
     data = report.to_dict()
     json.dumps(data)
-    assert data["quantize"] == "int8" and data["activations"] == "dynamic per-token"
+    assert data["quantize"] == "int8" and data["activations"].startswith("dynamic per-token")
     assert data["calibration_relative_error"] is None
     assert {"precision", "int8_errors"} <= set(data["layers"][0]) and data["layers"][0]["precision"] == "int8"
     want = float((_out(accelerate(model, x, quantize="int8", progress=False)[0], x).argmax(1)
@@ -280,7 +287,7 @@ def test_report_fields_and_text(fake, monkeypatch):
     assert report.top1_agreement == pytest.approx(want)
     text = str(report)
     assert "| precision |" in text.splitlines()[0] and "| int8 |" in text
-    assert "quantize='int8': 3 of 3 layers run int8 (dynamic per-token activations)" in text
+    assert "quantize='int8': 3 of 3 layers run int8 (dynamic per-token" in text
     assert "output change vs the fp32 model: max relative error" in text and "top-1 agreement" in text
 
 
@@ -373,10 +380,14 @@ def test_int8_available_false_and_one_broken_format(fake, monkeypatch):
     _, report = accelerate(_mlp(11), torch.randn(3, 96), quantize="int8", progress=False)
     assert set(report.choices.values()) == {"int8-dense"}
     assert "int8-csr: unavailable: RuntimeError: int8 csr not built here" in report.layers[0].notes
+    # Without the compiled int8 kernels only dense int8 (fbgemm) is tried; the note says why.
+    FakeInt8Linear.broken = set()
     monkeypatch.setattr(fake, "available", lambda: (False, "compiler missing"))
+    timed = _timings(monkeypatch, {"int8-dense": 0.2, "int8-csr": 0.1})
     _, report = accelerate(_mlp(11), torch.randn(3, 96), quantize="int8", progress=False)
-    assert set(report.precisions.values()) == {"fp32"}
-    assert "int8: unavailable: compiler missing" in report.layers[0].notes
+    assert set(report.choices.values()) == {"int8-dense"} and all("int8-csr" not in t for t in timed)
+    assert "int8-csr: skipped: int8 kernels not available (compiler missing)" in report.layers[0].notes
+    assert any("sparse int8 not tried" in n and "compiler missing" in n for n in report.notes)
 
 
 # -- bad arguments ------------------------------------------------------------------------------------------------

@@ -281,15 +281,34 @@ def _int8_module() -> tuple[Any, str | None]:
     return int8, None
 
 
+def _int8_candidate(int8: Any, lin: nn.Linear, fmt: str, blocksize: int | None, pattern: tuple[int, int] | None,
+                    act_scale: float | None, granularity: str, x: torch.Tensor, ref: torch.Tensor
+                    ) -> tuple[nn.Module | None, float, str]:
+    """``(module, its relative error on x, "")`` or ``(None, nan, why it could not be built or run)``."""
+    if act_scale is not None:
+        mode: dict[str, Any] = {"activations": "static", "act_scale": act_scale}
+    else:  # fbgemm's dense int8 quantizes activations per tensor only
+        mode = {"activations": "dynamic", "granularity": "tensor" if fmt == "dense" else granularity}
+    try:
+        module = int8.Int8Linear.from_linear(lin, fmt, blocksize=blocksize, pattern=pattern, **mode)
+        with torch.inference_mode(), _quiet():
+            return module, relative_error(module(x), ref), ""
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+        first = str(exc).splitlines()[0][:120] if str(exc) else ""
+        return None, float("nan"), f"unavailable: {type(exc).__name__}: {first}"
+
+
 def build_int8_candidates(linear: nn.Module, x: torch.Tensor, int8_rtol: float, *, plan: LayerPlan | None = None,
                           act_scale: float | None = None, granularity: str = "token", sparse: bool = True
                           ) -> tuple[dict[str, nn.Module], dict[str, str], dict[str, float]]:
     """Int8 candidate modules by name, notes on dropped ones, and each built candidate's relative error.
 
     Each candidate is an :class:`~prunekit.runtime.int8.Int8Linear` (weights per output channel;
-    activations static with ``act_scale``, else dynamic with ``granularity``) in a format of
+    activations static with ``act_scale``, else dynamic with ``granularity``, per tensor for dense int8,
+    which is fbgemm's) in a format of
     :func:`int8_formats` (``sparse=False``: dense int8 only), kept when ``max|y - y_fp32| / max|y_fp32| <= int8_rtol`` on ``x``.
-    Convolutions get none (they stay fp32); an unavailable int8 runtime is a note, not an error.
+    Convolutions get none (they stay fp32); an unavailable int8 runtime is a note, not an error; without
+    the compiled int8 kernels (:func:`~prunekit.runtime.int8.available`) only dense int8 is tried.
     """
     kind = plan.kind if plan is not None else ("conv2d" if isinstance(linear, nn.Conv2d) else "linear")
     if kind == "conv2d":
@@ -299,25 +318,21 @@ def build_int8_candidates(linear: nn.Module, x: torch.Tensor, int8_rtol: float, 
     int8, why = _int8_module()
     if int8 is None:
         return {}, {"int8": f"unavailable: {why}"}, {}
-    ok, why = int8.available()
-    if not ok:
-        return {}, {"int8": f"unavailable: {why}"}, {}
     lin = plain_linear(linear)
     with torch.inference_mode():
         ref = linear(x)
     cands: dict[str, nn.Module] = {}
     notes: dict[str, str] = {}
     errors: dict[str, float] = {}
-    mode = {"activations": "static", "act_scale": act_scale} if act_scale is not None else {
-        "activations": "dynamic", "granularity": granularity}
+    kernels_ok, why = int8.available()
     for name, (blocksize, pattern) in int8_formats(weight_matrix(linear), sparse).items():
-        try:
-            module = int8.Int8Linear.from_linear(lin, name[len("int8-"):], blocksize=blocksize, pattern=pattern,
-                                                 **mode)
-            with torch.inference_mode(), _quiet():
-                err = relative_error(module(x), ref)
-        except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
-            notes[name] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        fmt = name[len("int8-"):]
+        if fmt != "dense" and not kernels_ok:  # the sparse formats would run their torch reference: slow
+            notes[name] = f"skipped: int8 kernels not available ({why})"
+            continue
+        module, err, why_not = _int8_candidate(int8, lin, fmt, blocksize, pattern, act_scale, granularity, x, ref)
+        if module is None:
+            notes[name] = why_not
             continue
         errors[name] = err
         if not err <= int8_rtol:
