@@ -24,7 +24,12 @@ The result, an :class:`Allocation`, is a mapping ``{parameter name: sparsity}``
 ``round(n_l·s_l)`` weights of a layer of ``n_l``, which :func:`exact_counts`
 makes sum to the overall count exactly. Pass them the same ``layers`` /
 ``exclude`` (a Pruner prunes parameters outside the allocation at its main
-schedule's target; ``prune_oneshot`` leaves them dense).
+schedule's target; ``prune_oneshot`` leaves them dense, and also leaves dense the
+layers outside its blocks and tied output heads: allocate over the layers it
+prunes, e.g. ``layers=["model.layers"]``). Counts are exact for unstructured
+pruning (the Pruner's default granularity, ``prune_oneshot`` with fractions);
+a float override makes a gradual Pruner jump to it when its schedule begins:
+:meth:`Allocation.schedules` gives per-layer ramps instead.
 
 "Overall sparsity" is weighted by size (``mean="weighted"``, the default: the
 fraction of all weights in scope that are pruned). ``mean="layer"`` makes the
@@ -47,7 +52,8 @@ from __future__ import annotations
 import glob
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -58,6 +64,7 @@ from .._modes import in_mode
 from .._progress import progress_bar
 from .._validate import check_choice, check_real, check_sparsity
 from ..core.granularity import prune_count
+from ..core.schedules import PolynomialDecay
 from ..core.scope import Selector, Target, check_materialised, resolve_scope
 from .oneshot.blocks import resolve_blocks
 from .oneshot.calibration import call_model, to_device
@@ -168,7 +175,7 @@ class Allocation(Mapping[str, float]):
     info: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __getitem__(self, key: str) -> float:
-        index = self._index().get(key)
+        index = self._index.get(key)
         if index is None:
             raise KeyError(f"Allocation: no parameter {key!r}; parameters: {list(self.names)}")
         return self.sparsities[index]
@@ -179,6 +186,7 @@ class Allocation(Mapping[str, float]):
     def __len__(self) -> int:
         return len(self.names)
 
+    @cached_property
     def _index(self) -> dict[str, int]:
         return {**{name: i for i, name in enumerate(self.names)},
                 **{glob.escape(name): i for i, name in enumerate(self.names)}}
@@ -201,6 +209,33 @@ class Allocation(Mapping[str, float]):
     def by_name(self) -> dict[str, float]:
         """``{raw parameter name: sparsity}`` (no escaping)."""
         return {name: self[name] for name in self.names}
+
+    def schedules(self, schedule: PolynomialDecay) -> dict[str, PolynomialDecay]:
+        """Per-parameter ramps for gradual pruning: ``schedule`` scaled to end at each target (``overrides=``).
+
+        Parameter ``l`` follows ``s_l / final · schedule(t)`` (same steps, power and
+        frequency), so every layer ramps together, the overall sparsity follows
+        ``schedule`` (up to one weight per layer) and ends at exactly ``pruned``.
+
+        Raises:
+            TypeError: ``schedule`` is not a :class:`~prunekit.PolynomialDecay`.
+
+        Example:
+            >>> from prunekit import PolynomialDecay
+            >>> a = Allocation("erk", 0.5, "weighted", ("a", "b"), (8, 8), (6, 2), (0.75, 0.25), (0.75, 0.25))
+            >>> ramps = a.schedules(PolynomialDecay(0.2, 0.5, 0, 10, frequency=5))
+            >>> [round(s.initial_sparsity, 4) for s in ramps.values()]
+            [0.3, 0.1]
+        """
+        if not isinstance(schedule, PolynomialDecay):
+            raise TypeError(f"Allocation.schedules: schedule must be a PolynomialDecay, got {type(schedule).__name__}")
+        final = schedule.final_sparsity
+        out = {}
+        for key, target in zip(self, self.sparsities):
+            scale = target / final if final > 0 else 0.0
+            out[key] = replace(schedule, initial_sparsity=min(schedule.initial_sparsity * scale, target),
+                               final_sparsity=target)
+        return out
 
     def verify(self, model: nn.Module) -> None:
         """Check that ``model`` has exactly ``counts[i]`` zeros in each allocated parameter (after pruning).
@@ -256,7 +291,10 @@ class Problem:
         targets: the free parameters, in model order.
         numels: their sizes.
         mean: ``"weighted"`` or ``"layer"``.
-        goal: weighted: the weights to prune among them; layer: the mean target they must average.
+        goal: weighted: the weights to prune among them, ``N·S`` less the fixed ones' counts (real, so
+            that a rule's real targets follow its published formula); layer: the mean target they must average.
+        count: weighted: the exact integer count the rounding will meet (``round(N·S)`` less the fixed ones').
+        fixed: names of the fixed parameters (not in ``targets``).
     """
 
     model: nn.Module
@@ -264,6 +302,7 @@ class Problem:
     numels: list[int]
     mean: str
     goal: float
+    count: int = 0
     fixed: set[str] = field(default_factory=set)
 
     @property
@@ -301,7 +340,8 @@ class AllocationRule:
         return f"{type(self).__name__}()"
 
 
-def _bisect(fn: Callable[[float], float], goal: float, lo: float, hi: float, iterations: int = 200) -> tuple[float, float]:
+def _bisect(fn: Callable[[float], float], goal: float, lo: float, hi: float,
+            iterations: int = 200) -> tuple[float, float]:
     """``(a, b)`` with ``fn(a) <= goal <= fn(b)`` and ``b - a`` tiny, for a non-decreasing ``fn``."""
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
@@ -440,7 +480,7 @@ class LAMP(AllocationRule):
     name = "lamp"
 
     def solve(self, problem: Problem) -> tuple[list[float], dict[str, Any]]:
-        k = round(problem.goal)
+        k = problem.count
         scores = []
         for t in problem.targets:
             s = lamp_scores(t.param).reshape(-1)
@@ -491,7 +531,7 @@ class _SquaredNorms:
 
 def _input_norms(model: nn.Module, targets: Sequence[Target], calibration: Any,
                  progress: bool | None) -> dict[str, torch.Tensor]:
-    """``{parameter name: ‖X_j‖₂ per input column}`` from one pass of the dense model over the calibration data."""
+    """``{parameter name: ‖X_j‖₂ per input column}`` from one pass of the dense model over the calibration."""
     layers = {t.name: _layer_of(model, t) for t in targets}
     hooks = {name: _SquaredNorms(layer) for name, layer in layers.items()}
     try:
@@ -516,12 +556,12 @@ def _input_norms(model: nn.Module, targets: Sequence[Target], calibration: Any,
 
 
 def _metric_matrix(layer: Layer, norms: torch.Tensor) -> torch.Tensor:
-    """``|W_ij|·‖X_j‖₂`` on the ``(out, in·k)`` matrix; a grouped convolution's rows use their group's columns."""
+    """``|W_ij|·‖X_j‖₂`` on the ``(out, in·k)`` matrix; a grouped convolution's rows use their group's inputs."""
     W = layer.matrix().double().abs()
-    norms = norms.to(W.device).double().reshape(layer.groups, -1)
-    if norms.shape[1] != W.shape[1]:
+    if norms.numel() != layer.groups * W.shape[1]:
         raise ValueError(f"{_OWNER}: OWL input norms of '{layer.name}.weight' have {norms.numel()} entries; its "
                          f"weight needs {layer.groups * W.shape[1]} (one per input column, im2col for convolutions)")
+    norms = norms.to(W.device).double().reshape(layer.groups, -1)
     rows = torch.arange(W.shape[0], device=W.device) // (W.shape[0] // layer.groups)
     return W * norms[rows]
 
@@ -614,7 +654,11 @@ class OWL(AllocationRule):
         out: dict[str, list[int]] = {}
         owner: dict[int, str] = {}
         if self.groups == "block":
-            for name, block in resolve_blocks(model, None) or []:
+            try:
+                blocks = resolve_blocks(model, None) or []
+            except ValueError as exc:
+                raise ValueError(f"{_OWNER}: OWL groups='block': {exc}; or pass groups='parameter'") from None
+            for name, block in blocks:
                 owner.update({id(m): name for m in block.modules()})
         for i, t in enumerate(targets):
             out.setdefault(owner.get(id(t.module), t.name), []).append(i)
@@ -645,8 +689,8 @@ class OWL(AllocationRule):
         for s, u in zip(per_unit, units):
             for i in u:
                 out[i] = s
-        return out, {"outlier_ratios": ratios, "groups": {k: [problem.targets[i].name for i in groups[k]]
-                                                          for k in keys}, "lam_used": alpha * self.lam if spread > 0 else 0.0}
+        names = {k: [problem.targets[i].name for i in groups[k]] for k in keys}
+        return out, {"outlier_ratios": ratios, "groups": names, "lam_used": alpha * self.lam if spread > 0 else 0.0}
 
     def __repr__(self) -> str:
         return f"OWL(m={self.m:g}, lam={self.lam:g}, groups={self.groups!r})"
@@ -726,7 +770,8 @@ class EqualLoss(AllocationRule):
         if hasattr(table, "curves") and hasattr(table, "dense"):  # a SensitivityResult (duck-typed)
             curves, parameters = dict(table.curves), dict(getattr(table, "parameters", {}) or {})
             dense = table.dense if dense is None else dense
-            higher_is_better = getattr(table, "higher_is_better", True) if higher_is_better is None else higher_is_better
+            if higher_is_better is None:
+                higher_is_better = getattr(table, "higher_is_better", True)
         elif isinstance(table, Mapping):
             curves, parameters = dict(table), {}
         else:
@@ -848,8 +893,8 @@ def _fixed(fixed: Mapping[str, float] | None, targets: Sequence[Target]) -> dict
 
 
 def _goal(sparsity: float, mean: str, free: list[Target], numels: list[int], fixed: dict[str, float],
-          targets: Sequence[Target]) -> float:
-    """The free parameters' goal: weights to prune (weighted) or their mean target (layer)."""
+          targets: Sequence[Target]) -> tuple[float, int]:
+    """The free parameters' goal (weights to prune, real, or their mean target) and exact count (weighted)."""
     fixed_counts = {t.name: prune_count(t.param.numel(), fixed[t.name]) for t in targets if t.name in fixed}
     total = sum(t.param.numel() for t in targets)
     if mean == "weighted":
@@ -864,7 +909,7 @@ def _goal(sparsity: float, mean: str, free: list[Target], numels: list[int], fix
             raise ValueError(f"{_OWNER}: overall sparsity {sparsity:g} cannot be reached: with fixed={fixed} and every "
                              f"free layer keeping at least one weight the {'least' if goal < 0 else 'most'} is "
                              f"{reach:.4f}")
-        return float(goal)
+        return total * sparsity - sum(fixed_counts.values()), goal
     goal = (len(targets) * sparsity - sum(fixed.values())) / len(free) if free else sparsity
     if not free and abs(sum(fixed.values()) / len(targets) - sparsity) > 1e-12:
         raise ValueError(f"{_OWNER}: every parameter in scope is fixed, with mean target "
@@ -872,7 +917,7 @@ def _goal(sparsity: float, mean: str, free: list[Target], numels: list[int], fix
     if free and not 0 <= goal < 1:
         raise ValueError(f"{_OWNER}: a mean target of {sparsity:g} cannot be reached with fixed={fixed}: the free "
                          f"layers would need a mean of {goal:.4f}")
-    return goal
+    return goal, 0
 
 
 def allocate(model: nn.Module, sparsity: float, rule: str | AllocationRule = "uniform", *,
@@ -921,15 +966,15 @@ def allocate(model: nn.Module, sparsity: float, rule: str | AllocationRule = "un
     fixed_map = _fixed(fixed, targets)
     free = [t for t in targets if t.name not in fixed_map]
     numels = [t.param.numel() for t in free]
-    goal = _goal(sparsity, mean, free, numels, fixed_map, targets)
+    goal, count = _goal(sparsity, mean, free, numels, fixed_map, targets)
     raw_free: list[float] = []
     info: dict[str, Any] = {}
-    if free and goal > 0:
-        problem = Problem(model, free, numels, mean, goal, set(fixed_map))
+    if free and (count > 0 if mean == "weighted" else goal > 0):
+        problem = Problem(model, free, numels, mean, max(goal, 0.0), count, set(fixed_map))
         raw_free, info = rule_obj.solve(problem)
     elif free:
         raw_free = [0.0] * len(free)
-    free_total = int(goal) if mean == "weighted" else None
+    free_total = count if mean == "weighted" else None
     free_counts = exact_counts(numels, raw_free, free_total) if free else []
     by_free = dict(zip((t.name for t in free), zip(free_counts, raw_free)))
     counts, values, raw = [], [], []
@@ -943,5 +988,5 @@ def allocate(model: nn.Module, sparsity: float, rule: str | AllocationRule = "un
             counts.append(by_free[t.name][0])
             values.append(counts[-1] / n if n else 0.0)
             raw.append(float(by_free[t.name][1]))
-    return Allocation(rule_obj.name, sparsity, mean, tuple(t.name for t in targets), tuple(t.param.numel() for t in targets),
-                      tuple(counts), tuple(values), tuple(raw), info)
+    return Allocation(rule_obj.name, sparsity, mean, tuple(t.name for t in targets),
+                      tuple(t.param.numel() for t in targets), tuple(counts), tuple(values), tuple(raw), info)
