@@ -17,6 +17,7 @@ from .core.pruner import Pruner
 from .core.report import LayerSparsity, SparsityReport, sparsity_report
 from .core.schedules import ConstantSparsity, PolynomialDecay, Schedule, schedule_from_dict
 from .formats import FormatError, export_onnx, load, quantize_int8, save, size_summary
+from .methods.allocation import Allocation, allocate
 from .methods.iterative import iterative_prune, round_sparsities
 from .methods.obd import OBD, Taylor
 from .methods.sensitivity import SensitivityResult, sensitivity
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccelerationReport",
+    "Allocation",
     "Blocks",
     "Channels",
     "ConstantSparsity",
@@ -53,6 +55,7 @@ __all__ = [
     "Unstructured",
     "WeightSpec",
     "accelerate",
+    "allocate",
     "apply_shapes",
     "export_onnx",
     "iterative_prune",

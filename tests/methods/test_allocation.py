@@ -26,7 +26,9 @@ from prunekit.methods.allocation import (
     ERK,
     OWL,
     RULES,
+    AllocationRule,
     EqualLoss,
+    Problem,
     Uniform,
     allocate,
     exact_counts,
@@ -301,27 +303,33 @@ def _owl_code(ratios: list[float], sparsity: float, lam: float) -> list[float]:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_owl_targets_follow_the_published_mapping(seed):
+@pytest.mark.parametrize("depth", [2, 5])
+def test_owl_targets_follow_the_published_mapping(seed, depth):
     torch.manual_seed(seed)
-    net = nn.Sequential(*[nn.Linear(16, 16) for _ in range(5)])
+    net = nn.Sequential(*[nn.Linear(16, 16) for _ in range(depth)])
     g = torch.Generator().manual_seed(seed)
-    norms = {f"{i}.weight": torch.rand(16, generator=g, dtype=torch.float64) ** (1 + 3 * i) for i in range(5)}
+    norms = {f"{i}.weight": torch.rand(16, generator=g, dtype=torch.float64) ** (1 + 3 * i) for i in range(depth)}
     for lam in (0.02, 0.08):
         alloc = allocate(net, 0.6, OWL(norms, m=2.0, lam=lam), mean="layer")
         ratios = [alloc.info["outlier_ratios"][n] for n in alloc.names]
-        assert len(set(ratios)) > 2
+        assert len(set(ratios)) > 1
         raw = list(alloc.raw)
         assert sum(raw) / len(raw) == pytest.approx(0.6, abs=1e-12)  # unweighted mean = S
         assert all(0.6 - lam - 1e-12 <= s <= 0.6 + lam + 1e-12 for s in raw)
         # More outliers, lower sparsity.
-        order = sorted(range(5), key=lambda i: ratios[i])
+        order = sorted(range(depth), key=lambda i: ratios[i])
         assert all(raw[a] >= raw[b] - 1e-12 for a, b in itertools.pairwise(order))
         code = _owl_code(ratios, 0.6, lam)
-        if all(abs(c - 0.6) <= lam for c in code):  # the code's targets are in the paper's range: identical
+        # Two layers: the code's targets are S ± λ exactly; five skewed ratios: the code leaves the range.
+        assert all(abs(c - 0.6) <= lam + 1e-12 for c in code) == (depth == 2)
+        if depth == 2:  # the code's targets are in the paper's range: identical
             assert raw == pytest.approx(code, abs=1e-12)
             assert max(raw) - min(raw) == pytest.approx(2 * lam, abs=1e-12)
-        else:  # narrowed to fit [S − λ, S + λ]
+        else:  # narrowed to fit [S − λ, S + λ]: the code's deviations from S, scaled down by one factor
             assert max(abs(s - 0.6) for s in raw) == pytest.approx(lam, abs=1e-12)
+            alpha = alloc.info["lam_used"] / lam
+            assert 0 < alpha < 1
+            assert [s - 0.6 for s in raw] == pytest.approx([alpha * (c - 0.6) for c in code], abs=1e-12)
         weighted = allocate(net, 0.6, OWL(norms, m=2.0, lam=lam))  # same sizes: the same targets
         assert weighted.raw == pytest.approx(raw, abs=1e-12) and weighted.pruned == round(weighted.total * 0.6)
 
@@ -559,3 +567,46 @@ def test_zero_sparsity_and_allocation_dict():
     d = alloc.to_dict()
     assert d["pruned"] == 48 and [row["name"] for row in d["layers"]] == ["0.weight", "1.weight"]
     assert "| (overall, lamp) | 96 | 0.5000 |" in alloc.table()
+
+
+class _BySize(AllocationRule):
+    """A custom rule: sparsity proportional to size (scaled to the goal)."""
+
+    name = "by-size"
+
+    def solve(self, problem: Problem):
+        total = sum(n * n for n in problem.numels)
+        return [min(problem.goal * n / total, 0.99) for n in problem.numels], {}
+
+
+class _Broken(AllocationRule):
+    name = "broken"
+
+    def __init__(self, out):
+        self.out = out
+
+    def solve(self, problem: Problem):
+        return self.out, {}
+
+
+def test_custom_rule_and_its_checks():
+    import prunekit
+
+    assert prunekit.allocate is allocate
+    torch.manual_seed(0)
+    model = _mlp()
+    alloc = prunekit.allocate(model, 0.6, _BySize())
+    assert alloc.rule == "by-size" and alloc.pruned == round(alloc.total * 0.6)
+    assert alloc["2.weight"] > alloc["0.weight"] > alloc["4.weight"]
+    pruner = Pruner(model, 0.6, overrides=alloc)
+    assert _pruned(pruner) == alloc.pruned
+    pruner.remove()
+    with pytest.raises(ValueError, match="returned list of 1 targets for 3 free parameters"):
+        allocate(_mlp(), 0.5, _Broken([0.5]))
+    with pytest.raises(ValueError, match="gave '2.weight' the target 1.5"):
+        allocate(_mlp(), 0.5, _Broken([0.5, 1.5, 0.5]))
+
+
+def test_owl_block_groups_need_blocks():
+    with pytest.raises(ValueError, match="OWL groups='block': .*no repeated blocks"):
+        allocate(_mlp(), 0.5, OWL([torch.randn(4, 20)], groups="block"))

@@ -78,6 +78,7 @@ __all__ = [
     "Allocation",
     "AllocationRule",
     "EqualLoss",
+    "Problem",
     "Uniform",
     "allocate",
     "exact_counts",
@@ -920,6 +921,17 @@ def _goal(sparsity: float, mean: str, free: list[Target], numels: list[int], fix
     return goal, 0
 
 
+def _check_raw(rule: AllocationRule, raw: Any, free: Sequence[Target]) -> None:
+    """A rule's targets: one finite number in ``[0, 1]`` per free parameter (a custom rule may get it wrong)."""
+    if not isinstance(raw, (list, tuple)) or len(raw) != len(free):
+        raise ValueError(f"{_OWNER}: rule {rule!r} returned {type(raw).__name__} of "
+                         f"{len(raw) if hasattr(raw, '__len__') else '?'} targets for {len(free)} free parameters")
+    for t, value in zip(free, raw):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{_OWNER}: rule {rule!r} gave '{t.name}' the target {value!r}; targets must be "
+                             "numbers in [0, 1]")
+
+
 def allocate(model: nn.Module, sparsity: float, rule: str | AllocationRule = "uniform", *,
              layers: Sequence[Selector] | None = None, exclude: Sequence[Selector] | None = None,
              fixed: Mapping[str, float] | None = None, mean: str = "weighted", **options: Any) -> Allocation:
@@ -972,6 +984,7 @@ def allocate(model: nn.Module, sparsity: float, rule: str | AllocationRule = "un
     if free and (count > 0 if mean == "weighted" else goal > 0):
         problem = Problem(model, free, numels, mean, max(goal, 0.0), count, set(fixed_map))
         raw_free, info = rule_obj.solve(problem)
+        _check_raw(rule_obj, raw_free, free)
     elif free:
         raw_free = [0.0] * len(free)
     free_total = count if mean == "weighted" else None
