@@ -145,6 +145,17 @@ def test_recipe_scope_is_honoured(tmp_path):
     assert [r["name"] for r in doc["layers"]] == ["fc1.weight", "fc2.weight", "fc3.weight"]
 
 
+def test_a_data_driven_recipe_criterion(tmp_path):
+    recipe = write_recipe(tmp_path / "taylor.yaml", merged(TINY, name="taylor",
+                                                           criterion={"name": "taylor", "params": {"samples": 64}}))
+    doc = run_sensitivity(recipe, tmp_path / "out", runs=tmp_path / "runs", sparsities=(0.5, 0.9), progress=False,
+                          log=None)
+    magnitude = run_sensitivity(write_recipe(tmp_path / "m.yaml", merged(TINY, name="m")), tmp_path / "out2",
+                                runs=tmp_path / "runs", sparsities=(0.5, 0.9), progress=False, log=None)
+    assert doc["criterion"].startswith("Taylor") and doc["dense"] == magnitude["dense"]
+    assert [r["curve"] for r in doc["layers"]] != [r["curve"] for r in magnitude["layers"]]
+
+
 @pytest.mark.parametrize("grid,message", [
     ("0.1,x", "--sparsities: 'x' is not a number"),
     ("0.5,1.5", "--sparsities: '1.5' is outside [0, 1)"),

@@ -1,4 +1,4 @@
-"""prunekit.sensitivity: each layer pruned alone over a grid, the model restored bit for bit, against hand computations."""
+"""prunekit.sensitivity: each layer pruned alone over a grid, the model restored bit for bit; checked by hand."""
 
 from __future__ import annotations
 
@@ -217,6 +217,10 @@ def test_groups_are_pruned_together(seed, single_thread):
         assert result.curves[name] == [(s, evaluate(magnitude_pruned(model, list(members), s))) for s in (0.4, 0.8)]
     unnamed = sensitivity(model, evaluate, groups=[["fc3"], ["conv1", "fc1"]], sparsities=(0.5,), progress=False)
     assert unnamed.layers == ["fc3.weight", "conv1.weight+fc1.weight"]
+    # exclude applies across groups: here it removes fc2 from one group and touches the other not at all.
+    partial = sensitivity(model, evaluate, groups=groups, exclude=["fc2"], sparsities=(0.4,), progress=False)
+    assert partial.parameters == {"convs": ("conv1.weight", "conv2.weight"), "hidden": ("fc1.weight",)}
+    assert partial.curves["hidden"] == [(0.4, evaluate(magnitude_pruned(model, ["fc1.weight"], 0.4)))]
 
 
 def test_global_ranking_within_a_group_ranks_across_its_layers(single_thread):
@@ -400,6 +404,8 @@ def _run(**kwargs):
     ({"exclude": ["fc*"]}, ValueError, "no prunable parameter in scope"),
     ({"groups": {"g": ["nope"]}}, ValueError, "group 'g': layers: 'nope' matched no prunable parameter"),
     ({"groups": {}}, ValueError, "groups is empty"),
+    ({"groups": {"g": ["fc1"]}, "exclude": ["fc1"]}, ValueError, "group 'g' has no prunable parameter"),
+    ({"groups": {"g": ["fc1"]}, "exclude": ["nope"]}, ValueError, "sensitivity: exclude: 'nope' matched no"),
     ({"groups": {"a": ["fc1"]}, "layers": ["fc1"]}, ValueError, "not both"),
     ({"groups": "fc1"}, TypeError, "groups must be a dict"),
     ({"granularity": NM(2, 4), "sparsities": DEFAULT_SPARSITIES}, ValueError,

@@ -208,7 +208,8 @@ def _draw(fig: Any, r: SensitivityResult, title: str | None) -> None:
     heat.set_xlabel("sparsity (%)")
     if drops.numel() <= 300:  # small enough to label every cell legibly
         for (i, j), value in ((ij, float(drops[ij])) for ij in _cells(drops.shape)):
-            heat.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=6)
+            heat.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=6,
+                      color="white" if abs(value) > 0.6 * bound else "black")  # legible on dark cells
     fig.colorbar(image, ax=heat, label="worse than dense by (metric units)")
     fig.suptitle(title or f"Sensitivity: each layer pruned alone ({r.criterion}, {r.granularity}); "
                           f"dense {_number(r.dense)}")
@@ -327,21 +328,34 @@ def _group_units(model: nn.Module, exclude: Any, groups: Any) -> tuple[list[_Uni
                         f"got {type(groups).__name__}")
     if not named:
         raise ValueError(f"{_OWNER}: groups is empty; pass at least one group of layers (or groups=None)")
+    excluded = _excluded_names(model, exclude)
     units, seen = [], {}
     for key, selectors in named:
-        try:
-            targets = resolve_scope(model, _as_list(selectors), exclude).targets
+        try:  # exclude applies to the analysis as a whole: a group need not contain what it names
+            found = resolve_scope(model, _as_list(selectors)).targets
         except ValueError as exc:
             raise ValueError(f"{_OWNER}: group {key or selectors!r}: {exc}") from None
+        targets = [t for t in found if t.name not in excluded]
         if not targets:
             raise ValueError(f"{_OWNER}: group {key or selectors!r} has no prunable parameter (check it and exclude)")
         name = key if key is not None else "+".join(t.name for t in targets)
         if name in {u.name for u in units}:
             raise ValueError(f"{_OWNER}: two groups are named {name!r}; give groups distinct names")
-        units.append(_Unit(name, _as_list(selectors), None if exclude is None else _as_list(exclude),
-                           tuple(t.name for t in targets), sum(t.param.numel() for t in targets)))
+        left_out = [_literal(t.name) for t in found if t.name in excluded]
+        units.append(_Unit(name, _as_list(selectors), left_out or None, tuple(t.name for t in targets),
+                           sum(t.param.numel() for t in targets)))
         seen.update({t.name: t for t in targets})
     return units, list(seen.values())
+
+
+def _excluded_names(model: nn.Module, exclude: Any) -> set[str]:
+    if exclude is None:
+        return set()
+    try:
+        kept = {t.name for t in resolve_scope(model, None, exclude).targets}
+    except ValueError as exc:
+        raise ValueError(f"{_OWNER}: {exc}") from None
+    return {t.name for t in resolve_scope(model).targets} - kept
 
 
 # -- scores of the dense model, computed once -----------------------------------------------------------------------
