@@ -63,7 +63,7 @@ from .._hf import cache_disabled
 from .._modes import in_mode
 from .._progress import progress_bar
 from .._validate import check_choice, check_real, check_sparsity
-from ..core.granularity import prune_count
+from ..core.granularity import lowest_k, prune_count
 from ..core.schedules import PolynomialDecay
 from ..core.scope import Selector, Target, check_materialised, resolve_scope
 from .oneshot.blocks import resolve_blocks
@@ -470,6 +470,9 @@ class LAMP(AllocationRule):
     selected, so every layer keeps one. ``info["threshold"]`` is the highest
     pruned score. Weighted mean only (the threshold fixes the count).
 
+    Args:
+        progress: a bar over layers (``None``: only on a terminal).
+
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
@@ -480,20 +483,23 @@ class LAMP(AllocationRule):
 
     name = "lamp"
 
+    def __init__(self, progress: bool | None = None) -> None:
+        self.progress = progress
+
     def solve(self, problem: Problem) -> tuple[list[float], dict[str, Any]]:
         k = problem.count
         scores = []
-        for t in problem.targets:
+        # A sort per layer: about 0.3 s per million weights on one core, so a bar on larger models.
+        for t in progress_bar(self.progress, problem.targets, desc="allocate[lamp]", unit="layer"):
             s = lamp_scores(t.param).reshape(-1)
             if s.numel():
                 s[torch.argmax(s)] = math.inf  # the layer's top weight (score 1) stays
             scores.append(s)
-        flat = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
-        owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores)])
-        # A stable sort: equal scores go in layer order, then by position, as the docs say.
-        chosen = torch.sort(flat, stable=True).indices[:k]
-        counts = torch.bincount(owner[chosen], minlength=len(scores)).tolist()
-        threshold = float(flat[chosen].max()) if k else 0.0
+        flat = torch.cat(scores)
+        # A selection, not a sort (linear time); equal scores go in layer order, then by position.
+        pruned = ~lowest_k(flat, k)
+        counts = [int(part.sum()) for part in pruned.split([s.numel() for s in scores])]
+        threshold = float(flat[pruned].max()) if k else 0.0
         return [c / n if n else 0.0 for c, n in zip(counts, problem.numels)], {"threshold": threshold}
 
 
