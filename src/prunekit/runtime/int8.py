@@ -104,7 +104,7 @@ def calibrate_scale(inputs: Iterable[torch.Tensor], *, method: str = "max") -> f
     An all-zero calibration gives 1.0.
 
     Example:
-        >>> calibrate_scale([torch.tensor([0.5, -2.54]), torch.tensor([1.0])])
+        >>> round(calibrate_scale([torch.tensor([0.5, -2.54]), torch.tensor([1.0])]), 6)
         0.02
     """
     check_choice("calibrate_scale", "method", method, ("max", "percentile"))

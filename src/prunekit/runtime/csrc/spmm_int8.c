@@ -273,13 +273,13 @@ GENROW(nm_gen, uint8_t, COL_NM)
 
 /* CSR (is_nm = 0: row i has val/col[crow[i] .. crow[i+1]), int32 columns) or N:M (is_nm = 1: row i has
    the K entries i*K .., 1-byte offsets, n = 2^sh per group of mm) times the quantized activations. */
-static void pair_matmul(int is_nm, int64_t M, int64_t N, int64_t B, const int32_t *crow, int64_t K, int sh,
-                        int64_t mm, const void *col, const int8_t *val, const int16_t *xq, const float *ws,
-                        const float *xs, const float *bias, float *yt, int nthreads) {
-    if (nthreads < 1) nthreads = 1;
-    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+#define PAIR_ARGS int is_nm, int64_t M, int64_t N, int64_t B, const int32_t *crow, int64_t K, int sh, \
+    int64_t mm, const void *col, const int8_t *val, const int16_t *xq, const float *ws, const float *xs, \
+    const float *bias, float *yt
+#define PAIR_PASS is_nm, M, N, B, crow, K, sh, mm, col, val, xq, ws, xs, bias, yt
+/* Part tid of nth (contiguous output rows) of pair_matmul. */
+static void pair_part(int tid, int nth, PAIR_ARGS) {
     {
-        const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
         const int64_t lo = M * tid / nth, hi = M * (tid + 1) / nth;
         int32_t acc32[I8_CHUNK];
         for (int64_t i = lo; i < hi && B == 1; ++i) {
@@ -307,6 +307,16 @@ static void pair_matmul(int is_nm, int64_t M, int64_t N, int64_t B, const int32_
             }
         }
     }
+}
+
+/* Output rows split into nthreads contiguous ranges; one thread skips OpenMP entirely (latency at batch 1). */
+static void pair_matmul(PAIR_ARGS, int nthreads) {
+    if (nthreads <= 1) {
+        pair_part(0, 1, PAIR_PASS);
+        return;
+    }
+    #pragma omp parallel num_threads(nthreads)
+    pair_part(omp_get_thread_num(), omp_get_num_threads(), PAIR_PASS);
 }
 
 /* yt (M x B) from CSR int8 weights (crow, col int32, val int8), ws (M), xq/xs from prunekit_i8_quantize. */
@@ -398,15 +408,25 @@ static void rows_chunk(int64_t R, const int32_t *col, const int32_t *wp, int64_t
 }
 #endif
 
-void prunekit_i8_rows(int64_t G, int64_t R, int64_t N, int64_t B, const int32_t *gptr, const int32_t *col,
-                      const int8_t *val, const int16_t *xq, const float *ws, const float *xs, const float *bias,
-                      float *yt, int nthreads) {
-    if (nthreads < 1) nthreads = 1;
+#define ROWS_ARGS int64_t G, int64_t R, int64_t N, int64_t B, const int32_t *gptr, const int32_t *col, \
+    const int8_t *val, const int16_t *xq, const float *ws, const float *xs, const float *bias, float *yt
+#define ROWS_PASS G, R, N, B, gptr, col, val, xq, ws, xs, bias, yt
+static void rows_part(int tid, int nth, int64_t maxk, ROWS_ARGS);
+
+void prunekit_i8_rows(ROWS_ARGS, int nthreads) {
     int64_t maxk = 0;
     for (int64_t g = 0; g < G; ++g) maxk = gptr[g + 1] - gptr[g] > maxk ? gptr[g + 1] - gptr[g] : maxk;
-    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    if (nthreads <= 1) {
+        rows_part(0, 1, maxk, ROWS_PASS);
+        return;
+    }
+    #pragma omp parallel num_threads(nthreads)
+    rows_part(omp_get_thread_num(), omp_get_num_threads(), maxk, ROWS_PASS);
+}
+
+/* Part tid of nth (contiguous groups) of prunekit_i8_rows. */
+static void rows_part(int tid, int nth, int64_t maxk, ROWS_ARGS) {
     {
-        const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
         const int64_t lo = G * tid / nth, hi = G * (tid + 1) / nth;
         int32_t *scratch = (int32_t *)malloc(sizeof(int32_t) * (size_t)((maxk + 1) / 2 * R + I8_CHUNK + 8));
         int32_t *acc = scratch; /* batch 1 and generic: up to I8_CHUNK (or 8 rows) accumulators */
