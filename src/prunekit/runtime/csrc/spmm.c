@@ -428,23 +428,29 @@ static void nm_avx2(int64_t lo, int64_t hi, int64_t B, int64_t K, int sh, int64_
    picked from the window's two loaded vectors by two in-register permutes and a blend instead of
    a gather (lanes whose column is in the second vector take it from there). Entries past the last
    full window are summed in scalar. Two fixed partial vectors (windows alternate). */
+/* The x values of the 8 entries at off (window of 16 inputs at x). */
+static inline __m256 nm_win8(const uint8_t *restrict off, const float *restrict x, __m256i rel) {
+    const __m256i idx = _mm256_add_epi32(rel, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)off)));
+    const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), idx);
+    const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), idx);
+    const __m256 g = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
+    return g;
+}
 static inline float nm_dot1_win8(const uint8_t *restrict off, const float *restrict val, int64_t K, int sh,
                                  int64_t mm, const float *restrict x) {
-    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i rel = _mm256_mullo_epi32(_mm256_srli_epi32(iota, sh), _mm256_set1_epi32((int)mm));
-    __m256 s[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    int64_t k = 0, c = 0;
-    int u = 0;
-    for (; k + 8 <= K; k += 8, c += 16, u ^= 1) {
-        const __m256i idx = _mm256_add_epi32(rel, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(off + k))));
-        const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + c), idx);
-        const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + c + 8), idx);
-        const __m256 g = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
-        s[u] = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), g, s[u]);
+    const __m256i rel = _mm256_mullo_epi32(_mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), sh),
+                                           _mm256_set1_epi32((int)mm));
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t k = 0;
+    /* Windows alternate between the two partial vectors (entries k..k+7 start at input 2k). */
+    for (; k + 16 <= K; k += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), nm_win8(off + k, x + 2 * k, rel), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), nm_win8(off + k + 8, x + 2 * k + 16, rel), s1);
     }
+    if (k + 8 <= K) { s0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), nm_win8(off + k, x + 2 * k, rel), s0); k += 8; }
     float t = 0.0f;
     for (; k < K; ++k) t += val[k] * x[(k >> sh) * mm + off[k]];
-    return hsum8(_mm256_add_ps(s[0], s[1])) + t;
+    return hsum8(_mm256_add_ps(s0, s1)) + t;
 }
 
 /* Batch 1, any n:m: 8-lane gathers of the columns ((k + j) >> sh) * mm + off[k + j]. */
