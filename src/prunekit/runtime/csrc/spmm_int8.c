@@ -34,7 +34,9 @@
 #define I8_SIMD "generic"
 #endif
 
+#ifndef I8_CHUNK
 #define I8_CHUNK 64
+#endif
 /* Input feature of entry k: CSR stores it; N:M stores its offset inside group (k - k0) >> sh of mm. */
 #define COL_CSR(k) ((int64_t)col[k])
 #define COL_NM(k) ((((int64_t)(k) - k0) >> sh) * mm + (int64_t)col[k])
@@ -52,6 +54,9 @@ static inline int64_t chunk_width(int64_t B, int64_t c) {
 
 /* int16 values the quantized activations take (the caller allocates them). */
 int64_t prunekit_i8_xq_size(int64_t B, int64_t N) { return B == 1 ? N + 1 : N * ((B + 15) / 16 * 16); }
+
+/* Input features per transposed tile of the row-major quantizer (16 x QTILE floats: 16 KiB). */
+#define QTILE 256
 
 static inline int16_t quant1(float v, float s) {
     float q = rintf(v / s);
@@ -76,11 +81,34 @@ static int absmax_rows(int64_t B, int64_t N, const float *restrict x, int64_t sb
         for (int64_t b = 0; b < B; ++b) {
             const float *restrict p = x + b * sb;
             float m = 0.0f;
-            for (int64_t n = 0; n < N; ++n) {
-                const float a = fabsf(p[n * sn]);
-                bad |= !(a <= 3.402823466e38f);
-                m = a > m ? a : m;
+            int64_t n0 = 0;
+#ifdef I8_AVX2
+            if (sn == 1) { /* the common case; the max of a set is exact in any order */
+                const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(3.402823466e38f);
+                __m256 mv = _mm256_setzero_ps(), badv = _mm256_setzero_ps();
+                for (; n0 + 8 <= N; n0 += 8) {
+                    const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(p + n0));
+                    badv = _mm256_or_ps(badv, _mm256_cmp_ps(a, big, _CMP_NLE_UQ)); /* NaN or inf */
+                    mv = _mm256_max_ps(mv, a);
+                }
+                float lanes[8];
+                _mm256_storeu_ps(lanes, mv);
+                for (int u = 0; u < 8; ++u) m = lanes[u] > m ? lanes[u] : m;
+                bad |= _mm256_movemask_ps(badv) != 0;
             }
+#endif
+            if (sn == 1)
+                for (int64_t n = n0; n < N; ++n) {
+                    const float a = fabsf(p[n]);
+                    bad |= !(a <= 3.402823466e38f);
+                    m = a > m ? a : m;
+                }
+            else
+                for (int64_t n = 0; n < N; ++n) {
+                    const float a = fabsf(p[n * sn]);
+                    bad |= !(a <= 3.402823466e38f);
+                    m = a > m ? a : m;
+                }
             xs[b] = m;
         }
     }
@@ -137,14 +165,19 @@ int prunekit_i8_quantize(int64_t B, int64_t N, const float *restrict x, int64_t 
                     const int64_t r = B - b0 - t < 16 ? B - b0 - t : 16;
                     quant16(x + n * sn + b0 + t, r, xs + b0 + t, base + n * W + t);
                 }
-        } else {
-            for (int64_t t = B - b0; t < W; ++t)
-                for (int64_t n = 0; n < N; ++n) base[n * W + lane_pos(t)] = 0;
-            for (int64_t t = 0; t < W && b0 + t < B; ++t) {
-                const float *restrict p = x + (b0 + t) * sb;
-                const float s = xs[b0 + t];
-                const int64_t pos = lane_pos(t);
-                for (int64_t n = 0; n < N; ++n) base[n * W + pos] = quant1(p[n * sn], s);
+        } else { /* rows of x: transpose tiles of 16 rows x QTILE features into tmp (L1), then as above */
+            float tmp[QTILE * 16];
+            for (int64_t t = 0; t < W; t += 16) {
+                const int64_t r = B - b0 - t < 16 ? B - b0 - t : 16;
+                for (int64_t n0 = 0; n0 < N; n0 += QTILE) {
+                    const int64_t nn = N - n0 < QTILE ? N - n0 : QTILE;
+                    for (int64_t u = 0; u < r; ++u) {
+                        const float *restrict p = x + (b0 + t + u) * sb + n0 * sn;
+                        if (sn == 1) for (int64_t n = 0; n < nn; ++n) tmp[n * 16 + u] = p[n];
+                        else for (int64_t n = 0; n < nn; ++n) tmp[n * 16 + u] = p[n * sn];
+                    }
+                    for (int64_t n = 0; n < nn; ++n) quant16(tmp + n * 16, r, xs + b0 + t, base + (n0 + n) * W + t);
+                }
             }
         }
     }
@@ -169,9 +202,10 @@ static inline void store_row(const __m256i *acc, int NV, float ws, const float *
     const __m256 w = _mm256_set1_ps(ws);
     const __m256 bb = _mm256_set1_ps(bias ? bias[o] : 0.0f);
     const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _Pragma("GCC unroll 8")
     for (int h = 0; h < 2 * NV; ++h) {
         const int64_t left = r - 8 * h;
-        if (left <= 0) break;
+        if (left <= 0) continue;
         __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[h]), _mm256_mul_ps(w, _mm256_loadu_ps(xs + 8 * h)));
         if (bias) v = _mm256_add_ps(v, bb);
         if (left >= 8) _mm256_storeu_ps(y + 8 * h, v);
@@ -179,12 +213,16 @@ static inline void store_row(const __m256i *acc, int NV, float ws, const float *
     }
 }
 
-/* One output row of CSR (COL = col[k]) or N:M (COL from the 1-byte offset), chunk width 16 NV.
-   Nonzeros k0 .. k1 are taken in pairs; an odd last one is paired with itself at weight 0. */
+/* One output row of CSR (COL = col[k]) or N:M (COL from the 1-byte offset), chunk width 16 NV, stored to y.
+   Nonzeros k0 .. k1 are taken in pairs; an odd last one is paired with itself at weight 0. The
+   accumulators are locals of a fully unrolled loop so that they live in registers. */
 #define PAIRROW(NAME, NV, IDXT, COL)                                                            \
 static inline void NAME(const int8_t *restrict val, const IDXT *restrict col, int64_t k0, int64_t k1, \
-                        const int16_t *restrict xq, int sh, int64_t mm, __m256i *acc) {         \
+                        const int16_t *restrict xq, int sh, int64_t mm, float ws, const float *restrict xs, \
+                        const float *bias, int64_t o, float *restrict y, int64_t r) {           \
     (void)sh; (void)mm;                                                                        \
+    __m256i acc[2 * NV];                                                                       \
+    _Pragma("GCC unroll 8")                                                                    \
     for (int h = 0; h < 2 * NV; ++h) acc[h] = _mm256_setzero_si256();                          \
     int64_t k = k0;                                                                            \
     for (; k + 2 <= k1; k += 2) {                                                              \
@@ -201,12 +239,14 @@ static inline void NAME(const int8_t *restrict val, const IDXT *restrict col, in
     if (k < k1) {                                                                              \
         const __m256i w = _mm256_set1_epi32(wpair(val[k], 0));                                 \
         const int16_t *p0 = xq + COL(k) * (16 * NV);                                           \
+        _Pragma("GCC unroll 4")                                                                \
         for (int v = 0; v < NV; ++v) {                                                         \
             const __m256i x0 = _mm256_loadu_si256((const __m256i *)(p0 + 16 * v));             \
             acc[2 * v] = _mm256_add_epi32(acc[2 * v], _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, x0), w)); \
             acc[2 * v + 1] = _mm256_add_epi32(acc[2 * v + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, x0), w)); \
         }                                                                                      \
     }                                                                                          \
+    store_row(acc, NV, ws, xs, bias, o, y, r);                                                 \
 }
 PAIRROW(csr_row1, 1, int32_t, COL_CSR)
 PAIRROW(csr_row2, 2, int32_t, COL_CSR)
@@ -217,20 +257,22 @@ PAIRROW(nm_row2, 2, uint8_t, COL_NM)
 PAIRROW(nm_row3, 3, uint8_t, COL_NM)
 PAIRROW(nm_row4, 4, uint8_t, COL_NM)
 
+/* One output row i of CSR or N:M for one chunk (dispatch on the chunk's vector count). */
 static inline void pair_row(int is_nm, int NV, const int8_t *val, const void *col, int64_t k0, int64_t k1,
-                            const int16_t *xq, int sh, int64_t mm, __m256i *acc) {
+                            const int16_t *xq, int sh, int64_t mm, float ws, const float *xs, const float *bias,
+                            int64_t o, float *y, int64_t r) {
     if (is_nm) {
         const uint8_t *c = (const uint8_t *)col;
-        if (NV == 4) nm_row4(val, c, k0, k1, xq, sh, mm, acc);
-        else if (NV == 3) nm_row3(val, c, k0, k1, xq, sh, mm, acc);
-        else if (NV == 2) nm_row2(val, c, k0, k1, xq, sh, mm, acc);
-        else nm_row1(val, c, k0, k1, xq, sh, mm, acc);
+        if (NV == 4) nm_row4(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
+        else if (NV == 3) nm_row3(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
+        else if (NV == 2) nm_row2(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
+        else nm_row1(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
     } else {
         const int32_t *c = (const int32_t *)col;
-        if (NV == 4) csr_row4(val, c, k0, k1, xq, sh, mm, acc);
-        else if (NV == 3) csr_row3(val, c, k0, k1, xq, sh, mm, acc);
-        else if (NV == 2) csr_row2(val, c, k0, k1, xq, sh, mm, acc);
-        else csr_row1(val, c, k0, k1, xq, sh, mm, acc);
+        if (NV == 4) csr_row4(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
+        else if (NV == 3) csr_row3(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
+        else if (NV == 2) csr_row2(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
+        else csr_row1(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
     }
 }
 #endif
@@ -294,9 +336,8 @@ static void pair_part(int tid, int nth, PAIR_ARGS) {
             for (int64_t i = lo; i < hi; ++i) {
                 const int64_t k0 = is_nm ? i * K : crow[i], k1 = is_nm ? k0 + K : crow[i + 1];
 #ifdef I8_AVX2
-                __m256i acc[8];
-                pair_row(is_nm, (int)(W / 16), val, col, k0, k1, xc, sh, mm, acc);
-                store_row(acc, (int)(W / 16), ws[i], xs + b0, bias, i, yt + i * B + b0, r);
+                pair_row(is_nm, (int)(W / 16), val, col, k0, k1, xc, sh, mm, ws[i], xs + b0, bias, i,
+                         yt + i * B + b0, r);
                 (void)acc32;
 #else
                 if (is_nm) nm_gen(val, (const uint8_t *)col, k0, k1, xc, W, sh, mm, acc32);
