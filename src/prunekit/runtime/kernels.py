@@ -34,6 +34,10 @@ it is written to a temporary file and renamed into place, so concurrent first
 uses are safe. Set ``PRUNEKIT_KERNEL=0`` to disable it. :func:`available`
 reports whether it built, loaded and passed a self-test, and why not.
 
+The functions here call the library through ``ctypes``, invisible to ``torch.compile`` and
+``torch.export``; :mod:`prunekit.runtime.ops` wraps the fp32 kernels as torch operators
+(``torch.ops.prunekit.*``, with a pure-torch fallback where the library is unavailable).
+
 The OpenMP runtime is ``libgomp.so.1``; torch's CPU wheels ship the same soname
 and load it first, so the kernel shares torch's thread pool rather than
 starting a second one.
@@ -184,8 +188,9 @@ def _csr32(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = w.to_sparse_csr()
+    # values() is a view into the sparse tensor: cloned, so the arrays can be traced (torch.compile/export).
     return (m.crow_indices().to(torch.int32).contiguous(), m.col_indices().to(torch.int32).contiguous(),
-            m.values().contiguous())
+            m.values().clone())
 
 
 def row_blocks(w: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -217,7 +222,7 @@ def row_blocks(w: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, 
 def _call_rows(fn, gptr, col, values, rows, bias, xt, nthreads) -> torch.Tensor:
     groups = gptr.numel() - 1
     n_in, batch = xt.shape
-    yt = torch.empty(groups * rows, batch, dtype=torch.float32)
+    yt = torch.empty(groups * rows, batch, dtype=torch.float32, device="cpu")
     if groups == 0 or batch == 0:
         return yt
     threads = nthreads if values.numel() * batch >= PARALLEL_MIN_WORK else 1
@@ -307,7 +312,7 @@ def nm_pack(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor
 def _call_nm(fn, offsets, values, n, m, bias, xt, nthreads) -> torch.Tensor:
     out_f, per_row = values.shape
     n_in, batch = xt.shape
-    yt = torch.empty(out_f, batch, dtype=torch.float32)
+    yt = torch.empty(out_f, batch, dtype=torch.float32, device="cpu")
     if out_f == 0 or batch == 0:
         return yt
     threads = nthreads if values.numel() * batch >= PARALLEL_MIN_WORK else 1
@@ -400,7 +405,7 @@ def available() -> tuple[bool, str]:
 def _call(fn, crow, col, values, bias, xt, nthreads) -> torch.Tensor:
     m = crow.numel() - 1
     n_in, batch = xt.shape
-    yt = torch.empty(m, batch, dtype=torch.float32)
+    yt = torch.empty(m, batch, dtype=torch.float32, device="cpu")
     if m == 0 or batch == 0:
         return yt
     nnz = col.numel()

@@ -31,6 +31,12 @@ and runs prunekit's own kernel (:mod:`prunekit.runtime.kernels`, compiled at
 first use) for float32 on the CPU: it keeps each output row's accumulators for
 32 batch columns in AVX-512 registers, reusing each loaded weight across them. When the kernel is unavailable, or for other dtypes/devices, the
 module falls back to the ``"csr"`` path (same results to float rounding).
+
+The three ``"prunekit*"`` formats work under ``torch.compile(fullgraph=True)`` and ``torch.export``:
+traced, they call prunekit's operators (:mod:`prunekit.runtime.ops`), so the graph holds
+``torch.ops.prunekit.spmm_csr/spmm_rows/spmm_nm`` on the module's buffers and an exported program
+runs without this class (after :func:`prunekit.runtime.ops.register`), kernel or not. Eager calls
+skip the dispatcher and call the kernel directly.
 """
 
 from __future__ import annotations
@@ -44,12 +50,13 @@ import torch
 from torch import nn
 
 from .._validate import check_choice, check_int
-from . import kernels
+from . import kernels, ops
 
 __all__ = ["SparseLinear", "FORMATS", "SPARSE_FORMATS"]
 
 FORMATS = ("dense", "csr", "bsr", "prunekit", "prunekit-rows", "prunekit-nm")
 SPARSE_FORMATS = ("csr", "bsr", "prunekit", "prunekit-rows", "prunekit-nm")
+_KERNEL_FORMATS = ("prunekit", "prunekit-rows", "prunekit-nm")  # run by prunekit's kernels (ops.py)
 
 
 class SparseLinear(nn.Module):
@@ -135,10 +142,13 @@ class SparseLinear(nn.Module):
                 self.register_buffer("offsets", offsets)
             else:
                 crow, col, values = _compress(w, fmt, blocksize)
-            self.register_buffer("crow_indices", crow.contiguous())
-            self.register_buffer("col_indices", col.contiguous())
-            self.register_buffer("values", values.contiguous())
+            # Own storage: a view of torch's sparse tensor (its values()) cannot be traced by torch.compile.
+            self.register_buffer("crow_indices", _own(crow))
+            self.register_buffer("col_indices", _own(col))
+            self.register_buffer("values", _own(values))
             self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        if fmt in _KERNEL_FORMATS:  # before any forward, which may be traced by torch.compile/export
+            ops.register()
         self.nnz = int((w != 0).sum())
         self._cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
@@ -252,21 +262,15 @@ class SparseLinear(nn.Module):
         if x.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("SparseLinear is inference-only: call it under torch.inference_mode() or "
                                "torch.no_grad(), or on an input that does not require grad")
-        b = self.bias
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.fmt == "prunekit-nm" and self._kernel_ok(x2):
-            n, m = self.pattern
-            y = kernels.nm_linear_unchecked(self.offsets, self.values.view(self.out_features, -1), n, m, b, x2)
-            return y.reshape(*lead, self.out_features)
-        if self.fmt == "prunekit-rows" and self._kernel_ok(x2):
-            y = kernels.rows_linear_unchecked(self.crow_indices, self.col_indices, self.values, self.blocksize, b, x2)
-            return y.reshape(*lead, self.out_features)
-        if self.fmt == "prunekit" and self._kernel_ok(x2):
-            # The kernel returns Y^T contiguous; its transpose is returned as a view, so a following
-            # SparseLinear gets a contiguous X^T for free (as with the addmm path below).
-            y = kernels.linear_unchecked(self.crow_indices, self.col_indices, self.values, b, x2)
-            return y.reshape(*lead, self.out_features)
+        if self.fmt in _KERNEL_FORMATS and self._kernel_ok(x2):
+            y = self._kernel(x2)
+            if y is not None:
+                # The kernel returns Y^T contiguous; its transpose is returned as a view, so a following
+                # SparseLinear gets a contiguous X^T for free (as with the addmm path below).
+                return y.reshape(*lead, self.out_features)
+        b = self.bias
         w = self.matrix()
         if x2.shape[0] == 1 and self.fmt != "bsr":
             v = x2[0]
@@ -276,12 +280,40 @@ class SparseLinear(nn.Module):
             y = (torch.mm(w, xt) if b is None else torch.addmm(b.unsqueeze(1), w, xt)).t()
         return y.reshape(*lead, self.out_features)
 
+    def _kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """``x2 @ W.T + b`` by prunekit's kernel for this format, or ``None`` to take the torch path.
+
+        Eager calls on plain tensors run the kernel directly (the dispatcher would add 5-10 µs per call);
+        under ``torch.compile``/``torch.export`` (or any mode or subclass) the operator is called instead, so
+        the graph holds ``torch.ops.prunekit.*``, whose fake implementation traces and whose CPU
+        implementation runs the kernel, or a pure-torch product where the kernel is unavailable.
+        """
+        b = self.bias
+        if ops.eager(x2):
+            if not kernels.available()[0]:
+                return None
+            if self.fmt == "prunekit-nm":
+                n, m = self.pattern
+                return kernels.nm_linear_unchecked(self.offsets, self.values.view(self.out_features, -1), n, m, b, x2)
+            if self.fmt == "prunekit-rows":
+                return kernels.rows_linear_unchecked(self.crow_indices, self.col_indices, self.values, self.blocksize,
+                                                     b, x2)
+            return kernels.linear_unchecked(self.crow_indices, self.col_indices, self.values, b, x2)
+        if self.fmt == "prunekit-nm":
+            n, m = self.pattern
+            return torch.ops.prunekit.spmm_nm.default(self.offsets, self.values.view(self.out_features, -1), n, m,
+                                                      b, x2)
+        if self.fmt == "prunekit-rows":
+            return torch.ops.prunekit.spmm_rows.default(self.crow_indices, self.col_indices, self.values,
+                                                        self.blocksize, b, x2)
+        return torch.ops.prunekit.spmm_csr.default(self.crow_indices, self.col_indices, self.values, b, x2)
+
     def _kernel_ok(self, x2: torch.Tensor) -> bool:
         f32, v, b = torch.float32, self.values, self.bias
         return (x2.dtype == f32 and v.dtype == f32 and x2.device.type == "cpu"
                 and v.device.type == "cpu" and self.crow_indices.dtype == torch.int32
                 and self.col_indices.dtype == torch.int32 and (b is None or b.dtype == f32 and b.device.type == "cpu")
-                and v.is_contiguous() and kernels.available()[0])
+                and v.is_contiguous())
 
     def __getstate__(self) -> dict:
         # The cached sparse tensor cannot be deep-copied or pickled; it is rebuilt on demand.
@@ -290,12 +322,22 @@ class SparseLinear(nn.Module):
         state["_cache"] = None
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.fmt in _KERNEL_FORMATS:  # a copy or an unpickled module can be compiled before any other use
+            ops.register()
+
     def extra_repr(self) -> str:
         block = f", blocksize={self.blocksize}" if self.blocksize is not None else ""
         block += f", pattern={self.pattern[0]}:{self.pattern[1]}" if self.pattern is not None else ""
         layout = ", transposed=True" if self.transposed else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.fmt}{block}, density={_pct(self.density)}{layout}")
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous in storage of its own (not a view of another tensor, such as a sparse one's values)."""
+    return t.clone(memory_format=torch.contiguous_format) if t._base is not None else t.contiguous()
 
 
 def _check_pattern(pattern: Any) -> tuple[int, int]:
