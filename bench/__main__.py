@@ -23,6 +23,7 @@ BENCHES: tuple[tuple[str, str], ...] = (
     ("train_step", "bench.train_step"),
     ("size", "bench.size"),
     ("runtime", "bench.runtime"),
+    ("models", "bench.models"),
     ("structural", "bench.structural"),
 )
 

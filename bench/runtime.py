@@ -1,4 +1,4 @@
-"""Sparse inference on CPU: torch dense vs torch CSR vs ``prunekit.accelerate`` on BERT-FFN-4.
+"""Sparse and int8 inference on CPU, BERT-FFN-4: prunekit vs the runtimes a user would pick instead.
 
 Workload (DESIGN.md §6): four blocks of Linear(768→3072)–ReLU–Linear(3072→768)–ReLU,
 fp32, magnitude-pruned layer-wise (``prunekit.Pruner(model, s, granularity=g)`` then
@@ -7,14 +7,28 @@ blocks (8 consecutive output rows share their zeros) at 90%; batch 1 and 64, und
 ``torch.inference_mode()``.
 
 - **dense**: the stripped model as is (the oracle).
-- **torch CSR**: what a user writes with plain torch: each weight as
-  ``weight.to_sparse_csr()`` and ``torch.sparse.mm(W, x.T).T + b``.
-- **prunekit kernel**: every Linear as a ``SparseLinear`` in prunekit's own kernel for the
+- **onnxruntime** (fp32) and onnxruntime's own int8 of the same ONNX file
+  (``bench/quant.py``): **ORT int8 static** = ``quantize_static`` in QDQ format,
+  per-channel int8 weights, uint8 activations (MinMax over ``CALIBRATION`` batches of 16
+  inputs), and **ORT int8 dynamic** = ``quantize_dynamic`` (per-channel int8 weights).
+  The "best dense" runtime of a row is the fastest of dense, onnxruntime and the two
+  ORT int8 models; every speed-up is given against it and against torch dense.
+- **prunekit kernel**: every Linear as a ``SparseLinear`` in prunekit's own fp32 kernel for the
   pattern (``prunekit.runtime.kernels``, compiled at first use): CSR for unstructured,
   ``prunekit-nm`` for 2:4, ``prunekit-rows`` for 8x1 blocks; no per-layer selection. If
   the kernel is unavailable its column says so.
+- **prunekit int8**: every Linear as ``Int8Linear`` (``prunekit.runtime.int8``) in the
+  pattern's sparse int8 format (csr, nm 2:4, rows 8), static activation scales from the
+  same calibration inputs as ORT static; no selection.
 - **accelerate**: ``prunekit.accelerate(model, x)`` with x of the measured batch;
   it times dense/CSR/BSR/prunekit-kernel per layer and keeps the fastest.
+- **accelerate int8**: ``prunekit.accelerate(model, x, quantize="int8", calibration=...)``
+  (same calibration): the fp32 candidates plus dense and sparse int8, fastest within
+  the int8 tolerance per layer, checked end to end.
+
+The int8 variants' output error against dense (fp32) is reported, not checked. The
+torch CSR baseline of earlier versions of this bench is gone (0.06-0.8× dense: nobody
+picks it for speed), which keeps the full run near 20 minutes on 2 cores.
 
 The variants run side by side in one process, interleaved in rounds (rotating
 order): per round each runs ``BLOCK`` forwards in a row and the first one after a
@@ -49,23 +63,23 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
-import torch
 import numpy as np
+import torch
 from torch import nn
 
 import prunekit
 from prunekit._io import atomic_write_json
 from prunekit.runtime import kernels
 from prunekit.runtime.selection import relative_error
+
+from .quant import BLOCK, OrtModel, ort_int8, prunekit_int8, time_interleaved
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 # (label, granularity, sparsity): unstructured at every sparsity, then the structured patterns whose
@@ -77,12 +91,20 @@ QUICK_PATTERNS = (PATTERNS[3], PATTERNS[5], PATTERNS[6])
 KERNEL_FORMAT = {"2:4": ("prunekit-nm", None, (2, 4)), "8x1 blocks": ("prunekit-rows", 8, None)}
 BATCHES = (1, 64)
 SEED = 0
-FULL_REPEATS, QUICK_REPEATS = 60, 6
-# Calls in a row per variant per round; the first after a switch is not counted. Per-call
+# 30 keeps the full `make bench` near 20 minutes on 2 cores with the int8 variants added.
+FULL_REPEATS, QUICK_REPEATS = 30, 6
+# Calls in a row per variant per round (BLOCK, bench/quant.py): the first after a switch is not counted. Per-call
 # alternation would time every variant with caches cold from the others (the dense models'
 # 75 MB of weights evict the sparse ones' ~9 MB from L3), which is not how a model is served.
-BLOCK = 4
-VARIANTS = ("dense", "torch_csr", "prunekit_kernel", "accelerate", "onnxruntime")
+VARIANTS = ("dense", "onnxruntime", "ort_int8_static", "ort_int8_dynamic", "prunekit_kernel", "prunekit_int8",
+            "accelerate", "accelerate_int8")
+# The dense runtimes a user would pick instead; "best dense" is the fastest of them per row.
+DENSE_RUNTIMES = ("dense", "onnxruntime", "ort_int8_static", "ort_int8_dynamic")
+INT8_VARIANTS = ("ort_int8_static", "ort_int8_dynamic", "prunekit_int8", "accelerate_int8")
+# Which int8 format the "prunekit int8" column runs for each pattern (Int8Linear fmt, blocksize, pattern).
+INT8_FORMAT = {"2:4": ("nm", None, (2, 4)), "8x1 blocks": ("rows", 8, None)}
+# Static calibration inputs (ORT static QDQ, prunekit int8, accelerate int8): 4 batches of 16, own seeds.
+CALIBRATION = 4
 ORT_RTOL, DEEPSPARSE_RTOL = 1e-4, 1e-3
 BENCH_DIR = Path(__file__).resolve().parent
 DEEPSPARSE_VENV = Path(os.environ.get("PRUNEKIT_DEEPSPARSE_VENV") or BENCH_DIR.parent / ".venv-deepsparse")
@@ -95,24 +117,6 @@ def bert_ffn4() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class TorchCSRLinear(nn.Module):
-    """The plain-torch baseline: ``torch.sparse.mm`` with a CSR weight (int64 indices)."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.weight = linear.weight.detach().to_sparse_csr()
-        self.bias = linear.bias.detach()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sparse.mm(self.weight, x.t()).t() + self.bias
-
-
-def torch_csr(model: nn.Sequential) -> nn.Sequential:
-    return nn.Sequential(*[TorchCSRLinear(m) if isinstance(m, nn.Linear) else m for m in model])
-
-
 def kernel_model(model: nn.Sequential, label: str) -> nn.Sequential:
     """Every Linear run by prunekit's own kernel for the pattern (CSR, N:M or row blocks), no selection."""
     fmt, blocksize, pattern = KERNEL_FORMAT.get(label, ("prunekit", None, None))
@@ -121,39 +125,18 @@ def kernel_model(model: nn.Sequential, label: str) -> nn.Sequential:
 
 
 def _time(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
-    names = list(models)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    with torch.inference_mode():
-        for n in names:  # warm-up
-            models[n](x)
-            models[n](x)
-        for r in range(max(repeats // (BLOCK - 1), 1)):
-            k = r % len(names)
-            for n in names[k:] + names[:k]:
-                for i in range(BLOCK):  # steady state: the first call after a switch is not counted
-                    t0 = time.perf_counter_ns()
-                    models[n](x)
-                    if i:
-                        samples[n].append((time.perf_counter_ns() - t0) / 1e6)
-    return {n: statistics.median(v) for n, v in samples.items()}
+    return time_interleaved({n: (lambda m=m: m(x)) for n, m in models.items()}, repeats, BLOCK)
 
 
-class OrtModel:
-    """An onnxruntime session called like a torch module (torch tensor in, torch tensor out)."""
+def calibration_inputs() -> list[torch.Tensor]:
+    """The static calibration batches (same distribution as the timed inputs, other seeds)."""
+    return [torch.randn(16, 768, generator=torch.Generator().manual_seed(SEED + 1000 + i)) for i in range(CALIBRATION)]
 
-    def __init__(self, path: Path, threads: int) -> None:
-        import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
+def int8_model(model: nn.Sequential, label: str, calibration: list[torch.Tensor]) -> nn.Module:
+    """Every Linear as prunekit's ``Int8Linear`` in the pattern's sparse int8 format, static scales; no selection."""
+    fmt, blocksize, pattern = INT8_FORMAT.get(label, ("csr", None, None))
+    return prunekit_int8(model, fmt, calibration, blocksize, pattern)
 
 
 def _pruned(granularity: prunekit.Granularity, sparsity: float) -> nn.Sequential:
@@ -164,20 +147,47 @@ def _pruned(granularity: prunekit.Granularity, sparsity: float) -> nn.Sequential
     return dense
 
 
+def _onnx_files(dense: nn.Sequential, tag: str, sparsity: float, tmp: Path,
+                calibration: list[torch.Tensor]) -> dict[str, Path]:
+    """fp32 ONNX (``prunekit.export_onnx``) and onnxruntime's static / dynamic int8 of it, once per sparsity."""
+    paths = {"onnxruntime": tmp / f"bert_ffn4_{tag}_s{sparsity:g}.onnx"}
+    paths |= {f"ort_int8_{m}": paths["onnxruntime"].with_suffix(f".int8-{m}.onnx") for m in ("static", "dynamic")}
+    if not paths["onnxruntime"].exists():  # shared by both batches (dynamic batch dim)
+        prunekit.export_onnx(dense, torch.randn(2, 768, generator=torch.Generator().manual_seed(SEED)),
+                             paths["onnxruntime"], dynamic_batch=True, rtol=ORT_RTOL)
+        for mode in ("static", "dynamic"):
+            ort_int8(paths["onnxruntime"], paths[f"ort_int8_{mode}"], mode, calibration)
+    return paths
+
+
+def _models(dense: nn.Sequential, label: str, x: torch.Tensor, repeats: int, paths: dict[str, Path],
+            calibration: list[torch.Tensor]) -> tuple[dict[str, nn.Module], dict[str, object]]:
+    """Every variant of one row, and the two accelerate reports."""
+    threads = torch.get_num_threads()
+    fast, report = prunekit.accelerate(dense, x, repeats=max(repeats // 2, 3), progress=False)
+    fast8, report8 = prunekit.accelerate(dense, x, repeats=max(repeats // 2, 3), quantize="int8",
+                                         calibration=calibration, progress=False)
+    models = {"dense": dense, **{n: OrtModel(p, threads) for n, p in paths.items()}}
+    if kernels.available()[0]:
+        models["prunekit_kernel"] = kernel_model(dense, label)
+    models |= {"prunekit_int8": int8_model(dense, label, calibration), "accelerate": fast, "accelerate_int8": fast8}
+    return {n: models[n] for n in VARIANTS if n in models}, {"accelerate": report, "accelerate_int8": report8}
+
+
+def _ratios(ms: dict[str, float]) -> dict:
+    best = min((n for n in DENSE_RUNTIMES if n in ms), key=ms.get)
+    return {"ratio_vs_dense": {n: ms["dense"] / ms[n] for n in ms}, "best_dense": best,
+            "ratio_vs_best_dense": {n: ms[best] / ms[n] for n in ms}}
+
+
 def _row(pattern: tuple, batch: int, repeats: int, tmp: Path, io: dict[str, np.ndarray]) -> dict:
     label, granularity, sparsity = pattern
     dense = _pruned(granularity, sparsity)
     tag = label.replace(":", "of").replace(" ", "_")
-    onnx_path = tmp / f"bert_ffn4_{tag}_s{sparsity:g}.onnx"
-    if not onnx_path.exists():  # one export per sparsity, shared by both batches (dynamic batch dim)
-        prunekit.export_onnx(dense, torch.randn(2, 768, generator=torch.Generator().manual_seed(SEED)), onnx_path,
-                             dynamic_batch=True, rtol=ORT_RTOL)
+    calibration = calibration_inputs()
+    paths = _onnx_files(dense, tag, sparsity, tmp, calibration)
     x = torch.randn(batch, 768, generator=torch.Generator().manual_seed(SEED + batch))
-    fast, report = prunekit.accelerate(dense, x, repeats=max(repeats // 2, 3), progress=False)
-    models = {"dense": dense, "torch_csr": torch_csr(dense)}
-    if kernels.available()[0]:
-        models["prunekit_kernel"] = kernel_model(dense, label)
-    models |= {"accelerate": fast, "onnxruntime": OrtModel(onnx_path, torch.get_num_threads())}
+    models, reports = _models(dense, label, x, repeats, paths, calibration)
     with torch.inference_mode():
         ref = dense(x)
         errors = {n: relative_error(m(x), ref) for n, m in models.items()}
@@ -188,12 +198,13 @@ def _row(pattern: tuple, batch: int, repeats: int, tmp: Path, io: dict[str, np.n
     io[f"x_{key}"], io[f"ref_{key}"] = x.numpy().copy(), ref.numpy().copy()
     ms = _time(models, x, repeats)
     return {
-        "key": key, "onnx": str(onnx_path), "pattern": label,
-        "sparsity": sparsity, "batch": batch, "ms": ms,
-        "ratio_vs_dense": {n: ms["dense"] / ms[n] for n in ms},
+        "key": key, "onnx": str(paths["onnxruntime"]), "pattern": label,
+        "sparsity": sparsity, "batch": batch, "ms": ms, **_ratios(ms),
         "max_relative_error": errors,
-        "accelerate_choices": dict(Counter(report.choices.values())),
-        "accelerate_report": report.to_dict(),
+        "accelerate_choices": dict(Counter(reports["accelerate"].choices.values())),
+        "accelerate_int8_choices": dict(Counter(reports["accelerate_int8"].choices.values())),
+        "accelerate_report": reports["accelerate"].to_dict(),
+        "accelerate_int8_report": reports["accelerate_int8"].to_dict(),
     }
 
 
@@ -258,6 +269,8 @@ def _merge(rows: list[dict], ds: dict) -> None:
                 "status": "ok", "ms": d, "worker_onnxruntime_ms": c["ms"].get("onnxruntime"),
                 "ort_over_deepsparse_same_process": c.get("ort_over_deepsparse"),
                 "dense_over_deepsparse_cross_process": r["ms"]["dense"] / d,
+                "best_dense_over_deepsparse_cross_process": r["ms"][r["best_dense"]] / d,
+                "accelerate_int8_over_deepsparse_cross_process": r["ms"]["accelerate_int8"] / d,
                 "accelerate_over_deepsparse_cross_process": r["ms"]["accelerate"] / d,
                 "prunekit_kernel_over_deepsparse_cross_process":
                     r["ms"]["prunekit_kernel"] / d if "prunekit_kernel" in r["ms"] else None,
@@ -266,22 +279,12 @@ def _merge(rows: list[dict], ds: dict) -> None:
             }
 
 
-def _ds_cell(r: dict) -> tuple[str, str]:
-    d = r["deepsparse"]
-    if d["status"] != "ok":
-        return d["status"], "–"
-    ort = d["ort_over_deepsparse_same_process"]
-    return (f"{d['ms']:.3f} ({d['dense_over_deepsparse_cross_process']:.2f}×"
-            + (f"; {ort:.2f}× vs its ORT" if ort else "") + ")",
-            f"{d['accelerate_over_deepsparse_cross_process']:.2f}")
-
-
 def run(out: Path, quick: bool) -> str:
     repeats = QUICK_REPEATS if quick else FULL_REPEATS
     patterns = QUICK_PATTERNS if quick else PATTERNS
     rows: list[dict] = []
     io: dict[str, np.ndarray] = {}
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="prunekit-bench-runtime-") as tmpdir:
         tmp = Path(tmpdir)
         for batch in BATCHES:
@@ -297,50 +300,97 @@ def run(out: Path, quick: bool) -> str:
     if ds["status"] != "ok":
         print(f"  deepsparse: {ds['status']}", flush=True)
     timing = {"torch_and_onnxruntime_s": torch_s, "deepsparse_setup_s": ds.get("setup_s"),
-              "deepsparse_worker_s": ds.get("worker_s"), "total_s": time.perf_counter() - t_start}
+              "deepsparse_worker_s": ds.get("worker_s"), "total_s": time.perf_counter() - t_start,
+              "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
     atomic_write_json(out / "runtime.json", {
         "workload": "BERT-FFN-4 (4x Linear 768-3072-768 + ReLU), fp32, layer-wise magnitude pruning "
                     "(unstructured, 2:4 along the inputs, 8x1 blocks of output rows)",
-        "seed": SEED, "repeats": repeats, "prunekit_kernel": list(kernels.available()), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "seed": SEED, "repeats": repeats, "prunekit_kernel": list(kernels.available()),
+        "prunekit_int8": list(__import__("prunekit.runtime.int8", fromlist=["available"]).available()), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,
         "machine": platform.processor() or platform.machine(), "quick": quick, "rows": rows,
         "deepsparse": {k: v for k, v in ds.items() if k != "cases"}, "bench_seconds": timing,
-        "notes": "ratio_vs_dense: same process, interleaved. deepsparse.*_cross_process: DeepSparse time from "
+        "notes": "ratio_vs_dense: vs torch dense; ratio_vs_best_dense: vs the fastest of torch dense, ORT fp32, ORT "
+                 "int8 static, ORT int8 dynamic (best_dense names it); same process, interleaved. deepsparse.*_cross_process: DeepSparse time from "
                  "the worker process (.venv-deepsparse) vs torch times from this process, measured minutes apart; "
                  "ort_over_deepsparse_same_process: interleaved in the worker.",
     })
-    lines = [
-        "## runtime: sparse inference, BERT-FFN-4\n",
-        f"fp32, {torch.get_num_threads()} threads, `torch.inference_mode()`, median of about {repeats} forwards per "
-        f"variant, interleaved in rounds of {BLOCK} forwards in a row (the first after a switch not counted: "
-        "steady state, warm caches); ratio = dense time / variant time (>1 = faster than dense). "
-        "torch CSR = `torch.sparse.mm(W_csr, x.T).T + b`; prunekit kernel = every layer as "
-        "`SparseLinear` in prunekit's own kernel for the pattern (`prunekit`: CSR; `prunekit-nm` for 2:4; "
-        "`prunekit-rows` for 8x1 blocks; no selection); accelerate = "
-        "`prunekit.accelerate` (per-layer choice among dense/CSR/BSR/prunekit kernels, timed on this machine); "
-        "onnxruntime = `prunekit.export_onnx` + "
-        "`InferenceSession` (same threads, sequential), interleaved with the torch variants.\n",
-        "DeepSparse 1.8.0 runs in a separate process (`.venv-deepsparse`, `bench/deepsparse_worker.py`), "
-        "interleaved there with its own onnxruntime session: \"vs its ORT\" is that side-by-side ratio "
-        "(ORT time / DeepSparse time). Its × vs dense and \"accel / DS\" (accelerate time / DeepSparse time; "
-        ">1 = DeepSparse faster) divide times from two processes measured minutes apart.\n",
-        "| batch | pattern | sparsity | dense ms | torch CSR ms (×) | prunekit kernel ms (×) | accelerate ms (×) "
-        "| onnxruntime ms (×) | DeepSparse ms (×) | accel / DS | accelerate layers | max rel err |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
-    ]
+    return _section(rows, ds, timing, repeats)
+
+
+LABELS = {"dense": "torch dense", "onnxruntime": "ORT fp32", "ort_int8_static": "ORT int8 static",
+          "ort_int8_dynamic": "ORT int8 dyn", "prunekit_kernel": "prunekit fp32", "prunekit_int8": "prunekit int8",
+          "accelerate": "accel fp32", "accelerate_int8": "accel int8", "deepsparse": "DeepSparse"}
+FAST = ("deepsparse", "prunekit_kernel", "prunekit_int8", "accelerate", "accelerate_int8")
+
+
+def _ms_cell(r: dict, name: str) -> str:
+    if name == "deepsparse":
+        d = r["deepsparse"]
+        return f"{d['ms']:.3f}" if d["status"] == "ok" else d["status"][:60]
+    if name not in r["ms"]:
+        return f"unavailable: {kernels.available()[1]}"[:60]
+    return f"{r['ms'][name]:.3f}"
+
+
+def _ratio_cell(r: dict, name: str, base_ms: float) -> str:
+    if name == "deepsparse":
+        ms = r["deepsparse"].get("ms")
+    else:
+        ms = r["ms"].get(name)
+    return f"{base_ms / ms:.2f}×" if ms else "–"
+
+
+def _choices(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {f}" for f, n in sorted(counts.items()))
+
+
+def _section(rows: list[dict], ds: dict, timing: dict, repeats: int) -> str:
+    """The Markdown section: times, ratios (to the best dense runtime and to torch), int8 errors."""
+    head = (f"## runtime: sparse and int8 inference, BERT-FFN-4\n\n"
+            f"{torch.get_num_threads()} threads, `torch.inference_mode()`, median of about {repeats} forwards per "
+            f"variant, interleaved in rounds of {BLOCK} forwards in a row (the first after a switch not counted: "
+            "steady state, warm caches). torch dense = the pruned fp32 model as is; ORT fp32 = `prunekit.export_onnx` "
+            "+ onnxruntime `InferenceSession` (same threads, sequential, no spinning); ORT int8 static = "
+            "`onnxruntime.quantization.quantize_static` (QDQ, per-channel int8 weights, uint8 activations, MinMax "
+            f"calibration on {CALIBRATION} batches of 16); ORT int8 dyn = `quantize_dynamic` (per-channel int8 "
+            "weights); prunekit fp32 = every layer `SparseLinear` in prunekit's fp32 kernel for the pattern (CSR, "
+            "`prunekit-nm` for 2:4, `prunekit-rows` for 8x1); prunekit int8 = every layer `Int8Linear` in the "
+            "pattern's sparse int8 format (csr / nm / rows), static scales from the same calibration; accel fp32 = "
+            "`prunekit.accelerate(model, x)`; accel int8 = `prunekit.accelerate(model, x, quantize=\"int8\", "
+            "calibration=...)` (per layer the fastest of the fp32 and int8 candidates within tolerance). "
+            "DeepSparse 1.8.0 runs the fp32 ONNX in its own process (`.venv-deepsparse`, "
+            "`bench/deepsparse_worker.py`), so its ratios divide times from two processes measured minutes apart.\n")
+    t1 = ["| batch | pattern | sparsity | " + " | ".join(f"{LABELS[n]} ms" for n in (*DENSE_RUNTIMES, *FAST)) + " |",
+          "|---:|---|---:|" + "---:|" * (len(DENSE_RUNTIMES) + len(FAST))]
+    t2 = ["| batch | pattern | sparsity | best dense | " + " | ".join(f"{LABELS[n]} × best" for n in FAST) + " | "
+          + " | ".join(f"{LABELS[n]} × torch" for n in FAST) + " |",
+          "|---:|---|---:|---|" + "---:|" * (2 * len(FAST))]
+    t3 = ["| batch | pattern | sparsity | " + " | ".join(f"{LABELS[n]} err" for n in INT8_VARIANTS)
+          + " | fp32 max err | accel fp32 layers | accel int8 layers |",
+          "|---:|---|---:|" + "---:|" * (len(INT8_VARIANTS) + 1) + "---|---|"]
     for r in rows:
-        ms, x = r["ms"], r["ratio_vs_dense"]
-        choice = ", ".join(f"{n} {f}" for f, n in sorted(r["accelerate_choices"].items()))
-        ds_cell, ratio = _ds_cell(r)
-        err = max([*r["max_relative_error"].values(), r["deepsparse"].get("max_relative_error") or 0.0])
-        kern = (f"{ms['prunekit_kernel']:.3f} ({x['prunekit_kernel']:.2f}×)" if "prunekit_kernel" in ms
-                else f"unavailable: {kernels.available()[1]}")
-        lines.append(f"| {r['batch']} | {r['pattern']} | {r['sparsity']:.0%} | {ms['dense']:.3f} | {ms['torch_csr']:.3f} "
-                     f"({x['torch_csr']:.2f}×) | {kern} | **{ms['accelerate']:.3f} ({x['accelerate']:.2f}×)** "
-                     f"| {ms['onnxruntime']:.3f} ({x['onnxruntime']:.2f}×) | {ds_cell} | {ratio} | {choice} "
-                     f"| {err:.1e} |")
-    lines.append(f"\nBench time: {timing['torch_and_onnxruntime_s']:.0f} s torch + onnxruntime, DeepSparse setup "
-                 + (f"{timing['deepsparse_setup_s']:.0f} s" if timing["deepsparse_setup_s"] is not None else "–")
-                 + ", worker " + (f"{timing['deepsparse_worker_s']:.0f} s" if timing["deepsparse_worker_s"] else "–")
-                 + f"; DeepSparse: {ds['status']}.")
-    return "\n".join(lines)
+        lead = f"| {r['batch']} | {r['pattern']} | {r['sparsity']:.0%} | "
+        t1.append(lead + " | ".join(_ms_cell(r, n) for n in (*DENSE_RUNTIMES, *FAST)) + " |")
+        best = r["best_dense"]
+        t2.append(lead + f"{LABELS[best]} {r['ms'][best]:.3f} ms | "
+                  + " | ".join(_ratio_cell(r, n, r["ms"][best]) for n in FAST) + " | "
+                  + " | ".join(_ratio_cell(r, n, r["ms"]["dense"]) for n in FAST) + " |")
+        err = r["max_relative_error"]
+        fp32 = max([v for n, v in err.items() if n not in INT8_VARIANTS]
+                   + [r["deepsparse"].get("max_relative_error") or 0.0])
+        t3.append(lead + " | ".join(f"{err[n]:.1e}" if n in err else "–" for n in INT8_VARIANTS)
+                  + f" | {fp32:.1e} | {_choices(r['accelerate_choices'])} | {_choices(r['accelerate_int8_choices'])} |")
+    tail = (f"\nBench time: {timing['torch_and_onnxruntime_s']:.0f} s torch + onnxruntime, DeepSparse setup "
+            + (f"{timing['deepsparse_setup_s']:.0f} s" if timing["deepsparse_setup_s"] is not None else "–")
+            + ", worker " + (f"{timing['deepsparse_worker_s']:.0f} s" if timing["deepsparse_worker_s"] else "–")
+            + f"; DeepSparse: {ds['status']}. Load average (1/5/15 min) at start "
+            + "/".join(f"{v:.1f}" for v in timing["loadavg_start"]) + ", at end "
+            + "/".join(f"{v:.1f}" for v in timing["loadavg_end"]) + f" on {os.cpu_count()} CPUs (other processes "
+            "share the cores: above the thread count, times are inflated and noisy).")
+    return "\n".join([head, "Times (ms):\n", *t1,
+                      "\nSpeed-ups: best dense = the fastest of torch dense / ORT fp32 / ORT int8 static / ORT int8 "
+                      "dyn on that row; × best = best dense time / variant time, × torch = torch dense time / "
+                      "variant time (>1 = faster).\n", *t2,
+                      "\nOutput error vs the fp32 model (`max|y - y_fp32| / max|y_fp32|`), and what accelerate "
+                      "chose (layers per format):\n", *t3, tail])
