@@ -751,7 +751,7 @@ static inline float nm_dot1(const uint8_t *restrict off, const float *restrict v
 void prunekit_nm_t(int64_t M, int64_t N, int64_t B, int64_t K, int sh, int64_t mm,
                    const uint8_t *restrict off, const float *restrict val, const float *restrict xt, int64_t ldx,
                    const float *restrict bias, float *restrict yt, int64_t ldy, int64_t bchunk, int nthreads) {
-    (void)N;
+    (void)N; (void)bchunk;
     if (nthreads < 1) nthreads = 1;
     #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
@@ -782,7 +782,6 @@ void prunekit_nm_t(int64_t M, int64_t N, int64_t B, int64_t K, int sh, int64_t m
                 yt[i * ldy] = nm_dot1(off + i * K, val + i * K, K, sh, mm, xt) + (bias ? bias[i] : 0.0f);
         } else
 #elif defined(PK_AVX2)
-        (void)bchunk;
         if (B > 1) nm_avx2(lo, hi, B, K, sh, mm, off, val, xt, ldx, bias, yt, ldy, AVX2_BC);
         else if (PRUNEKIT_AVX2_NMWIN && ldx == 1 && mm <= 8 && mm == ((int64_t)2 << sh)) {
             for (int64_t i = lo; i < hi; ++i)
