@@ -277,12 +277,14 @@ class SparseConv2d(nn.Module):
         sh, sw = self.stride
         if sh != 1 or sw != 1:  # a 1x1 kernel with stride s reads every s-th row and column
             x = x[:, :, ::sh, ::sw]
-        batch, _, h, w = x.shape
+        batch, c, h, w = x.shape
         # x[n] as (in, H*W) is a view for NCHW input (a copy after subsampling). Its transpose is the
         # (B=H*W, in) input SparseLinear expects, whose X^T the kernels then read in place; the product
         # comes back as a view of a contiguous (out, H*W), i.e. one image of the NCHW output.
-        outs = [self.matmul(x[n].reshape(self.in_channels, h * w).t()).t() for n in range(batch)]
-        y = outs[0].unsqueeze(0) if batch == 1 else torch.stack(outs)
+        if batch == 1:  # the common inference case, without the per-image list and stack
+            y = self.matmul(x.reshape(c, h * w).t()).t()
+        else:
+            y = torch.stack([self.matmul(x[n].reshape(c, h * w).t()).t() for n in range(batch)])
         return y.reshape(batch, self.out_channels, h, w).contiguous()
 
     def _im2col(self, x: torch.Tensor) -> torch.Tensor:
