@@ -227,6 +227,9 @@ def error(y, ref):
     return (y.double() - ref.double()).abs().max().item() / max(ref.abs().max().item(), 1e-30)
 
 
+if sys.argv[3:] == ["int8"]:
+    import prunekit.runtime.int8 as int8
+    int8.register_ops()
 program = ops.load(sys.argv[1])
 module = program.module()
 data = torch.load(sys.argv[2], weights_only=True)
@@ -242,9 +245,9 @@ print(json.dumps(result))
 """
 
 
-def _run_fresh(program: Path, data: Path, **env: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _RELOAD, str(program), str(data)], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=600)
+def _run_fresh(program: Path, data: Path, *extra: str, **env: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _RELOAD, str(program), str(data), *extra], capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -420,3 +423,49 @@ def test_eager_is_false_under_tracing_and_modes():
     seen = []
     torch.jit.trace(lambda t: seen.append(ops.eager(t)) or t * 1, (x,), check_trace=False)
     assert seen == [False]
+
+
+# -- the int8 kernels through the same helper (once runtime/int8.py defines its operators with ops.define) -------------
+
+
+def _int8_model() -> nn.Module:
+    from prunekit.runtime import int8
+
+    g = torch.Generator().manual_seed(8)
+    layers = []
+    for out_f, in_f, w, kw in ((48, 32, _sparse(48, 32, 0.8, g, empty_rows=2), {"fmt": "csr"}),
+                               (40, 48, _block_rows(40, 48, 4, 0.5, g), {"fmt": "rows", "blocksize": 4,
+                                                                          "granularity": "token"}),
+                               (24, 40, _nm(24, 40, 2, 4, g), {"fmt": "nm", "pattern": (2, 4), "activations": "static",
+                                                               "act_scale": 0.05})):
+        lin = nn.Linear(in_f, out_f)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        layers += [int8.Int8Linear.from_linear(lin, **kw), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+@pytest.mark.slow
+def test_int8_operators_compile_export_and_reload_bit_for_bit(tmp_path):
+    from prunekit.runtime import int8
+
+    if not hasattr(int8, "register_ops"):
+        pytest.skip("runtime/int8.py does not define its operators yet")
+    model = _int8_model()
+    inputs = {str(b): torch.randn(b, 32, generator=torch.Generator().manual_seed(b)) for b in (1, 5, 67)}
+    with torch.inference_mode():
+        outputs = {k: model(x) for k, x in inputs.items()}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert all(torch.equal(compiled(x), outputs[k]) for k, x in inputs.items())  # exact integer sums
+        program = torch.export.export(model, (inputs["5"],),
+                                      dynamic_shapes={"input": {0: torch.export.Dim("batch", min=1, max=1024)}})
+    assert [str(n.target) for n in program.graph.nodes if "prunekit" in str(n.target)] == [
+        "prunekit.i8_csr.default", "prunekit.i8_rows.default", "prunekit.i8_nm.default"]
+    torch.export.save(program, tmp_path / "int8.pt2")
+    torch.save({"inputs": inputs, "outputs": outputs}, tmp_path / "data.pt")
+    for env in ({}, {"PRUNEKIT_KERNEL": "0"}):
+        result = _run_fresh(tmp_path / "int8.pt2", tmp_path / "data.pt", "int8", **env)
+        assert result["classes"] == ["torch"] and result["kernel"][0] == (KERNEL and not env)
+        assert all(err == 0 for err in result["errors"].values()), (env, result["errors"])
