@@ -1,3 +1,8 @@
+/* prunekit's fp32 sparse x dense kernels: Y^T = W @ X^T + b with X^T (in x B) batch-contiguous, W in
+   CSR (prunekit_spmm_t), row blocks (prunekit_rows_t) or N:M (prunekit_nm_t). One source, three builds
+   selected at compile time by the target's flags (-march=native): AVX-512 (16 lanes, 32 registers),
+   AVX2 + FMA (8 lanes, 16 registers) and plain C. Within a build, every output is computed by one
+   thread in an order fixed by the shapes alone, so results do not depend on the thread count. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <omp.h>
