@@ -18,6 +18,7 @@ from .core.report import LayerSparsity, SparsityReport, sparsity_report
 from .core.schedules import ConstantSparsity, PolynomialDecay, Schedule, schedule_from_dict
 from .formats import FormatError, export_onnx, load, quantize_int8, save, size_summary
 from .methods.allocation import Allocation, allocate
+from .methods.budget import BudgetResult, StopWhen, prune_to_budget
 from .methods.iterative import iterative_prune, round_sparsities
 from .methods.obd import OBD, Taylor
 from .methods.sensitivity import SensitivityResult, sensitivity
@@ -30,6 +31,7 @@ __all__ = [
     "AccelerationReport",
     "Allocation",
     "Blocks",
+    "BudgetResult",
     "Channels",
     "ConstantSparsity",
     "Criterion",
@@ -51,6 +53,7 @@ __all__ = [
     "SensitivityResult",
     "SparseLinear",
     "SparsityReport",
+    "StopWhen",
     "Taylor",
     "Unstructured",
     "WeightSpec",
@@ -62,6 +65,7 @@ __all__ = [
     "load",
     "prunable_parameter_names",
     "prune_channels",
+    "prune_to_budget",
     "quantize_int8",
     "register_prunable",
     "register_surgery",

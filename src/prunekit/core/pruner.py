@@ -75,6 +75,10 @@ class Pruner:
         ranking: ``"layerwise"`` (each tensor reaches the target) or ``"global"``
             (one ranking across all tensors without an override).
         optimizer: optional optimizer to :meth:`attach` right away.
+        hooks: objects with ``before_update(pruner)`` and ``after_update(pruner)``,
+            called around every *scheduled* mask update (the one at construction
+            included; not :meth:`update_masks` / :meth:`set_masks`), e.g.
+            :class:`prunekit.StopWhen`. The list is :attr:`hooks`.
 
     Masks are kept by a :class:`~prunekit.core.masks.MaskKeeper` (gradients
     masked, optimizer state cleaned, masks re-applied). After each
@@ -123,7 +127,9 @@ class Pruner:
         overrides: Mapping[str, float | Schedule] | None = None,
         ranking: str = "layerwise",
         optimizer: torch.optim.Optimizer | None = None,
+        hooks: Sequence[Any] = (),
     ) -> None:
+        self.hooks = list(hooks)
         self.schedule = None if schedule is _MANUAL else _as_schedule("schedule", schedule)
         self.criterion = criterion if criterion is not None else Magnitude()
         self.granularity = granularity if granularity is not None else Unstructured()
@@ -316,6 +322,16 @@ class Pruner:
             slot = self._keeper.slot(name)
             slot.target_sparsity = float(slot.pruned.float().mean()) if slot.pruned.numel() else 0.0
 
+    def hold(self) -> None:
+        """Stop the schedules: keep the current masks at every later step (``update_masks()`` keeps their sparsity).
+
+        Not saved by :meth:`state_dict`: call it again after loading (``StopWhen.attach`` does).
+        """
+        self._keeper.check_live()
+        for group in self._groups:
+            pruned = sum(int(s.pruned.sum()) for s in group.slots)
+            group.schedule, group.fixed = None, pruned / max(sum(s.param.numel() for s in group.slots), 1)
+
     def _targets_by_name(self, mapping: Mapping[str, float]) -> dict[int, float]:
         group_of = {slot.target.name: i for i, g in enumerate(self._groups) for slot in g.slots}
         out = {}
@@ -379,7 +395,11 @@ class Pruner:
         step = self._step
         due = {i: g.target(step) for i, g in enumerate(self._groups) if g.due(step)}
         if due:
+            for hook in self.hooks:
+                hook.before_update(self)
             self._recompute(due)
+            for hook in self.hooks:
+                hook.after_update(self)
         else:
             self._keeper.reapply()
 
