@@ -53,7 +53,8 @@ def _nm(out_f: int, in_f: int, n: int, m: int, g: torch.Generator) -> torch.Tens
 def _pruned_conv(cin: int, cout: int, k: int, g: torch.Generator, **kwargs) -> nn.Conv2d:
     conv = nn.Conv2d(cin, cout, k, **kwargs)
     with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * (torch.rand(conv.weight.shape, generator=g) > 0.7))
+        shape = conv.weight.shape
+        conv.weight.copy_(torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) > 0.7))
         conv.weight[0] = 0  # a fully pruned filter
         if conv.bias is not None:
             conv.bias.copy_(torch.randn(cout, generator=g))
@@ -106,7 +107,7 @@ def _op_counts(graph: torch.fx.Graph) -> dict[str, int]:
     return counts
 
 
-# -- eager ------------------------------------------------------------------------------------------------------------
+# -- eager -----------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -210,7 +211,7 @@ def test_compile_without_the_kernel_runs_the_torch_fallback(monkeypatch):
     torch._dynamo.reset()
 
 
-# -- torch.export, reloaded in a fresh process ---------------------------------------------------------------------------
+# -- torch.export, reloaded in a fresh process -----------------------------------------------------------------------
 
 
 _RELOAD = """
@@ -300,7 +301,7 @@ def test_negative_control_an_exported_program_needs_the_ops_registered(tmp_path)
     assert proc.returncode != 0 and "prunekit.spmm_csr" in proc.stderr
 
 
-# -- the fallback: the same operators without the compiled library ----------------------------------------------------
+# -- the fallback: the same operators without the compiled library ---------------------------------------------------
 
 
 def _op_cases(seed: int) -> list[tuple[str, tuple, torch.Tensor]]:
@@ -355,7 +356,7 @@ def test_fallback_in_a_fresh_process_without_the_kernel(tmp_path):
     assert all(err <= RTOL for err in result["errors"].values()), result["errors"]
 
 
-# -- opcheck and argument errors ------------------------------------------------------------------------------------------
+# -- opcheck and argument errors -------------------------------------------------------------------------------------
 
 
 @pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck not in this torch")
@@ -425,7 +426,7 @@ def test_eager_is_false_under_tracing_and_modes():
     assert seen == [False]
 
 
-# -- the int8 kernels through the same helper (once runtime/int8.py defines its operators with ops.define) -------------
+# -- the int8 kernels through the same helper (once runtime/int8.py defines its operators with ops.define) -----------
 
 
 def _int8_model() -> nn.Module:
