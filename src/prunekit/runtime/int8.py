@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from .._validate import check_choice, check_int
-from . import kernels
+from . import kernels, ops
 from .layers import layer_plan, weight_matrix
 
 __all__ = ["INT8_FORMATS", "Int8Linear", "available", "calibrate_scale", "quantize_weight"]
@@ -311,6 +311,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).contiguous().clone())
         self.register_buffer("act_scale", None if scale is None else torch.tensor(scale, dtype=torch.float32))
         self._cache: dict[str, tuple[Any, Any]] = {}
+        if fmt != "dense":
+            register_ops()
 
     @classmethod
     def from_linear(cls, linear: nn.Module, fmt: str = "csr", *, blocksize: int | None = None,
@@ -357,10 +359,21 @@ class Int8Linear(nn.Module):
             y = x2.new_zeros(0, self.out_features)
         elif self.fmt == "dense":
             y = self._run_dense(x2)
-        else:
+        elif ops.eager(x2):  # the kernel straight away; traced (compile/export) through the operators
             ok, _, k = _get()
             y = self._run_kernel(k, x2) if ok else self._run_torch(x2)
+        else:
+            y = self._op(x2)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _op(self, x2: torch.Tensor) -> torch.Tensor:
+        tail = (self.w_scale, self.bias, self.act_scale, _MODES[(self.activations, self.granularity)], x2)
+        if self.fmt == "csr":
+            return torch.ops.prunekit.i8_csr.default(self.crow_indices, self.col_indices, self.values, *tail)
+        if self.fmt == "nm":
+            return torch.ops.prunekit.i8_nm.default(self.offsets, self.values, *self.pattern, *tail)
+        return torch.ops.prunekit.i8_rows.default(self.crow_indices, self.col_indices, self.values, self.blocksize,
+                                                  *tail)
 
     def _check_input(self, x: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -437,6 +450,11 @@ class Int8Linear(nn.Module):
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
         state["_cache"] = {}  # fbgemm's packed weight and the dense copy are rebuilt on demand
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.fmt != "dense":
+            register_ops()
 
     def extra_repr(self) -> str:
         layout = f", blocksize={self.blocksize}" if self.blocksize is not None else ""
@@ -531,3 +549,80 @@ def _check_activations(fmt: str, activations: Any, granularity: Any, act_scale: 
         raise ValueError("Int8Linear: fmt='dense' (fbgemm) quantizes activations per tensor; use "
                          "granularity='tensor' or a sparse format")
     return activations, granularity, None
+
+
+# -- the sparse int8 kernels as torch operators (torch.compile / torch.export; see prunekit.runtime.ops) -----------
+
+_TAIL = "Tensor w_scale, Tensor? bias, Tensor? act_scale, int mode, Tensor x) -> Tensor"
+_SCHEMAS = {"csr": "(Tensor crow, Tensor col, Tensor values, " + _TAIL,
+            "rows": "(Tensor gptr, Tensor col, Tensor values, int rows, " + _TAIL,
+            "nm": "(Tensor offsets, Tensor values, int n, int m, " + _TAIL}
+
+
+def register_ops() -> None:
+    """Define ``torch.ops.prunekit.i8_csr``, ``i8_rows`` and ``i8_nm`` (idempotent): ``y = x @ W.T + bias`` with
+    the int8 weight's arrays as :class:`Int8Linear` stores them, ``mode`` 0/1/2 = dynamic per tensor, dynamic
+    per token, static (``act_scale``, a 0-d float32 tensor); the kernel where it is available, else torch.
+
+    Example:
+        >>> register_ops()
+        >>> torch.ops.prunekit.i8_csr.default.name()
+        'prunekit::i8_csr'
+    """
+    ops.define("i8_csr", _SCHEMAS["csr"], _i8_csr, _i8_fake_csr)
+    ops.define("i8_rows", _SCHEMAS["rows"], _i8_rows, _i8_fake_rows)
+    ops.define("i8_nm", _SCHEMAS["nm"], _i8_nm, _i8_fake_nm)
+
+
+class _Arrays:
+    """An operator's arguments under the names :meth:`Int8Linear._run_kernel` / ``_run_torch`` read."""
+
+    def __init__(self, fmt: str, w_scale: torch.Tensor, bias: torch.Tensor | None, act_scale: torch.Tensor | None,
+                 mode: int, x: torch.Tensor, **arrays: Any) -> None:
+        self.fmt, self.w_scale, self.bias, self.act_scale, self.mode = fmt, w_scale, bias, act_scale, mode
+        self.out_features, self.in_features = w_scale.shape[0], x.shape[1]
+        self.blocksize, self.pattern, self._cache = arrays.pop("blocksize", None), arrays.pop("pattern", None), {}
+        self.__dict__.update(arrays)
+        self.nnz = self.values.numel()
+
+    def _mode(self) -> tuple[int, float]:
+        return self.mode, float(self.act_scale) if self.act_scale is not None else 0.0
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode not in (0, 1, 2) or (self.mode == 2) != (self.act_scale is not None):
+            raise ValueError(f"prunekit::i8_{self.fmt}: mode {self.mode} needs act_scale exactly when static (2)")
+        if x.dtype != torch.float32 or self.values.dtype != torch.int8:
+            raise ValueError(f"prunekit::i8_{self.fmt}: x must be float32 and values int8")
+        ok, _, k = _get()
+        if ok:
+            return Int8Linear._run_kernel(self, k, x)
+        return Int8Linear._run_torch(self, x).t().contiguous().t()  # the kernel's layout (see _i8_fake)
+
+
+def _i8_csr(crow, col, values, w_scale, bias, act_scale, mode, x):
+    return _Arrays("csr", w_scale, bias, act_scale, mode, x, crow_indices=crow, col_indices=col, values=values).run(x)
+
+
+def _i8_rows(gptr, col, values, rows, w_scale, bias, act_scale, mode, x):
+    return _Arrays("rows", w_scale, bias, act_scale, mode, x, crow_indices=gptr, col_indices=col, values=values,
+                   blocksize=rows).run(x)
+
+
+def _i8_nm(offsets, values, n, m, w_scale, bias, act_scale, mode, x):
+    return _Arrays("nm", w_scale, bias, act_scale, mode, x, offsets=offsets, values=values, pattern=(n, m)).run(x)
+
+
+def _i8_fake(w_scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((w_scale.shape[0], x.shape[0])).t()  # (B, out) as a view of a contiguous (out, B)
+
+
+def _i8_fake_csr(crow, col, values, w_scale, bias, act_scale, mode, x):
+    return _i8_fake(w_scale, x)
+
+
+def _i8_fake_rows(gptr, col, values, rows, w_scale, bias, act_scale, mode, x):
+    return _i8_fake(w_scale, x)
+
+
+def _i8_fake_nm(offsets, values, n, m, w_scale, bias, act_scale, mode, x):
+    return _i8_fake(w_scale, x)
