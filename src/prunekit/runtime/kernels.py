@@ -18,9 +18,12 @@ Row blocks (:func:`row_blocks`, for ``(r, c)`` block sparsity with ``r > 1``):
 groups of ``r`` consecutive output rows share one column list, and the kernel
 keeps the accumulators of up to 8 rows at once, so every loaded activation
 vector serves all of them (batch > 1); at batch 1 one vector multiply-add
-serves up to 16 rows. Without AVX-512 the kernel
-falls back to plain C (scalar dot products; slow for large batches, where
-:func:`~prunekit.runtime.accelerate`'s timing then prefers another format). Output rows
+serves up to 16 rows. The paths above are the AVX-512 build. With AVX2 + FMA (no AVX-512) the
+kernels use 8-lane paths: 64-column batch chunks with masked tails (the chunk is fixed at 64 there,
+so the bits do not depend on :data:`BATCH_CHUNK`), at batch 1 eight weights times eight scalar-loaded
+activations per FMA (gathers are slower on such CPUs), row blocks of 4 rows x 3 vectors, and the N:M
+window permute for 1:2, 2:4 and 4:8. Otherwise plain C. :func:`available` names the build
+(avx512 / avx2 / generic). Output rows
 are split across OpenMP threads (static schedule) and each row is computed by
 exactly one thread in a fixed order, so results do not depend on the thread
 count. Accumulation is fp32 (the compiler may contract ``a*b+c`` to FMA; the

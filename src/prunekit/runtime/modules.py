@@ -29,7 +29,7 @@ kernel reads: 5 bytes per kept weight instead of CSR's 8, no row pointers.
 Format ``"prunekit"`` stores the weight exactly as ``"csr"`` (int32 indices)
 and runs prunekit's own kernel (:mod:`prunekit.runtime.kernels`, compiled at
 first use) for float32 on the CPU: it keeps each output row's accumulators for
-32 batch columns in AVX-512 registers, reusing each loaded weight across them. When the kernel is unavailable, or for other dtypes/devices, the
+up to 64 batch columns in vector registers (AVX-512 or AVX2), reusing each loaded weight across them. When the kernel is unavailable, or for other dtypes/devices, the
 module falls back to the ``"csr"`` path (same results to float rounding).
 
 The three ``"prunekit*"`` formats work under ``torch.compile(fullgraph=True)`` and ``torch.export``:
