@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit import Pruner, PolynomialDecay, StopWhen, allocate, prune_to_budget
+from prunekit import PolynomialDecay, Pruner, StopWhen, allocate, prune_to_budget
 from prunekit.apps.models import LeNet5, LeNet300100
 from prunekit.methods.budget import Tolerance, Trial
 from prunekit.training.data import load_digits
@@ -43,8 +43,8 @@ def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
 
 
 # -- the tolerance ----------------------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_hi_within_tolerance_is_taken_at_once():
 
 def test_lower_is_better_relative():
     model = mlp(3)
-    loss = lambda m: 2.0 + 3.0 * zero_fraction(m) ** 2  # noqa: E731
+    loss = lambda m: 2.0 + 3.0 * zero_fraction(m) ** 2
     r = prune_to_budget(model, loss, max_drop=0.3, relative=True, higher_is_better=False, tol=0.002,
                         progress=False)
     threshold = math.sqrt(0.3 * 2.0 / 3.0)  # 2 + 3 s^2 <= 2 * 1.3
@@ -176,7 +176,7 @@ def test_all_finals_rejected_leaves_dense(monkeypatch):
     dense = state_of(model)
     flag = {"final": False}
     searched_then(monkeypatch, flag)
-    metric = lambda m: 1.0 if not flag["final"] or zero_fraction(m) == 0 else 0.0  # noqa: E731
+    metric = lambda m: 1.0 if not flag["final"] or zero_fraction(m) == 0 else 0.0
     r = prune_to_budget(model, metric, max_drop=0.0, hi=0.5, progress=False)
     assert r.rejected == [0.5] and r.sparsity == 0.0 and r.allocation is None and r.metric == r.dense
     assert_same(state_of(model), dense)
@@ -281,6 +281,14 @@ def test_bad_input():
     assert_same(state_of(model), dense)  # every refusal left the model alone
 
 
+def test_nothing_within_tolerance_leaves_dense():
+    model = mlp(6)
+    dense = state_of(model)
+    r = prune_to_budget(model, kept_fraction, max_drop=0.0, tol=0.05, progress=False)
+    assert not any(t.ok for t in r.trials) and r.sparsity == 0.0 and r.metric == 1.0 and r.allocation is None
+    assert_same(state_of(model), dense) and "(returned)" in r.table() and r.to_dict()["allocation"] is None
+
+
 def test_lo_above_zero_is_tried_first():
     model = mlp(1)
     r = prune_to_budget(model, kept_fraction, max_drop=0.5, lo=0.2, tol=0.01, progress=False)
@@ -307,7 +315,7 @@ def test_real_accuracy_on_digits(digits_model):
     model, Xt, yt = digits_model
     model = copy.deepcopy(model)
     dense_model = copy.deepcopy(model)
-    accuracy = lambda m: evaluate_model(m, Xt, yt)["accuracy"]  # noqa: E731
+    accuracy = lambda m: evaluate_model(m, Xt, yt)["accuracy"]
     dense = accuracy(model)
     assert dense > 0.9
     r = prune_to_budget(model, accuracy, max_drop=0.01, rule="lamp", tol=0.01, progress=False)
@@ -498,6 +506,24 @@ def test_with_allocation_ramps_on_lenet():
         opt.step()
     assert stop.stopped and stop.sparsity <= 0.6 < stop.history[-1].sparsity
     assert zero_fraction(model) == pytest.approx(stop.sparsity, abs=0)
+
+
+def test_stopped_hook_in_a_fresh_pruner_holds_it():
+    seed, data = 6, batches(6)
+    stop = StopWhen(kept_fraction, max_drop=0.5)
+    model, opt, _ = make_run(seed, [stop])
+    for step in range(60):
+        sgd_step(model, opt, data, step)
+    assert stop.stopped
+    again = StopWhen(kept_fraction, max_drop=0.5)
+    again.load_state_dict(stop.state_dict())
+    fresh = small(seed)
+    dense = state_of(fresh)
+    p2 = Pruner(fresh, SCHEDULE, hooks=[again])  # its step-0 update is undone at once, then it is held
+    assert_same(state_of(fresh), dense) and all(bool(m.all()) for m in p2.masks.values())
+    for _ in range(30):
+        p2.step()
+    assert zero_fraction(fresh) == 0.0 and again.history == stop.history
 
 
 def test_stopwhen_bad_input():

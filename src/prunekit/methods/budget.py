@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ from ..core.scope import Selector, resolve_scope
 from .allocation import Allocation, AllocationRule, allocate
 from .sensitivity import _dense_scores, _Snapshot
 
-__all__ = ["BudgetResult", "StopWhen", "Tolerance", "Trial", "prune_to_budget"]
+__all__ = ["BudgetResult", "Check", "StopWhen", "Tolerance", "Trial", "prune_to_budget"]
 
 _SLACK = 1e-12
 _FORMAT, _VERSION = "prunekit.StopWhen", 1
@@ -313,14 +314,14 @@ def _check_range(lo: Any, hi: Any, tol: Any) -> tuple[float, float, float]:
 
 
 def _allocator(model: nn.Module, rule: Any, options: Mapping[str, Any] | None, layers: Any,
-               exclude: Any) -> Callable[[float], Allocation]:
+               exclude: Any) -> tuple[Callable[[float], Allocation], str]:
     if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"prune_to_budget: rule_options must be a dict, got {type(options).__name__}")
     opts = dict(options or {})
     if isinstance(rule, AllocationRule) and opts:
         raise TypeError("prune_to_budget: rule_options go to a named rule's constructor; with a rule object pass none")
-    allocate(model, 0.0, rule, layers=layers, exclude=exclude, **opts)  # bad rules and scopes fail before any trial
-    return lambda s: allocate(model, s, rule, layers=layers, exclude=exclude, **opts)
+    name = allocate(model, 0.0, rule, layers=layers, exclude=exclude, **opts).rule  # bad rules, scopes fail now
+    return (lambda s: allocate(model, s, rule, layers=layers, exclude=exclude, **opts)), name
 
 
 def prune_to_budget(
@@ -413,7 +414,7 @@ def prune_to_budget(
     lo, hi, tol = _check_range(lo, hi, tol)
     if recover is not None and not callable(recover):
         raise TypeError(f"prune_to_budget: recover must be a callable recover(model) or None, got {recover!r}")
-    allocation = _allocator(model, rule, rule_options, layers, exclude)
+    allocation, rule_name = _allocator(model, rule, rule_options, layers, exclude)
     started = time.perf_counter()
     snapshot = _Snapshot(model)
     prune = _method(method, criterion, granularity, layers, exclude, model)
@@ -430,7 +431,7 @@ def prune_to_budget(
         trials = _bisect(search, lo, hi, tol)
         result = _settle(search, trials, lo)
         bar.set_postfix_str(f"sparsity {result.sparsity:.4f}", refresh=False)
-    result.rule = allocation(0.0).rule
+    result.rule = rule_name
     result.evaluations, result.seconds = search.evaluations, round(time.perf_counter() - started, 3)
     if not tolerance.ok(result.dense, result.metric):  # the guarantee, checked where it is made
         raise AssertionError(f"prune_to_budget: returned model outside the tolerance ({result.drop} > {max_drop})")
@@ -569,7 +570,7 @@ class StopWhen:
         self.evaluations = 0
         self._before: _BeforeUpdate | None = None
 
-    def attach(self, pruner: Pruner) -> "StopWhen":
+    def attach(self, pruner: Pruner) -> StopWhen:
         """Hook into ``pruner`` (after construction, or to resume); holds it at once if this hook has stopped.
 
         Raises:
@@ -592,8 +593,8 @@ class StopWhen:
 
     def before_update(self, pruner: Pruner) -> None:
         """Called by the Pruner before a scheduled mask update: measure the baseline if needed, keep the state."""
-        if self.stopped:  # attached to a Pruner that was not held: hold it now, keep what it has
-            pruner.hold()
+        if self.stopped:  # hooked into a Pruner that was not held: this update is undone, then it is held
+            self._before = _BeforeUpdate(pruner)
             return
         if self.baseline is None:
             self.baseline = self._measure(pruner, "for the baseline (before the first update)")
@@ -603,7 +604,11 @@ class StopWhen:
     def after_update(self, pruner: Pruner) -> None:
         """Called by the Pruner after a scheduled mask update: evaluate; roll it back and hold if outside tolerance."""
         before, self._before = self._before, None
-        if before is None:  # stopped, or before_update was not called: nothing to judge against
+        if before is None:  # before_update was not called: nothing to judge against
+            return
+        if self.stopped:
+            before.restore(pruner)
+            pruner.hold()
             return
         assert self.baseline is not None
         step = pruner.current_step
