@@ -212,3 +212,23 @@ def test_accelerate_on_pointwise_model(batch):
         ref = model(x)
         out = fast(x)
     assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pointwise_exports_with_a_dynamic_batch(seed):
+    """Traced, the 1x1 path makes one product over (in, B*H*W): no Python loop over the batch."""
+    from prunekit.runtime import SparseConv2d
+
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(16, 24, 1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) > 0.8)
+    model = nn.Sequential(SparseConv2d(conv, "prunekit")).eval()
+    program = torch.export.export(model, (torch.randn(3, 16, 7, 9),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    for batch in (1, 2, 5):
+        x = torch.randn(batch, 16, 7, 9, dtype=torch.float64)
+        with torch.inference_mode():
+            got = program.module()(x.float()).double()
+            ref = F.conv2d(x, conv.weight.double(), conv.bias.double())
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), batch

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .modules import SparseLinear
 
 __all__ = ["SparseConv2d", "conv_padding", "conv_supported", "same_pad"]
@@ -283,6 +284,11 @@ class SparseConv2d(nn.Module):
         # comes back as a view of a contiguous (out, H*W), i.e. one image of the NCHW output.
         if batch == 1:  # the common inference case, without the per-image list and stack
             y = self.matmul(x.reshape(c, h * w).t()).t()
+        elif not ops.eager(x):
+            # Traced (torch.export with a dynamic batch, torch.compile): one product over (in, B*H*W)
+            # instead of a Python loop over a batch size the trace does not know; one copy of x.
+            y = self.matmul(x.transpose(0, 1).reshape(c, batch * h * w).t()).t()
+            return y.reshape(self.out_channels, batch, h, w).transpose(0, 1).contiguous()
         else:
             y = torch.stack([self.matmul(x[n].reshape(c, h * w).t()).t() for n in range(batch)])
         return y.reshape(batch, self.out_channels, h, w).contiguous()
