@@ -24,9 +24,9 @@ from torch import nn
 
 import prunekit
 from prunekit._io import atomic_write_json
-from prunekit.training.data import load_mnist5k
-from prunekit.formats import dumps, loads
 from prunekit.apps.models import LeNet5, LeNet300100
+from prunekit.formats import dumps, loads
+from prunekit.training.data import load_mnist5k
 from prunekit.training.loop import evaluate, train
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)

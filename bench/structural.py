@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
 from torch.fx.experimental.optimization import fuse
 
 from prunekit._io import atomic_write_json
