@@ -217,7 +217,8 @@ def test_compile_without_the_kernel_runs_the_torch_fallback(monkeypatch):
 _RELOAD = """
 import json, sys
 import torch
-import prunekit.runtime.ops as ops  # registers nothing by itself; ops.load does
+import prunekit.runtime.ops as ops  # registers nothing by itself
+from prunekit.runtime import exported  # exported.load registers every prunekit operator, then loads
 
 
 def error(y, ref):
@@ -228,10 +229,7 @@ def error(y, ref):
     return (y.double() - ref.double()).abs().max().item() / max(ref.abs().max().item(), 1e-30)
 
 
-if sys.argv[3:] == ["int8"]:
-    import prunekit.runtime.int8 as int8
-    int8.register_ops()
-program = ops.load(sys.argv[1])
+program = exported.load(sys.argv[1])
 module = program.module()
 data = torch.load(sys.argv[2], weights_only=True)
 result = {"kernel": list(ops.kernels.available()),

@@ -17,7 +17,8 @@ Every op has a fake implementation (shapes, dtypes and strides only), which ``to
 ``torch.export`` use while tracing, and a CPU implementation that runs the compiled kernel when
 :func:`~prunekit.runtime.kernels.available` and otherwise a pure-torch product of the same stored
 arrays (``torch.sparse`` CSR times dense; same result to fp32 rounding). So an exported program runs
-wherever prunekit is importable, compiler or not: call :func:`register` (or :func:`load`) before
+wherever prunekit is importable, compiler or not: call :func:`register` (or
+:func:`prunekit.runtime.exported.load`) before
 ``torch.export.load``. The ops are inference-only: a grad-requiring input raises. Index arrays are
 trusted (built by :class:`~prunekit.runtime.SparseLinear` or the packing functions): their sizes,
 dtypes and layouts are checked, their values are not (that would cost a pass over them per call).
@@ -39,7 +40,7 @@ import torch
 
 from . import kernels
 
-__all__ = ["NAMESPACE", "define", "eager", "load", "register", "spmm_csr", "spmm_nm", "spmm_rows"]
+__all__ = ["NAMESPACE", "define", "eager", "register", "spmm_csr", "spmm_nm", "spmm_rows"]
 
 NAMESPACE = "prunekit"
 _lock = threading.RLock()
@@ -101,17 +102,6 @@ def register() -> None:
             define("spmm_nm", "(Tensor offsets, Tensor values, int n, int m, Tensor? bias, Tensor x) -> Tensor",
                    _nm_cpu, _nm_fake)
             _registered = True
-
-
-def load(path: str) -> torch.export.ExportedProgram:
-    """``torch.export.load(path)`` after :func:`register`: the program runs without prunekit's module classes.
-
-    Example:
-        >>> program = load("model.pt2")  # doctest: +SKIP
-        >>> y = program.module()(x)  # doctest: +SKIP
-    """
-    register()
-    return torch.export.load(path)
 
 
 def eager(x: torch.Tensor) -> bool:
