@@ -107,3 +107,27 @@ LAYER_CASES = [
                          torch.randn(4, 2, 3, generator=g)),
               ["q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"]),
 ]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t`` whose equality is bit equality (distinguishes -0.0 and NaN payloads)."""
+    if t.is_floating_point():
+        return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t
+
+
+def assert_bit_identical(a, b, where: str = "") -> None:
+    """Assert that tensors (in nested dicts, lists, tuples) are bit-identical and other values equal."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(bits(a), bits(b)), f"tensors differ at {where}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for key in a:
+            assert_bit_identical(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bit_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

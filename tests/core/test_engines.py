@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import engine_worker as w
+from core_helpers import assert_bit_identical, bits
 import pytest
 import torch
 from torch import nn
@@ -31,29 +32,6 @@ WORKER = Path(__file__).with_name("engine_worker.py")
 FIRST = ("momentum_buffer", "exp_avg", "grad_avg")  # pushes a weight: must be 0 at pruned entries
 SECOND = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta")  # divides: never 0.0 there
 OPT_UPDATES = (0, 5, 10)  # masks from before the first step (lazy optimizer state), then two changes
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """A view of ``t`` whose equality is bit equality (tells -0.0 from 0.0)."""
-    if t.is_floating_point():
-        return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-    return t
-
-
-def assert_bit_identical(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(bits(a), bits(b)), f"tensors differ at {where}"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b), where
-        for key in a:
-            assert_bit_identical(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bit_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def active_slots(run: w.Run):

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from core_helpers import assert_bit_identical, bits
 import torch
 from torch import nn
 
@@ -62,29 +63,6 @@ def runs(tmp_path_factory):
     for name in CONTROLS:
         results[name] = load(controls / f"{name}.pt")
     return results
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """A view of ``t`` whose equality is bit equality (distinguishes -0.0 and NaN payloads)."""
-    if t.is_floating_point():
-        return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-    return t
-
-
-def assert_bit_identical(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(bits(a), bits(b)), f"tensors differ at {where}"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b), where
-        for key in a:
-            assert_bit_identical(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bit_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_uninterrupted_run_is_pruned_and_trained(runs):
