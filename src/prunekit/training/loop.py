@@ -7,6 +7,9 @@ early stopping (:func:`prunekit.methods.lottery.train.train_early_stopping`).
 What they need beyond the loop comes in through three hooks: a start
 :class:`Position` (resume: batches before it are skipped), callbacks run after
 every optimizer step (checkpoints, evaluation, weight capture) and a progress bar.
+Inputs may be one tensor or a dict of tensors (a tokenizer's output: every batch is
+then a dict), and a loss may see the whole batch and the model
+(:attr:`LoopOptions.batch_loss`: distillation, :func:`prunekit.methods.recover.recover`).
 
 The loop is deliberately ordinary (zero_grad, forward, backward, step): a
 :class:`prunekit.Pruner` attached to the optimizer prunes through it unchanged,
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,9 +32,32 @@ from .._progress import progress_bar
 from .._validate import check_int
 from .data import make_loader
 
-__all__ = ["LoopOptions", "Position", "StepCallback", "run_loop", "train", "evaluate", "epoch_seed"]
+__all__ = ["BatchLoss", "Inputs", "LoopOptions", "Position", "StepCallback", "run_loop", "train", "evaluate",
+           "epoch_seed", "sample_count"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# The inputs of a run: one tensor, or named tensors with the same first dimension (``model(**batch)``-style).
+Inputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+# ``batch_loss(model, inputs, targets) -> scalar`` of one batch, forward pass included.
+BatchLoss = Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
+
+
+def sample_count(inputs: Inputs) -> int:
+    """Samples in ``inputs``: the first dimension of the tensor, or of every tensor of a dict (they must agree).
+
+    Raises:
+        ValueError: a dict that is empty or whose tensors disagree on the first dimension.
+
+    Example:
+        >>> sample_count(torch.zeros(5, 3)), sample_count({"input_ids": torch.zeros(4, 7), "mask": torch.ones(4, 7)})
+        (5, 4)
+    """
+    if isinstance(inputs, Mapping):
+        sizes = {key: len(value) for key, value in inputs.items()}
+        if not sizes or len(set(sizes.values())) != 1:
+            raise ValueError(f"run_loop: a dict of inputs needs tensors with one first dimension, got {sizes}")
+        return next(iter(sizes.values()))
+    return len(inputs)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -105,6 +131,9 @@ class LoopOptions:
         epochs: passes over the data (``None``: as many as ``max_steps`` needs).
         max_steps: stop after this many optimizer steps in all, mid-epoch if need be (``None``: no limit).
         loss_fn: ``loss_fn(logits, targets) -> scalar`` (``None``: cross-entropy).
+        batch_loss: ``batch_loss(model, inputs, targets) -> scalar``, the whole step's loss
+            forward pass included, in place of ``loss_fn(model(inputs), targets)`` (a teacher's
+            distillation loss, a model called as ``model(**inputs)``); not with ``loss_fn``.
         progress: show a bar (``None``: only when stderr is a terminal).
         desc: label of the bar.
         leave: keep the finished bar on screen (``False`` for bars nested in an outer one).
@@ -119,6 +148,7 @@ class LoopOptions:
     epochs: int | None = None
     max_steps: int | None = None
     loss_fn: LossFn | None = None
+    batch_loss: BatchLoss | None = None
     progress: bool | None = False
     desc: str = "train"
     leave: bool = True
@@ -126,6 +156,8 @@ class LoopOptions:
     def __post_init__(self) -> None:
         if self.epochs is None and self.max_steps is None:
             raise ValueError("LoopOptions: give epochs, max_steps or both")
+        if self.loss_fn is not None and self.batch_loss is not None:
+            raise ValueError("LoopOptions: give loss_fn or batch_loss, not both")
 
     def total_steps(self, samples: int) -> int:
         """Optimizer steps of a whole run over ``samples`` training samples."""
@@ -138,7 +170,7 @@ class LoopOptions:
             self.max_steps is not None and pos.step >= self.max_steps)
 
 
-def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor,
+def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, X: Inputs, y: torch.Tensor,
              options: LoopOptions, *, start: Position | None = None,
              callbacks: Sequence[StepCallback] = ()) -> Position:
     """Train ``model`` on in-memory ``(X, y)``, from ``start`` on, calling ``callbacks`` after every step.
@@ -150,7 +182,8 @@ def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor
     Args:
         model: trained in place.
         optimizer: updates the model's parameters; a Pruner may be attached.
-        X: inputs, first dimension = samples.
+        X: inputs, first dimension = samples: a tensor, or a dict of tensors (each batch
+            is then the dict of those tensors' rows, for ``batch_loss``).
         y: targets.
         options: length, batch size, order, loss, progress bar.
         start: resume from this position (not modified): the batches of its
@@ -171,10 +204,18 @@ def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor
         ...                callbacks=[lambda m, p: steps.append(p.step)])
         >>> steps, pos.epoch, pos.batch
         ([1, 2, 3, 4, 5], 1, 2)
+
+        Named inputs and a loss that calls the model itself:
+
+        >>> inputs = {"a": torch.randn(20, 4), "b": torch.randn(20, 4)}
+        >>> options = LoopOptions(batch_size=8, max_steps=3,
+        ...                       batch_loss=lambda m, xb, yb: m(xb["a"] + xb["b"]).pow(2).mean())
+        >>> run_loop(model, opt, inputs, torch.arange(20), options).step
+        3
     """
     pos = Position() if start is None else replace(start, epoch_losses=list(start.epoch_losses))
     loss_fn = options.loss_fn if options.loss_fn is not None else nn.CrossEntropyLoss()
-    with in_mode(model, training=True), progress_bar(options.progress, total=options.total_steps(len(X)),
+    with in_mode(model, training=True), progress_bar(options.progress, total=options.total_steps(sample_count(X)),
                                                       initial=pos.step, desc=options.desc, unit="step",
                                                       leave=options.leave) as bar:
         run = _Run(model, optimizer, X, y, options, loss_fn, callbacks, bar)
@@ -191,7 +232,7 @@ class _Run:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    X: torch.Tensor
+    X: Inputs
     y: torch.Tensor
     options: LoopOptions
     loss_fn: LossFn
@@ -201,14 +242,18 @@ class _Run:
 
     def epoch(self, pos: Position) -> int:
         """Run the rest of epoch ``pos.epoch`` (or up to ``max_steps``), advancing ``pos``; the steps run."""
-        device, per_epoch = _device_of(self.model), math.ceil(len(self.X) / self.options.batch_size)
-        loader = make_loader(self.X, self.y, batch_size=self.options.batch_size, shuffle=True,
-                             seed=epoch_seed(self.options.seed, pos.epoch))
+        samples = sample_count(self.X)
+        device, per_epoch = _device_of(self.model), math.ceil(samples / self.options.batch_size)
+        named = isinstance(self.X, Mapping)
+        # A dict is loaded through its sample indices: the same order as a tensor of as many samples.
+        loader = make_loader(torch.arange(samples) if named else self.X, self.y, batch_size=self.options.batch_size,
+                             shuffle=True, seed=epoch_seed(self.options.seed, pos.epoch))
         first = pos.step
         for index, (xb, yb) in enumerate(loader):
             if index < pos.batch:  # already run before the position this run resumed from
                 continue
-            loss = self.step(xb.to(device), yb.to(device))
+            batch = {k: v[xb].to(device) for k, v in self.X.items()} if named else xb.to(device)
+            loss = self.step(batch, yb.to(device))
             self.postfix.update(pos.record(loss, len(xb), per_epoch))
             for callback in self.callbacks:
                 self.postfix.update(callback(self.model, pos) or {})
@@ -218,10 +263,11 @@ class _Run:
                 break
         return pos.step - first
 
-    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
+    def step(self, xb: Any, yb: torch.Tensor) -> float:
         """One ordinary update; returns the batch's mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(xb), yb)
+        batch_loss = self.options.batch_loss
+        loss = batch_loss(self.model, xb, yb) if batch_loss is not None else self.loss_fn(self.model(xb), yb)
         loss.backward()
         self.optimizer.step()
         return loss.item()
