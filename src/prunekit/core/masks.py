@@ -11,6 +11,11 @@ its masks here; none keeps masks of its own. A :class:`MaskKeeper`
   moment, so they are kept, except that zeros become 1.0, which keeps Adam's
   ``sqrt`` fast), including state the optimizer creates lazily at its first step;
 - broadcasts rank 0's masks to every rank under ``torch.distributed``;
+- works on FSDP2-sharded parameters (``fully_shard``; build the keeper after it):
+  a sharded parameter's masks are DTensors laid out like it, so each rank holds
+  (and applies, to weights, gradients and optimizer state) only the mask shard
+  of its own parameter shard; full masks are assembled only to save them
+  (:meth:`MaskKeeper.state_dict`, a collective) and are cut locally on load;
 - owns its parameters: a second live keeper over any of them is refused, and a
   pruned layer or parameter replaced behind its back is detected at the next
   step, naming the parameter.
@@ -28,7 +33,8 @@ from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 import torch
 from torch import nn
 
-from .distributed import sync_keeps
+from .distributed import (count_true, full_tensor, is_sharded, local_like, local_tensor, reshard_fsdp, shard_like,
+                          sync_keeps)
 from .scope import Target, check_materialised
 
 __all__ = ["MaskKeeper", "Slot", "check_unowned", "parameter_targets", "strip"]
@@ -81,13 +87,14 @@ class Slot:
     Attributes:
         target: the parameter's scope entry (name, owning module, layout, aliases).
         param: the parameter.
-        pruned: bool tensor, ``True`` where the weight is pruned.
+        pruned: bool tensor, ``True`` where the weight is pruned (a DTensor laid out as a sharded parameter).
         keep: the keep mask in the parameter's dtype (1 = kept), for fused multiplies.
+        n_pruned: the number of pruned entries (over all shards: the same on every rank).
         active: whether any entry is pruned (all-ones masks are skipped on the hot path).
         target_sparsity: the engine's last target for it (informational).
     """
 
-    __slots__ = ("target", "param", "shape", "pruned", "keep", "active", "target_sparsity", "edges")
+    __slots__ = ("target", "param", "shape", "pruned", "keep", "n_pruned", "active", "target_sparsity", "edges")
 
     def __init__(self, target: Target, edges: list[_Edge]) -> None:
         self.target = target
@@ -97,6 +104,7 @@ class Slot:
         # The hot path multiplies by a mask in the parameter's dtype: an order of
         # magnitude faster than masked_fill_ with a bool mask on CPU.
         self.keep = torch.ones_like(self.param, requires_grad=False)
+        self.n_pruned = 0
         self.active = False
         self.target_sparsity = 0.0
         self.edges = edges
@@ -117,11 +125,23 @@ class Slot:
             self.pruned = self.pruned.to(param.device)
 
     def set_keep(self, keep: torch.Tensor, owner: str) -> None:
+        """Take ``keep`` (full, or a DTensor of the parameter's layout for a sharded parameter)."""
         self.sync(owner)
-        keep = keep.to(self.pruned.device)
-        torch.logical_not(keep, out=self.pruned)
-        self.keep.copy_(keep)
-        self.active = bool(self.pruned.any())
+        # Counted before sharding: a full mask is the same on every rank, so no collective is needed.
+        self.n_pruned = keep.numel() - count_true(keep)
+        if is_sharded(self.param):
+            keep = keep.redistribute(self.param.device_mesh, self.param.placements) if is_sharded(keep) \
+                else shard_like(keep, self.param)
+        elif is_sharded(keep):  # a DTensor mask for an ordinary parameter: its shard would not fit
+            keep = keep.full_tensor()
+        keep = local_tensor(keep).to(self.pruned.device)
+        torch.logical_not(keep, out=local_tensor(self.pruned))
+        local_tensor(self.keep).copy_(keep)
+        self.active = self.n_pruned > 0
+
+    def full_keep(self) -> torch.Tensor:
+        """The whole keep mask on CPU (for a sharded parameter an all-gather: every rank must call)."""
+        return full_tensor(~self.pruned).cpu()
 
 
 def _rebuild(owner: str) -> str:
@@ -141,6 +161,11 @@ def _stale_reason(slot: Slot) -> str | None:
             return f"module '{path}' holding pruned parameter '{name}' {how}"
         if now is None:
             return f"parameter '{path}' was removed from the model (or parametrized)"
+        if is_sharded(now) and not is_sharded(expected):
+            return f"parameter '{path}' was sharded by fully_shard"
+        if is_sharded(expected) and isinstance(now, torch.Tensor) and now.shape == expected.shape:
+            return (f"parameter '{path}' is held unsharded, not as FSDP2's sharded parameter "
+                    "(model.reshard() did not restore it)")
         return (f"parameter '{path}' was replaced by another tensor (a new nn.Parameter, "
                 "load_state_dict(assign=True) or a conversion that creates new parameters)")
     param = slot.param
@@ -222,6 +247,7 @@ class MaskKeeper:
                  on_step: Callable[[], None] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{owner}: model must be an nn.Module, got {type(model).__name__}")
+        reshard_fsdp(model)  # FSDP2: the masks are made for the sharded parameters, not a forward's full copies
         if params is None:
             from .scope import resolve_scope  # the default scope: every prunable weight
 
@@ -261,7 +287,11 @@ class MaskKeeper:
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """Copies of the boolean keep-masks (``True`` = kept), by parameter name."""
+        """Copies of the boolean keep-masks (``True`` = kept), by parameter name.
+
+        For an FSDP2-sharded parameter the mask is a DTensor laid out like it (no communication);
+        ``.full_tensor()`` gives the whole mask, :meth:`state_dict` all of them.
+        """
         return {slot.name: ~slot.pruned for slot in self.slots}
 
     @property
@@ -285,6 +315,8 @@ class MaskKeeper:
 
         Under ``torch.distributed`` every rank takes rank 0's masks (``sync=False``
         when the masks are known to agree already, e.g. a checkpoint every rank loaded).
+        For an FSDP2-sharded parameter give the full mask (every rank keeps its
+        own shard of it) or a DTensor mask (taken as it is: it is one tensor already).
 
         Raises:
             ValueError: an unknown name, or a mask that is not bool of the parameter's shape.
@@ -300,8 +332,10 @@ class MaskKeeper:
                                  f"{tuple(getattr(keep, 'shape', ()))}")
             slots.append(slot)
             keeps.append(keep)
-        if sync:
-            keeps = sync_keeps(keeps)  # DDP: every rank takes rank 0's masks (see prunekit.core.distributed)
+        full = [i for i, keep in enumerate(keeps) if not is_sharded(keep)]
+        if sync and full:  # DDP/FSDP2: every rank takes rank 0's masks (see prunekit.core.distributed)
+            for i, keep in zip(full, sync_keeps([keeps[i] for i in full])):
+                keeps[i] = keep
         for slot, keep in zip(slots, keeps):
             slot.set_keep(keep, self.owner)
         self.clean_optimizer_state()
@@ -316,7 +350,7 @@ class MaskKeeper:
         for slot in slots:
             if slot.active:
                 slot.sync(self.owner)
-                slot.param.masked_fill_(slot.pruned, 0)
+                local_tensor(slot.param).masked_fill_(local_tensor(slot.pruned), 0)
 
     @torch.no_grad()
     def reapply(self) -> None:
@@ -326,8 +360,8 @@ class MaskKeeper:
         active = [s for s in self.slots if s.active]
         for slot in active:
             slot.sync(self.owner)
-        if active:
-            torch._foreach_mul_([s.param for s in active], [s.keep for s in active])
+        if active:  # a sharded parameter's shard times its mask shard: no communication
+            torch._foreach_mul_([local_tensor(s.param) for s in active], [local_tensor(s.keep) for s in active])
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -409,12 +443,14 @@ class MaskKeeper:
                 state = optimizer.state.get(slot.param)
                 if not state or not slot.active:
                     continue
+                pruned = local_tensor(slot.pruned)
                 for key, value in state.items():
                     if key not in _COUNTERS and isinstance(value, torch.Tensor) and value.shape == slot.param.shape:
+                        value = local_like(value, slot.param, f"{self.owner}: optimizer state '{key}' of '{slot.name}'")
                         if key in _SECOND_MOMENTS:
-                            value.masked_fill_(slot.pruned & (value == 0), 1.0)
+                            value.masked_fill_(pruned & (value == 0), 1.0)
                         else:
-                            value.masked_fill_(slot.pruned, 0.0)
+                            value.masked_fill_(pruned, 0.0)
 
     # -- liveness ---------------------------------------------------------------------------
 
@@ -429,7 +465,10 @@ class MaskKeeper:
         # on the way to each masked weight, and one shape comparison per weight.
         for table, key, expected, _ in self._edges:
             if table.get(key) is not expected:
-                self.raise_stale(where)
+                # FSDP2 after a forward without backward: put the sharded parameters back, then look again.
+                if not reshard_fsdp(self.model) or any(t.get(k) is not e for t, k, e, _ in self._edges):
+                    self.raise_stale(where)
+                break
         for slot in self.slots:
             param = slot.param
             if param.shape != slot.shape or param.is_meta:
@@ -468,13 +507,16 @@ class MaskKeeper:
     def state_dict(self) -> dict[str, Any]:
         """The masks, versioned (``torch.load(weights_only=True)`` safe).
 
+        Masks are full ordinary tensors, FSDP2-sharded ones too (gathered: then every rank
+        must call; any rank can save the result, and every rank can load it).
+
         Example:
             >>> MaskKeeper(nn.Linear(2, 1), ["weight"]).state_dict()["format"]
             'prunekit.MaskKeeper'
         """
         self.check_model(f"{self.owner}.state_dict")
         return {"format": _STATE_FORMAT, "version": _STATE_VERSION,
-                "masks": {slot.name: (~slot.pruned).cpu() for slot in self.slots}}
+                "masks": {slot.name: slot.full_keep() for slot in self.slots}}
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         """Restore masks from :meth:`state_dict` and apply them.
@@ -531,7 +573,8 @@ def _mask_grad(keeper: MaskKeeper, slot: Slot, param: torch.Tensor) -> None:
         if param.shape != slot.shape:  # .data reassigned: the mask no longer fits (it could even broadcast)
             keeper.raise_stale(f"{keeper.owner} (in backward)")
         slot.sync(keeper.owner)
-        param.grad.mul_(slot.keep)
+        # FSDP2 calls this on the sharded parameter after the reduce-scatter: its gradient shard times the mask shard.
+        local_like(param.grad, param, f"{keeper.owner}: the gradient of '{slot.name}'").mul_(local_tensor(slot.keep))
 
 
 def check_unowned(owner: str, named: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .._validate import check_choice, check_int, check_sparsity
 from .criteria import Criterion, Magnitude, ScoreContext
+from .distributed import full_tensor
 from .granularity import Granularity, Unstructured, rank_units
 from .masks import MaskKeeper, Slot, strip
 from .report import SparsityReport, sparsity_report
@@ -329,7 +330,7 @@ class Pruner:
         """
         self._keeper.check_live()
         for group in self._groups:
-            pruned = sum(int(s.pruned.sum()) for s in group.slots)
+            pruned = sum(s.n_pruned for s in group.slots)
             group.schedule, group.fixed = None, pruned / max(sum(s.param.numel() for s in group.slots), 1)
 
     def _targets_by_name(self, mapping: Mapping[str, float]) -> dict[int, float]:
@@ -418,7 +419,8 @@ class Pruner:
         # the inputs and channels are outputs whatever the stored layout (Conv1D, ConvTranspose).
         specs = [slot.target.spec for slot in group]
         scores = [spec.canonical(self._scores(slot)) for spec, slot in zip(specs, group)]
-        priors = [spec.canonical(~slot.pruned) if slot.active else None for spec, slot in zip(specs, group)]
+        priors = [spec.canonical(full_tensor(~slot.pruned)) if slot.active else None
+                  for spec, slot in zip(specs, group)]
         try:
             if len(group) == 1 and not self.granularity.supports_global:
                 keeps = [self.granularity.mask(scores[0], sparsity, priors[0])]
@@ -438,7 +440,8 @@ class Pruner:
         return out
 
     def _scores(self, slot: Slot) -> torch.Tensor:
-        name, param = slot.target.name, slot.param
+        # FSDP2: scored on the whole parameter (an all-gather), so that ranking is exactly one process's.
+        name, param = slot.target.name, full_tensor(slot.param.detach())
         if not torch.isfinite(param).all():
             raise ValueError(f"parameter '{name}' contains NaN or Inf at step {self._step}; cannot rank its weights "
                              "(check the learning rate and the loss)")
@@ -469,7 +472,7 @@ class Pruner:
             "step": self._step,
             "ranking": self.ranking,
             "schedule": None if self.schedule is None else self.schedule.to_dict(),
-            "masks": {s.target.name: (~s.pruned).cpu() for s in slots},
+            "masks": {s.target.name: s.full_keep() for s in slots},
             "target_sparsity": {s.target.name: s.target_sparsity for s in slots},
         }
 

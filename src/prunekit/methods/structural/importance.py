@@ -23,6 +23,7 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
+from ...core.distributed import full_tensor
 from .groups import Group, canonical_names
 
 __all__ = ["METHODS", "Importance", "group_scores"]
@@ -39,7 +40,7 @@ def _per_index(tensor: torch.Tensor, dim: int, power: int) -> torch.Tensor:
 
 def _member_scores(method: Importance, tensor: torch.Tensor, dim: int, name: str) -> torch.Tensor:
     if callable(method):
-        scores = method(tensor.detach(), dim)
+        scores = method(full_tensor(tensor.detach()), dim)
         if not isinstance(scores, torch.Tensor) or scores.shape != (tensor.shape[dim],):
             raise ValueError(f"importance callable must return a 1-D tensor of length {tensor.shape[dim]} "
                              f"for '{name}', got {getattr(scores, 'shape', type(scores).__name__)}")
@@ -47,8 +48,9 @@ def _member_scores(method: Importance, tensor: torch.Tensor, dim: int, name: str
     if method == "taylor":
         if tensor.grad is None:
             raise ValueError(f"importance='taylor' needs gradients, and '{name}' has none: pass loss_fn")
-        return _per_index((tensor.detach() * tensor.grad).float(), dim, 1)
-    return _per_index(tensor.detach().float(), dim, 1 if method == "l1" else 2)
+        return _per_index(full_tensor(tensor.detach() * tensor.grad).float(), dim, 1)
+    # FSDP2: scored on the whole parameter (an all-gather), as in one process.
+    return _per_index(full_tensor(tensor.detach()).float(), dim, 1 if method == "l1" else 2)
 
 
 def group_scores(model: nn.Module, group: Group, method: Importance = "l2", reduction: str = "sum") -> torch.Tensor:
