@@ -213,7 +213,9 @@ def train(case: str, optimizer: str, rank: int | None) -> dict[str, Any]:
         masks.append(full_masks(engine) if not keeper.removed else masks[-1])
         zero.append(local_zero(keeper, opt, masks[-2], masks[-1]))
     weights = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
+    report = prunekit.sparsity_report(model, pruner=engine if case in ("pruner", "manual") else None)
     return {"masks": masks, "zero": zero, "weights": weights, "layout": layout,
+            "report": [(row.name, row.numel, row.zeros) for row in report.rows],
             "restored": restored(case, optimizer, engine, sharded) if case in ENGINES else None}
 
 

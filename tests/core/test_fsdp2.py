@@ -123,6 +123,14 @@ def test_pruned_entries_stay_exactly_zero_on_every_rank(ranks, references, run):
 
 
 @pytest.mark.parametrize("run", RUNS)
+def test_sparsity_report_counts_the_zeros_of_every_shard(ranks, references, run):
+    ref = references[run]["report"]
+    assert any(zeros for _, _, zeros in ref)
+    for r in range(2):
+        assert ranks[r]["results"][run]["report"] == ref, f"rank {r}"
+
+
+@pytest.mark.parametrize("run", RUNS)
 def test_each_rank_holds_only_the_mask_shard_of_its_parameter_shard(ranks, run):
     full = {n: m.numel() for n, m in ranks[0]["results"][run]["masks"][0].items()}
     for r in range(2):

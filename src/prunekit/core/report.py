@@ -7,6 +7,7 @@ from typing import Any, Protocol, Sequence
 
 from torch import nn
 
+from .distributed import count_true
 from .scope import Target, check_materialised, resolve_scope
 
 __all__ = ["LayerSparsity", "Rows", "SparsityReport", "sparsity_report"]
@@ -127,7 +128,7 @@ def sparsity_report(model: nn.Module, pruner: Rows | None = None) -> SparsityRep
     for target, goal in items:
         p = target.param
         rows.append(LayerSparsity(target.name, type(target.module).__name__, tuple(p.shape), p.numel(),
-                                  int((p == 0).sum()), goal, target.aliases[1:]))
+                                  count_true(p == 0), goal, target.aliases[1:]))  # FSDP2: over all shards
     return SparsityReport(rows, list(skipped))
 
 
