@@ -19,7 +19,7 @@ import fsdp2_worker as w
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]  # one torchrun of ~25 s
 
 WORKER = Path(__file__).with_name("fsdp2_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1",
