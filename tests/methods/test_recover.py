@@ -240,3 +240,16 @@ def test_an_attached_pruner_stays_attached_and_a_keeper_can_be_the_engine(single
     recover(student, teacher, torch.randn(32, 8), optimizer=opt, steps=4, pruner=keeper, progress=False)
     assert keeper.optimizers == (opt,) and not keeper.removed
     _check_pruned(student, opt, keeper.masks)
+
+
+def test_structured_pruning_goes_on_during_the_fine_tune(single_thread):
+    from prunekit import StructuredPruner
+
+    teacher, student = _mlp(0), _mlp(1)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    pruner = StructuredPruner(student, torch.randn(1, 8), PolynomialDecay(0.0, 0.5, 0, 8, frequency=2))
+    recover(student, teacher, torch.randn(64, 8), optimizer=opt, steps=10, pruner=pruner, batch_size=16,
+            callbacks=[lambda model, pos: _check_pruned(model, opt, pruner.masks)], progress=False)
+    assert pruner.masks and pruner.current_step == 10 and pruner.keeper.optimizers == ()
+    rows = (~pruner.masks["0.weight"]).all(dim=1)  # whole output channels of the first layer are gone
+    assert 0 < int(rows.sum()) < 32

@@ -90,7 +90,7 @@ class PruneDistillCallback(TrainerCallback):
         if state.global_step > 0:  # a fresh TrainerState starts at 0: this run resumes from a checkpoint
             self.load(self._resume_file(args, state), state.global_step)
         inner = _torch_optimizer(optimizer)
-        if not any(o is inner for o in self.pruner.optimizers):
+        if not any(o is inner for o in self._followed()):
             self.pruner.attach(inner)
             self._attached = inner
 
@@ -104,9 +104,13 @@ class PruneDistillCallback(TrainerCallback):
                      **kwargs: Any) -> None:
         """Stop following the optimizer (the pruner and its masks stay, for ``strip`` or another run)."""
         if self._attached is not None:
-            if any(o is self._attached for o in self.pruner.optimizers):
+            if any(o is self._attached for o in self._followed()):
                 self.pruner.detach(self._attached)
             self._attached = None
+
+    def _followed(self) -> tuple[torch.optim.Optimizer, ...]:
+        own = getattr(self.pruner, "optimizers", None)  # a StructuredPruner tells through its keeper
+        return tuple(own if own is not None else self.pruner.keeper.optimizers)
 
     # -- the mask file -------------------------------------------------------------------------------------------
 

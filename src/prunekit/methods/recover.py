@@ -130,8 +130,8 @@ def recover(
         masks: fixed keep-masks (``True`` = kept) by parameter name, e.g. :func:`zero_masks`;
             kept for the fine-tune and released at the end (the model is left plain, zeros in place).
         pruner: instead of ``masks``, a :class:`prunekit.Pruner` (manual or scheduled: its schedule
-            goes on with the optimizer's steps) or :class:`~prunekit.core.masks.MaskKeeper` on the
-            student; attached to ``optimizer`` for the call if it is not already, never removed.
+            goes on with the optimizer's steps), a :class:`prunekit.StructuredPruner` or a
+            :class:`~prunekit.core.masks.MaskKeeper` on the student; attached to ``optimizer`` for the call if it is not already, never removed.
         batch_size: samples per step.
         seed: the order of the samples (epoch ``e`` as in :func:`prunekit.training.loop.run_loop`).
         lr_schedule: ``step -> factor`` of each group's initial learning rate (e.g. :func:`warmup_cosine`).
@@ -242,10 +242,16 @@ def _masking(stack: contextlib.ExitStack, student: nn.Module, optimizer: torch.o
         keeper.set_masks(dict(masks))
         keeper.attach(optimizer)
         return keeper
-    if not any(o is optimizer for o in pruner.optimizers):
+    if not any(o is optimizer for o in _attached(pruner)):
         pruner.attach(optimizer)
         stack.callback(pruner.detach, optimizer)
     return pruner
+
+
+def _attached(engine: Any) -> tuple[torch.optim.Optimizer, ...]:
+    """The optimizers ``engine`` follows (a StructuredPruner tells through its keeper)."""
+    own = getattr(engine, "optimizers", None)
+    return tuple(own if own is not None else engine.keeper.optimizers)
 
 
 def _clipper(student: nn.Module, max_norm: float) -> Callable[..., None]:
