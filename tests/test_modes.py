@@ -49,3 +49,23 @@ def test_an_overridden_train_method_cannot_move_the_restored_flags():
     with in_mode(model, training=False):
         pass
     assert _flags(model) == before == {"": True, "0": True, "1": False}
+
+
+def test_denormals_flushed_inside_and_restored_after_even_on_error():
+    import torch
+
+    from prunekit._modes import _flushing_denormals, denormals_flushed
+
+    tiny = torch.tensor([1], dtype=torch.int32).view(torch.float32)  # the smallest positive denormal
+    assert not _flushing_denormals() and (tiny * 1.0).item() > 0
+    with pytest.raises(RuntimeError, match="inside"), denormals_flushed():
+        assert _flushing_denormals() and (tiny * 1.0).item() == 0.0
+        raise RuntimeError("inside")
+    assert not _flushing_denormals() and (tiny * 1.0).item() > 0
+    torch.set_flush_denormal(True)  # a caller that flushes already keeps flushing afterwards
+    try:
+        with denormals_flushed():
+            pass
+        assert _flushing_denormals()
+    finally:
+        torch.set_flush_denormal(False)

@@ -64,6 +64,9 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment("efficientnet-lite0", "prunekit.apps.experiments.efficientnet",
                    "Pretrained EfficientNet-Lite0 structurally (30% channels) and unstructured (80%) pruned, saved, "
                    "reloaded and exported; top-5 on matplotlib's sample images vs dense", default_seeds=1),
+        Experiment("oneshot-llm", "prunekit.apps.experiments.oneshot_llm",
+                   "One-shot magnitude, Wanda and SparseGPT pruning of SmolLM2-135M (30/50/70%, 2:4, 4:8): "
+                   "perplexity on Shakespeare, pruning time, peak memory", default_seeds=1),
     )
 }
 

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..._hf import cache_disabled
-from ..._modes import in_mode
+from ..._modes import denormals_flushed, in_mode
 from ..._progress import progress_bar, resolve_progress
 from ..._validate import check_choice
 from .blocks import BlockFeeder, Inputs, resolve_blocks
@@ -118,7 +118,8 @@ def prune_oneshot(model: nn.Module, calibration: Iterable[Any] | None, *, method
     calibrated on exactly what the final pruned model feeds it, whatever the
     model does with attention masks, position ids, rotary embeddings or
     position biases (see :mod:`prunekit.methods.oneshot.blocks`). The KV cache is off
-    during calibration (``use_cache=False``, config restored afterwards). All
+    during calibration (``use_cache=False``, config restored afterwards), and denormal
+    floats are flushed to zero (:func:`prunekit._modes.denormals_flushed`). All
     layers of a block see the same (block-input) pass; layers outside the blocks
     (a BERT's pooler, the LM head) stay dense and are listed in ``skipped``.
     Without blocks (``blocks=False``) every layer is hooked in one pass of the
@@ -183,7 +184,9 @@ def prune_oneshot(model: nn.Module, calibration: Iterable[Any] | None, *, method
     report.skipped, report.reasons = list(selection.left), dict(selection.left)
     solve = _solver(method, percdamp, blocksize, report, selection.aliases)
     show = resolve_progress(progress)
-    with in_mode(model, training=False), cache_disabled(model), torch.no_grad():
+    # activations of a degraded (pruned) model can drift into the denormal range, where CPU arithmetic
+    # is many times slower: flush them to zero during the calibration passes
+    with in_mode(model, training=False), cache_disabled(model), torch.no_grad(), denormals_flushed():
         if block_list is not None:
             _by_block(model, block_list, selection, samples, solve, report, explicit, show, on_block_inputs)
         else:
