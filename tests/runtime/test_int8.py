@@ -122,7 +122,10 @@ def test_every_format_matches_exact_integer_reference(build, mode, seed):
             assert y.shape == ref.shape and y.dtype == torch.float32
             assert torch.equal(y, ref), (fmt, extra, tuple(w.shape), batch)
             # x^T laid out contiguously (the output of a previous kernel) takes another quantizer path
-            assert torch.equal(m._run_kernel(build, x.t().contiguous().t()), ref), (fmt, extra, batch)
+            yt = m._run_kernel(build, x.t().contiguous().t())
+            assert torch.equal(yt, ref), (fmt, extra, batch)
+            # a row-major input gives a row-major result; a transposed one keeps the kernels' Y^T layout
+            assert y.is_contiguous() and yt.t().is_contiguous(), (fmt, extra, batch)
             if batch in (1, 33):
                 assert torch.equal(nobias._run_kernel(build, x), _reference(nobias, x, mode)), (fmt, extra, batch)
 

@@ -195,7 +195,8 @@ def test_negative_control_a_direct_ctypes_call_breaks_the_graph():
 
     torch._dynamo.reset()
     with torch.no_grad():
-        assert torch._dynamo.explain(Direct())(torch.randn(3, 12)).graph_break_count >= 1
+        explained = torch._dynamo.explain(Direct())(torch.randn(3, 12))
+    assert explained.graph_break_count >= 1 or explained.break_reasons, explained
 
 
 def test_compile_without_the_kernel_runs_the_torch_fallback(monkeypatch):
@@ -332,7 +333,7 @@ def test_ops_match_the_float64_oracle(kernel, seed, monkeypatch):
         with torch.inference_mode():
             y = getattr(ops, name)(*args)
         assert y.shape == ref.shape and y.dtype == torch.float32
-        assert y.t().is_contiguous()  # the kernel's Y^T layout, also in the fallback
+        assert y.is_contiguous()  # the operators' contiguous (B, out) result, also in the fallback
         assert relative_error(y, ref) <= RTOL, (name, tuple(ref.shape))
 
 
@@ -409,7 +410,7 @@ def test_fake_checks_run_at_trace_time():
         x = mode.from_tensor(torch.randn(3, 8))
         assert not ops.eager(x)
         y = ops.spmm_csr(crow, col, val, None, x)
-        assert y.shape == (3, 6) and y.stride() == (1, 3)
+        assert y.shape == (3, 6) and y.stride() == (6, 1)
         with pytest.raises(ValueError, match="bias must be"):
             ops.spmm_csr(crow, col, val, mode.from_tensor(torch.zeros(4)), x)
 

@@ -161,11 +161,13 @@ class _Kernels:
         self.xq_size = self._fn("prunekit_i8_xq_size", [i64, i64], i64)
         self.quantize = self._fn("prunekit_i8_quantize", [i64, i64, ptr, i64, i64, c_int, ctypes.c_float, ptr, ptr],
                                  c_int)
-        self.csr = self._fn("prunekit_i8_csr", [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int], None)
+        # The last two arguments of every product: rm (1 = write Y row-major, else Y^T) and the thread count.
+        self.csr = self._fn("prunekit_i8_csr", [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, c_int],
+                            None)
         self.nm = self._fn("prunekit_i8_nm", [i64, i64, i64, i64, c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
-                                              c_int], None)
-        self.rows = self._fn("prunekit_i8_rows", [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int],
-                             None)
+                                              c_int, c_int], None)
+        self.rows = self._fn("prunekit_i8_rows", [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int,
+                                                  c_int], None)
         self.simd = self._fn("prunekit_i8_simd", [], ctypes.c_char_p)().decode()
 
     def _fn(self, name: str, argtypes: list, restype: Any) -> Any:
@@ -214,7 +216,8 @@ def _self_test(k: _Kernels) -> None:
                                        act_scale=0.02 if acts == "static" else None, **extra)
             for batch in (1, 5, 17, 64, 70):
                 x = torch.randn(batch, 32, generator=g)
-                if not torch.equal(m._run_kernel(k, x), m._run_torch(x)):
+                if not (torch.equal(m._run_kernel(k, x), m._run_torch(x))
+                        and torch.equal(m._run_kernel(k, x, row_major=False), m._run_torch(x))):
                     raise RuntimeError(f"self-test failed: {fmt}, {acts} {gran}, batch {batch}")
 
 
@@ -392,18 +395,23 @@ class Int8Linear(nn.Module):
         scale = float(self.act_scale) if self.act_scale is not None else 0.0
         return _MODES[(self.activations, self.granularity)], scale
 
-    def _run_kernel(self, k: _Kernels, x2: torch.Tensor) -> torch.Tensor:
-        """``(B, out)`` from prunekit's kernels (a transposed view of the contiguous ``Y^T``)."""
+    def _run_kernel(self, k: _Kernels, x2: torch.Tensor, row_major: bool | None = None) -> torch.Tensor:
+        """``(B, out)`` from prunekit's kernels: contiguous, or a transposed view of a contiguous ``Y^T``.
+
+        ``row_major=None`` follows :func:`~prunekit.runtime.kernels.batch_major` (a row-major input gives a
+        contiguous result, a transposed one the kernels' layout); the operators pass ``True``.
+        """
         (batch, n_in), mode = x2.shape, self._mode()
         xq = torch.empty(int(k.xq_size(batch, n_in)), dtype=torch.int16)
         xs = torch.empty((batch + 15) // 16 * 16, dtype=torch.float32)
         if k.quantize(batch, n_in, x2.data_ptr(), x2.stride(0), x2.stride(1), mode[0], mode[1], xq.data_ptr(),
                       xs.data_ptr()):
             raise ValueError("Int8Linear: the input holds NaN or inf, which int8 activations cannot represent")
-        yt = torch.empty(self.out_features, batch, dtype=torch.float32)
+        rm = (not kernels.batch_major(x2)) if row_major is None else row_major
+        yt = torch.empty((batch, self.out_features) if rm else (self.out_features, batch), dtype=torch.float32)
         threads = torch.get_num_threads() if self.nnz * batch >= PARALLEL_MIN_WORK else 1
         tail = (xq.data_ptr(), self.w_scale.data_ptr(), xs.data_ptr(),
-                None if self.bias is None else self.bias.data_ptr(), yt.data_ptr(), threads)
+                None if self.bias is None else self.bias.data_ptr(), yt.data_ptr(), int(rm), threads)
         if self.fmt == "csr":
             k.csr(self.out_features, n_in, batch, self.crow_indices.data_ptr(), self.col_indices.data_ptr(),
                   self.values.data_ptr(), *tail)
@@ -414,7 +422,7 @@ class Int8Linear(nn.Module):
         else:
             k.rows(self.out_features // self.blocksize, self.blocksize, n_in, batch, self.crow_indices.data_ptr(),
                    self.col_indices.data_ptr(), self.values.data_ptr(), *tail)
-        return yt.t()
+        return yt if rm else yt.t()
 
     def _run_torch(self, x2: torch.Tensor) -> torch.Tensor:
         """The kernels' computation in torch, bit for bit (the float64 product of the integers is exact)."""
@@ -595,8 +603,8 @@ class _Arrays:
             raise ValueError(f"prunekit::i8_{self.fmt}: x must be float32 and values int8")
         ok, _, k = _get()
         if ok:
-            return Int8Linear._run_kernel(self, k, x)
-        return Int8Linear._run_torch(self, x).t().contiguous().t()  # the kernel's layout (see _i8_fake)
+            return Int8Linear._run_kernel(self, k, x, row_major=True)
+        return Int8Linear._run_torch(self, x).contiguous()  # the operators' layout (see _i8_fake)
 
 
 def _i8_csr(crow, col, values, w_scale, bias, act_scale, mode, x):
@@ -613,7 +621,8 @@ def _i8_nm(offsets, values, n, m, w_scale, bias, act_scale, mode, x):
 
 
 def _i8_fake(w_scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((w_scale.shape[0], x.shape[0])).t()  # (B, out) as a view of a contiguous (out, B)
+    # Contiguous (B, out) whatever the strides of x (as the fp32 operators: see ops._empty_result).
+    return x.new_empty((x.shape[0], w_scale.shape[0]))
 
 
 def _i8_fake_csr(crow, col, values, w_scale, bias, act_scale, mode, x):

@@ -60,16 +60,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "library", "spmm_t", "spmm", "spmm_rows", "row_blocks", "spmm_nm", "nm_pack"]
+__all__ = ["available", "batch_major", "library", "spmm_t", "spmm", "spmm_rows", "row_blocks", "spmm_nm", "nm_pack"]
 
 # The C sources are real files of the package (csrc/*.c), compiled together at first use into one
 # library (see _build): spmm.c holds the fp32 kernels, the other files add their own functions to it.
+# Headers (csrc/*.h) are part of the cache key and written next to the sources, but not compiled alone.
 _SOURCES = {path.name: path.read_text(encoding="utf-8")
-            for path in sorted((Path(__file__).parent / "csrc").glob("*.c"))}
+            for pattern in ("*.c", "*.h") for path in sorted((Path(__file__).parent / "csrc").glob(pattern))}
 
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=c11",
           "-fno-fast-math"]
-_ABI = 8
+_ABI = 9
 _lock = threading.Lock()
 _state: tuple[bool, str, object] | None = None
 # Below this many multiply-adds a call runs on one thread (thread start-up would dominate).
@@ -129,8 +130,9 @@ def _build() -> Path:
     with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as tmp:
         sources = []
         for name, text in _SOURCES.items():
-            sources.append(Path(tmp) / name)
-            sources[-1].write_text(text)
+            (Path(tmp) / name).write_text(text)
+            if name.endswith(".c"):
+                sources.append(Path(tmp) / name)
         out = Path(tmp) / "spmm.so"
         try:
             proc = subprocess.run([cc, *_FLAGS, *map(str, sources), "-o", str(out)], capture_output=True,
@@ -161,6 +163,11 @@ def _load() -> object:
     nm.argtypes = [i64, i64, i64, i64, ctypes.c_int, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
     nm.restype = None
     fn._nm = nm
+    # Row-major entry points (csrc/layout.c): same arguments, X (B x in) and Y (B x out) row-major.
+    for name, like in (("spmm", fn), ("rows", rows), ("nm", nm)):
+        rm = getattr(lib, f"prunekit_{name}_rm")
+        rm.argtypes, rm.restype = like.argtypes, ctypes.c_int
+        setattr(fn, f"_{name}_rm", rm)
     return fn
 
 
@@ -238,6 +245,14 @@ def rows_linear_unchecked(gptr: torch.Tensor, col: torch.Tensor, values: torch.T
                           bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """``x @ W.T + bias`` with ``W`` as :func:`row_blocks`, without argument checks (for
     :class:`~prunekit.runtime.SparseLinear`, which checked dtypes, devices and availability)."""
+    if not batch_major(x):
+        x, groups = _row_major(x), gptr.numel() - 1
+        y, threads = _rm_out(x, groups * rows, values.numel())
+        if y.numel():
+            _rm_check(_state[2]._rows_rm(groups, rows, x.shape[1], x.shape[0], gptr.data_ptr(), col.data_ptr(),
+                                         values.data_ptr(), x.data_ptr(), x.stride(0), _ptr(bias), y.data_ptr(),
+                                         y.stride(0), threads))
+        return y
     xt = x.t()
     if xt.stride(1) != 1 and xt.shape[1] > 1 or xt.shape[1] == 1 and xt.stride(0) != 1:
         xt = xt.contiguous()
@@ -329,6 +344,14 @@ def nm_linear_unchecked(offsets: torch.Tensor, values: torch.Tensor, n: int, m: 
                         x: torch.Tensor) -> torch.Tensor:
     """``x @ W.T + bias`` with ``W`` as :func:`nm_pack`, without argument checks (for
     :class:`~prunekit.runtime.SparseLinear`, which checked dtypes, devices and availability)."""
+    if not batch_major(x):
+        x = _row_major(x)
+        y, threads = _rm_out(x, values.shape[0], values.numel())
+        if y.numel():
+            _rm_check(_state[2]._nm_rm(values.shape[0], x.shape[1], x.shape[0], values.shape[1], n.bit_length() - 1,
+                                       m, offsets.data_ptr(), values.data_ptr(), x.data_ptr(), x.stride(0),
+                                       _ptr(bias), y.data_ptr(), y.stride(0), BATCH_CHUNK, threads))
+        return y
     xt = x.t()
     if xt.stride(1) != 1 and xt.shape[1] > 1 or xt.shape[1] == 1 and xt.stride(0) != 1:
         xt = xt.contiguous()
@@ -413,7 +436,7 @@ def _call(fn, crow, col, values, bias, xt, nthreads) -> torch.Tensor:
         return yt
     nnz = col.numel()
     threads = nthreads if nnz * batch >= PARALLEL_MIN_WORK else 1
-    tile = max(16, TILE_BYTES // (4 * min(batch, 32))) if TILE_BYTES > 0 else 0
+    tile = _tile(batch)
     fn(m, n_in, batch, crow.data_ptr(), col.data_ptr(), values.data_ptr(), xt.data_ptr(),
        xt.stride(0) if n_in else batch, 0 if bias is None else bias.data_ptr(), yt.data_ptr(), batch, tile,
        BATCH_CHUNK, threads)
@@ -452,10 +475,57 @@ def linear_unchecked(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor
                      x: torch.Tensor) -> torch.Tensor:
     """:func:`spmm` without argument checks, for :class:`~prunekit.runtime.SparseLinear` (which checked
     dtypes, devices and availability); ``x`` is ``(B, in)`` float32."""
+    if not batch_major(x):
+        x = _row_major(x)
+        y, threads = _rm_out(x, crow.numel() - 1, col.numel())
+        if y.numel():
+            _rm_check(_state[2]._spmm_rm(y.shape[1], x.shape[1], x.shape[0], crow.data_ptr(), col.data_ptr(),
+                                         values.data_ptr(), x.data_ptr(), x.stride(0), _ptr(bias), y.data_ptr(),
+                                         y.stride(0), _tile(x.shape[0]), BATCH_CHUNK, threads))
+        return y
     xt = x.t()
     if xt.stride(1) != 1 and xt.shape[1] > 1:
         xt = xt.contiguous()
     return _call(_state[2], crow, col, values, bias, xt, torch.get_num_threads()).t()
+
+
+def batch_major(x: torch.Tensor) -> bool:
+    """Whether the kernels read ``x`` (B, in) as ``X^T`` as it lies: batch 1, or a transposed view (a kernel's output).
+
+    Such inputs give the kernels' own layout back (a ``(B, out)`` view of a contiguous ``Y^T``), so a chain
+    of sparse layers never transposes. Any other input is taken row-major (``csrc/layout.c``: blocks
+    transposed in cache) and gives a contiguous ``(B, out)`` result, which is what the rest of a model (layer
+    norms, attention, residual adds) runs fastest on. Both layouts hold the same bits.
+
+    Example:
+        >>> x = torch.randn(4, 3)
+        >>> batch_major(x), batch_major(x.t().contiguous().t()), batch_major(x[:1])
+        (False, True, True)
+    """
+    return x.shape[0] <= 1 or x.stride(0) == 1 and x.shape[1] > 1
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
+
+
+def _rm_out(x: torch.Tensor, out: int, nnz: int) -> tuple[torch.Tensor, int]:
+    """The row-major result (B, out) and the threads for a product with ``nnz`` kept weights."""
+    y = torch.empty(x.shape[0], out, dtype=torch.float32)
+    return y, torch.get_num_threads() if nnz * x.shape[0] >= PARALLEL_MIN_WORK else 1
+
+
+def _rm_check(status: int) -> None:
+    if status:
+        raise MemoryError("prunekit kernel: could not allocate the scratch blocks of a row-major product")
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _tile(batch: int) -> int:
+    return max(16, TILE_BYTES // (4 * min(batch, 32))) if TILE_BYTES > 0 else 0
 
 
 def spmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,

@@ -267,8 +267,8 @@ class SparseLinear(nn.Module):
         if self.fmt in _KERNEL_FORMATS and self._kernel_ok(x2):
             y = self._kernel(x2)
             if y is not None:
-                # The kernel returns Y^T contiguous; its transpose is returned as a view, so a following
-                # SparseLinear gets a contiguous X^T for free (as with the addmm path below).
+                # Row-major in, row-major out; a transposed input (a previous kernel's output) gives the
+                # kernel's own Y^T back as a view, so chains of sparse layers never transpose (kernels.batch_major).
                 return y.reshape(*lead, self.out_features)
         b = self.bias
         w = self.matrix()

@@ -10,8 +10,9 @@ Each computes ``y = x @ W.T + bias`` for ``x`` of shape ``(B, in)`` float32 and 
 :mod:`~prunekit.runtime.kernels` lays it out (CSR with int32 indices; row blocks from
 :func:`~prunekit.runtime.kernels.row_blocks`; N:M from :func:`~prunekit.runtime.kernels.nm_pack`,
 ``values`` and ``offsets`` of shape ``(out, in // m * n)``). The result is ``(B, out)``, the
-transposed view of a contiguous ``(out, B)`` tensor (the kernel writes ``Y^T``), so a following
-prunekit layer reads its ``X^T`` without a copy.
+contiguous ``(B, out)`` tensor for any strides of ``x`` (eager :class:`~prunekit.runtime.SparseLinear` calls
+also keep the kernels' transposed layout along chains of sparse layers: see
+:func:`~prunekit.runtime.kernels.batch_major`).
 
 Every op has a fake implementation (shapes, dtypes and strides only), which ``torch.compile`` and
 ``torch.export`` use while tracing, and a CPU implementation that runs the compiled kernel when
@@ -214,24 +215,34 @@ def _check_nm(offsets, values, n, m, bias, x) -> int:
     return out
 
 
-def _empty_t(out: int, x: torch.Tensor) -> torch.Tensor:
-    """The result's layout: ``(B, out)``, the transpose of a contiguous ``(out, B)``."""
-    return x.new_empty((out, x.shape[0]), dtype=torch.float32).t()
+def _empty_result(out: int, x: torch.Tensor) -> torch.Tensor:
+    """The result: a contiguous ``(B, out)`` tensor, whatever the strides of ``x``.
+
+    (A layout that followed the input's, as :class:`~prunekit.runtime.SparseLinear` does eagerly, would
+    depend on strides the compiler may still change after it has asked this function; measured with
+    torch 2.13's inductor, which then asserted the other layout.)
+    """
+    return x.new_empty((x.shape[0], out), dtype=torch.float32)
+
+
+def _row_major_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` laid out so that the kernels return a contiguous result (a transposed view is copied)."""
+    return x.contiguous() if x.shape[0] > 1 and kernels.batch_major(x) else x
 
 
 # -- fake implementations (tracing: shapes only) ---------------------------------------------------------------------
 
 
 def _csr_fake(crow, col, values, bias, x):
-    return _empty_t(_check_csr(crow, col, values, bias, x), x)
+    return _empty_result(_check_csr(crow, col, values, bias, x), x)
 
 
 def _rows_fake(gptr, col, values, rows, bias, x):
-    return _empty_t(_check_rows(gptr, col, values, rows, bias, x), x)
+    return _empty_result(_check_rows(gptr, col, values, rows, bias, x), x)
 
 
 def _nm_fake(offsets, values, n, m, bias, x):
-    return _empty_t(_check_nm(offsets, values, n, m, bias, x), x)
+    return _empty_result(_check_nm(offsets, values, n, m, bias, x), x)
 
 
 # -- CPU implementations: the compiled kernel, else the same product in torch ---------------------------------------
@@ -247,7 +258,7 @@ def _csr_cpu(crow, col, values, bias, x):
     if _grad_needed(values, bias, x):
         _no_grad_error("spmm_csr")
     if kernels.available()[0]:
-        return kernels.linear_unchecked(crow, col, values, bias, x)
+        return kernels.linear_unchecked(crow, col, values, bias, _row_major_input(x))
     return _sparse_product(crow, col, values, bias, x, crow.shape[0] - 1)
 
 
@@ -261,7 +272,7 @@ def _rows_cpu(gptr, col, values, rows, bias, x):
     if _grad_needed(values, bias, x):
         _no_grad_error("spmm_rows")
     if kernels.available()[0]:
-        return kernels.rows_linear_unchecked(gptr, col, values, rows, bias, x)
+        return kernels.rows_linear_unchecked(gptr, col, values, rows, bias, _row_major_input(x))
     return _sparse_product(*_rows_as_csr(gptr, col, values, rows), bias, x, out)
 
 
@@ -274,7 +285,7 @@ def _nm_cpu(offsets, values, n, m, bias, x):
     if _grad_needed(values, bias, x):
         _no_grad_error("spmm_nm")
     if kernels.available()[0]:
-        return kernels.nm_linear_unchecked(offsets, values, n, m, bias, x)
+        return kernels.nm_linear_unchecked(offsets, values, n, m, bias, _row_major_input(x))
     return _sparse_product(*_nm_as_csr(offsets, values, n, m), bias, x, values.shape[0])
 
 
@@ -301,12 +312,12 @@ def _sparse_product(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
     if out == 0 or x.shape[0] == 0 or col.numel() == 0:
         # A new tensor, never a view of bias (an operator's result must not alias its inputs).
         yt = torch.zeros(out, x.shape[0]) if bias is None else bias.unsqueeze(1).repeat(1, x.shape[0])
-        return yt.t()
+        return yt.t().contiguous()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Sparse CSR tensor support is in beta")
         w = torch.sparse_csr_tensor(crow, col, values, (out, x.shape[1]), check_invariants=False)
         yt = torch.mm(w, x.t()) if bias is None else torch.addmm(bias.unsqueeze(1), w, x.t())
-    return yt.contiguous().t()
+    return yt.t().contiguous()
 
 
 def _rows_as_csr(gptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor,

@@ -31,6 +31,7 @@
 #include <string.h>
 #include <math.h>
 #include <omp.h>
+#include "transpose.h"
 
 #if defined(__AVX2__) && !defined(PRUNEKIT_I8_GENERIC)
 #include <immintrin.h>
@@ -43,6 +44,8 @@
 #ifndef I8_CHUNK
 #define I8_CHUNK 64
 #endif
+/* Row-major output (rm): output rows per tile of one chunk (64 x 64 floats, 16 KiB: in L1 until transposed). */
+#define I8_TILE_ROWS 64
 /* Input feature of entry k: CSR stores it; N:M stores its offset inside group (k - k0) >> sh of mm. */
 #define COL_CSR(k) ((int64_t)col[k])
 #define COL_NM(k) ((((int64_t)(k) - k0) >> sh) * mm + (int64_t)col[k])
@@ -323,8 +326,8 @@ GENROW(nm_gen, uint8_t, COL_NM)
    the K entries i*K .., 1-byte offsets, n = 2^sh per group of mm) times the quantized activations. */
 #define PAIR_ARGS int is_nm, int64_t M, int64_t N, int64_t B, const int32_t *crow, int64_t K, int sh, \
     int64_t mm, const void *col, const int8_t *val, const int16_t *xq, const float *ws, const float *xs, \
-    const float *bias, float *yt
-#define PAIR_PASS is_nm, M, N, B, crow, K, sh, mm, col, val, xq, ws, xs, bias, yt
+    const float *bias, float *yt, int rm
+#define PAIR_PASS is_nm, M, N, B, crow, K, sh, mm, col, val, xq, ws, xs, bias, yt, rm
 /* Part tid of nth (contiguous output rows) of pair_matmul. */
 static void pair_part(int tid, int nth, PAIR_ARGS) {
     const int64_t lo = M * tid / nth, hi = M * (tid + 1) / nth;
@@ -335,21 +338,25 @@ static void pair_part(int tid, int nth, PAIR_ARGS) {
                                 : csr_dot1(val, (const int32_t *)col, k0, k1, xq, sh, mm);
         yt[i] = rescale1(a, ws[i], xs[0], bias, i);
     }
+    float tile[I8_TILE_ROWS * I8_CHUNK]; /* rm: a block of output rows of one chunk, then transposed into y */
     for (int64_t c = 0; B > 1 && c * I8_CHUNK < B; ++c) {
         const int64_t W = chunk_width(B, c), b0 = c * I8_CHUNK, r = B - b0 < W ? B - b0 : W;
         const int16_t *xc = xq + b0 * N;
-        for (int64_t i = lo; i < hi; ++i) {
-            const int64_t k0 = is_nm ? i * K : crow[i], k1 = is_nm ? k0 + K : crow[i + 1];
+        for (int64_t i0 = lo; i0 < hi; i0 += I8_TILE_ROWS) {
+            const int64_t i1 = hi - i0 < I8_TILE_ROWS ? hi : i0 + I8_TILE_ROWS;
+            for (int64_t i = i0; i < i1; ++i) {
+                const int64_t k0 = is_nm ? i * K : crow[i], k1 = is_nm ? k0 + K : crow[i + 1];
+                float *out = rm ? tile + (i - i0) * I8_CHUNK : yt + i * B + b0;
 #ifdef I8_AVX2
-            pair_row(is_nm, (int)(W / 16), val, col, k0, k1, xc, sh, mm, ws[i], xs + b0, bias, i,
-                     yt + i * B + b0, r);
-            (void)acc32;
+                pair_row(is_nm, (int)(W / 16), val, col, k0, k1, xc, sh, mm, ws[i], xs + b0, bias, i, out, r);
+                (void)acc32;
 #else
-            if (is_nm) nm_gen(val, (const uint8_t *)col, k0, k1, xc, W, sh, mm, acc32);
-            else csr_gen(val, (const int32_t *)col, k0, k1, xc, W, sh, mm, acc32);
-            for (int64_t t = 0; t < r; ++t)
-                yt[i * B + b0 + t] = rescale1(acc32[lane_pos(t)], ws[i], xs[b0 + t], bias, i);
+                if (is_nm) nm_gen(val, (const uint8_t *)col, k0, k1, xc, W, sh, mm, acc32);
+                else csr_gen(val, (const int32_t *)col, k0, k1, xc, W, sh, mm, acc32);
+                for (int64_t t = 0; t < r; ++t) out[t] = rescale1(acc32[lane_pos(t)], ws[i], xs[b0 + t], bias, i);
 #endif
+            }
+            if (rm) pk_transpose_cols(tile, i1 - i0, 0, r, I8_CHUNK, yt + b0 * M + i0, M);
         }
     }
 }
@@ -367,15 +374,15 @@ static void pair_matmul(PAIR_ARGS, int nthreads) {
 /* yt (M x B) from CSR int8 weights (crow, col int32, val int8), ws (M), xq/xs from prunekit_i8_quantize. */
 void prunekit_i8_csr(int64_t M, int64_t N, int64_t B, const int32_t *crow, const int32_t *col, const int8_t *val,
                      const int16_t *xq, const float *ws, const float *xs, const float *bias, float *yt,
-                     int nthreads) {
-    pair_matmul(0, M, N, B, crow, 0, 0, 0, col, val, xq, ws, xs, bias, yt, nthreads);
+                     int rm, int nthreads) {
+    pair_matmul(0, M, N, B, crow, 0, 0, 0, col, val, xq, ws, xs, bias, yt, rm, nthreads);
 }
 
 /* yt (M x B) from N:M int8 weights: K entries per row (off uint8 offsets in groups of mm, n = 2^sh). */
 void prunekit_i8_nm(int64_t M, int64_t N, int64_t B, int64_t K, int sh, int64_t mm, const uint8_t *off,
                     const int8_t *val, const int16_t *xq, const float *ws, const float *xs, const float *bias,
-                    float *yt, int nthreads) {
-    pair_matmul(1, M, N, B, 0, K, sh, mm, off, val, xq, ws, xs, bias, yt, nthreads);
+                    float *yt, int rm, int nthreads) {
+    pair_matmul(1, M, N, B, 0, K, sh, mm, off, val, xq, ws, xs, bias, yt, rm, nthreads);
 }
 
 /* ---- Row blocks: G groups of R consecutive output rows sharing the columns col[gptr[g] .. gptr[g+1]),
@@ -434,7 +441,7 @@ ROWSPAIR(4) ROWSPAIR(2) ROWSPAIR(1)
 /* All R rows of group g for one chunk (columns b0 .., r real, width W). */
 static void rows_chunk(int64_t R, const int32_t *col, const int32_t *wp, int64_t k0, int64_t k1,
                        const int16_t *xc, int64_t W, const float *ws, const float *xs, const float *bias,
-                       int64_t o0, float *yt, int64_t B, int64_t b0, int64_t r) {
+                       int64_t o0, float *y, int64_t ldy, int64_t b0, int64_t r) {
     __m256i acc[8];
     for (int64_t t = 0; t < W; t += 16) {
         const int64_t rt = r - t;
@@ -446,7 +453,7 @@ static void rows_chunk(int64_t R, const int32_t *col, const int32_t *wp, int64_t
             else rows_pair1(col, wp + s, R, k0, k1, xc + t, W, acc);
             for (int64_t q = 0; q < S; ++q)
                 store_row(acc + 2 * q, 1, ws[o0 + s + q], xs + b0 + t, bias, o0 + s + q,
-                          yt + (o0 + s + q) * B + b0 + t, rt < 16 ? rt : 16);
+                          y + (s + q) * ldy + t, rt < 16 ? rt : 16);
             s += S;
         }
     }
@@ -454,8 +461,8 @@ static void rows_chunk(int64_t R, const int32_t *col, const int32_t *wp, int64_t
 #endif
 
 #define ROWS_ARGS int64_t G, int64_t R, int64_t N, int64_t B, const int32_t *gptr, const int32_t *col, \
-    const int8_t *val, const int16_t *xq, const float *ws, const float *xs, const float *bias, float *yt
-#define ROWS_PASS G, R, N, B, gptr, col, val, xq, ws, xs, bias, yt
+    const int8_t *val, const int16_t *xq, const float *ws, const float *xs, const float *bias, float *yt, int rm
+#define ROWS_PASS G, R, N, B, gptr, col, val, xq, ws, xs, bias, yt, rm
 static void rows_part(int tid, int nth, int64_t maxk, ROWS_ARGS);
 
 void prunekit_i8_rows(ROWS_ARGS, int nthreads) {
@@ -475,8 +482,9 @@ static void rows_part(int tid, int nth, int64_t maxk, ROWS_ARGS) {
     int32_t *scratch = (int32_t *)malloc(sizeof(int32_t) * (size_t)((maxk + 1) / 2 * R + I8_CHUNK + 8));
     int32_t *acc = scratch; /* batch 1 and generic: up to I8_CHUNK (or 8 rows) accumulators */
     int32_t *wp = scratch + I8_CHUNK + 8; /* AVX2: weight pairs of the group */
+    float *tile = rm && B > 1 ? (float *)malloc(sizeof(float) * (size_t)(R * I8_CHUNK)) : 0; /* rm: R x chunk */
     (void)wp;
-    for (int64_t g = lo; g < hi && scratch; ++g) {
+    for (int64_t g = lo; g < hi && scratch && (tile || !rm || B == 1); ++g) {
         const int64_t k0 = gptr[g], k1 = gptr[g + 1], o0 = g * R;
         if (B == 1) {
             for (int64_t s = 0; s < R;) {
@@ -496,7 +504,8 @@ static void rows_part(int tid, int nth, int64_t maxk, ROWS_ARGS) {
             const int64_t W = chunk_width(B, c), b0 = c * I8_CHUNK, r = B - b0 < W ? B - b0 : W;
             const int16_t *xc = xq + b0 * N;
 #ifdef I8_AVX2
-            rows_chunk(R, col + k0, wp, 0, k1 - k0, xc, W, ws, xs, bias, o0, yt, B, b0, r);
+            rows_chunk(R, col + k0, wp, 0, k1 - k0, xc, W, ws, xs, bias, o0, rm ? tile : yt + o0 * B + b0,
+                       rm ? I8_CHUNK : B, b0, r);
 #else
             for (int64_t s = 0; s < R; ++s) {
                 for (int64_t t = 0; t < W; ++t) acc[t] = 0;
@@ -506,12 +515,15 @@ static void rows_part(int tid, int nth, int64_t maxk, ROWS_ARGS) {
                     for (int64_t t = 0; t < W; ++t) acc[t] += w * p[t];
                 }
                 for (int64_t t = 0; t < r; ++t)
-                    yt[(o0 + s) * B + b0 + t] = rescale1(acc[lane_pos(t)], ws[o0 + s], xs[b0 + t], bias, o0 + s);
+                    (rm ? tile + s * I8_CHUNK : yt + (o0 + s) * B + b0)[t] =
+                        rescale1(acc[lane_pos(t)], ws[o0 + s], xs[b0 + t], bias, o0 + s);
             }
 #endif
+            if (rm) pk_transpose_cols(tile, R, 0, r, I8_CHUNK, yt + b0 * G * R + o0, G * R);
         }
     }
     free(scratch);
+    free(tile);
 }
 
 const char *prunekit_i8_simd(void) { return I8_SIMD; }
