@@ -338,7 +338,7 @@ static void pair_part(int tid, int nth, PAIR_ARGS) {
                                 : csr_dot1(val, (const int32_t *)col, k0, k1, xq, sh, mm);
         yt[i] = rescale1(a, ws[i], xs[0], bias, i);
     }
-    float tile[I8_TILE_ROWS * I8_CHUNK]; /* rm: a block of output rows of one chunk, then transposed into y */
+    float tile[I8_TILE_ROWS * I8_CHUNK] __attribute__((aligned(64))); /* rm: a block of output rows of one chunk, then transposed into y */
     for (int64_t c = 0; B > 1 && c * I8_CHUNK < B; ++c) {
         const int64_t W = chunk_width(B, c), b0 = c * I8_CHUNK, r = B - b0 < W ? B - b0 : W;
         const int16_t *xc = xq + b0 * N;
@@ -482,7 +482,7 @@ static void rows_part(int tid, int nth, int64_t maxk, ROWS_ARGS) {
     int32_t *scratch = (int32_t *)malloc(sizeof(int32_t) * (size_t)((maxk + 1) / 2 * R + I8_CHUNK + 8));
     int32_t *acc = scratch; /* batch 1 and generic: up to I8_CHUNK (or 8 rows) accumulators */
     int32_t *wp = scratch + I8_CHUNK + 8; /* AVX2: weight pairs of the group */
-    float *tile = rm && B > 1 ? (float *)malloc(sizeof(float) * (size_t)(R * I8_CHUNK)) : 0; /* rm: R x chunk */
+    float *tile = rm && B > 1 ? (float *)aligned_alloc(64, sizeof(float) * (size_t)(R * I8_CHUNK)) : 0; /* rm */
     (void)wp;
     for (int64_t g = lo; g < hi && scratch && (tile || !rm || B == 1); ++g) {
         const int64_t k0 = gptr[g], k1 = gptr[g + 1], o0 = g * R;
