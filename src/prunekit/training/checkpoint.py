@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
@@ -118,7 +118,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get(_META_KEY, "null"))
         tensors = st_load(path.read_bytes())
-    except (OSError, ValueError, RuntimeError) as exc:  # safetensors reports corrupt headers as several types
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # corrupt headers raise several types
         raise ValueError(f"checkpoint {str(path)!r} is unreadable: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
         raise ValueError(f"checkpoint {str(path)!r} is not a prunekit checkpoint of version {_VERSION}")
