@@ -495,8 +495,8 @@ def _copy_state(state: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 def _overall(pruner: Pruner) -> float:
     slots = pruner.keeper.slots
-    total = sum(s.param.numel() for s in slots)
-    return sum(int(s.pruned.sum()) for s in slots) / total if total else 0.0
+    total = sum(s.param.numel() for s in slots)  # a sharded parameter (DTensor) counts its global size
+    return sum(s.n_pruned for s in slots) / total if total else 0.0  # n_pruned: over all shards
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,8 @@ def prune_oneshot(model: nn.Module, calibration: Iterable[Any] | None, *, method
         sparsity: a fraction in ``[0, 1)``, an ``"n:m"`` string (``n`` kept of every
             ``m`` consecutive inputs, :class:`prunekit.NM`), or a mapping
             ``{name_glob: sparsity}``: each layer takes its first matching glob, layers
-            matching none stay dense.
+            matching none stay dense (a key other than ``"*"`` that selects a layer outside
+            the blocks raises, as ``layers`` does: it would stay dense).
         layers: glob(s) over module names to prune (default: every Linear/Conv).
         exclude: glob(s) over module names never pruned.
         blocks: ``None`` (find them), ``False`` (one pass), the name of a
@@ -161,8 +162,9 @@ def prune_oneshot(model: nn.Module, calibration: Iterable[Any] | None, *, method
         The :class:`OneShotReport`.
 
     Raises:
-        ValueError / TypeError: a bad argument, no blocks found, or a layer one-shot
-            cannot solve (the message names the module and what to pass to skip it).
+        ValueError / TypeError: a bad argument, no blocks found, a layer one-shot
+            cannot solve (the message names the module and what to pass to skip it), or
+            a layer outside the blocks selected by ``layers`` or a sparsity mapping.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
@@ -289,9 +291,7 @@ def _by_block(model: nn.Module, blocks: list[tuple[str, nn.Module]], selection: 
     _raise_unsupported({n: e for n, e in selection.unsupported.items()
                         if id(model.get_submodule(n)) in owner})
     outside = [name for name, (layer, _) in targets.items() if id(layer.module) not in owner]
-    if outside and explicit:
-        raise ValueError(f"prune_oneshot: {', '.join(outside)} lie outside the blocks; pass blocks=False to "
-                         "calibrate every layer in one pass, or blocks=[...] that include them")
+    _refuse_asked_outside(outside, selection, explicit)
     for name in outside + [n for n in selection.unsupported if id(model.get_submodule(n)) not in owner]:
         report.skipped.append(name)
         report.reasons[name] = "outside the blocks (one-shot prunes the layers inside the blocks)"
@@ -312,6 +312,30 @@ def _by_block(model: nn.Module, blocks: list[tuple[str, nn.Module]], selection: 
             bar.update()
 
         feeder.run(process)
+
+
+def _refuse_asked_outside(outside: list[str], selection: Selection, explicit: bool) -> None:
+    """Raise if ``layers=`` or a sparsity-mapping key (other than ``"*"``) selects a layer outside the blocks.
+
+    Such a layer would silently stay dense (an allocation's overall sparsity would then be wrong);
+    only the catch-all (a plain sparsity, or the key ``"*"``) leaves layers outside the blocks dense.
+    """
+    asked = [n for n in outside if explicit or selection.by_glob.get(n, "*") != "*"]
+    if not asked:
+        return
+    keys = sorted({selection.by_glob[n] for n in asked if n in selection.by_glob})
+    one, them = len(asked) == 1, ("it" if len(asked) == 1 else "them")
+    if explicit:
+        how = "layers= selects"
+    else:
+        how = f"the sparsity mapping's {'key' if len(keys) == 1 else 'keys'} {', '.join(map(repr, keys))} select"
+        how += "s" if len(keys) == 1 else ""
+    raise ValueError(
+        f"prune_oneshot: {', '.join(asked)} {'lies' if one else 'lie'} outside the blocks but {how} {them}; one-shot "
+        f"prunes only the layers inside the blocks, so {them} would stay dense. Pass blocks=False to calibrate every "
+        f"layer in one pass, blocks=[...] that include {them}, or keep {them} out of the selection "
+        f"(exclude={asked!r} under a broader glob, or drop {'its key' if one else 'their keys'}; an allocation: "
+        "allocate(..., layers=[the blocks]))")
 
 
 def _one_pass(model: nn.Module, targets: dict[str, tuple[Layer, Target]], samples: list[Any] | None,

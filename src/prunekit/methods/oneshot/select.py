@@ -32,12 +32,14 @@ class Selection:
         aliases: ``{module name: every name of its weight}`` for tied/shared weights.
         left: ``{module name: why it stays dense}`` (tied embeddings).
         unsupported: ``{module name: error}`` for selected layers one-shot cannot solve.
+        by_glob: ``{module name: the key of the sparsity mapping that gave its target}`` (a mapping only).
     """
 
     targets: dict[str, tuple[Layer, Target]] = field(default_factory=dict)
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     left: dict[str, str] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)
+    by_glob: dict[str, str] = field(default_factory=dict)
 
 
 def globs(name: str, value: Any) -> list[str] | None:
@@ -122,6 +124,8 @@ def select_layers(model: nn.Module, sparsity: Any, layers: list[str] | None,
                               f"embedding too (select it by name, layers=[{name!r}], to prune it anyway)")
             continue
         sel.targets[name] = (Layer.of(name, module), per_glob[hits[2]])
+        if isinstance(sparsity, Mapping):
+            sel.by_glob[name] = hits[2]
     _check_used(layers, exclude, per_glob if isinstance(sparsity, Mapping) else {}, used)
     if not sel.targets and not sel.unsupported:
         raise ValueError("prune_oneshot: nothing to prune (no Linear/Conv layer selected with a sparsity > 0)")
