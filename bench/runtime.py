@@ -106,6 +106,9 @@ INT8_FORMAT = {"2:4": ("nm", None, (2, 4)), "8x1 blocks": ("rows", 8, None)}
 # Static calibration inputs (ORT static QDQ, prunekit int8, accelerate int8): 4 batches of 16, own seeds.
 CALIBRATION = 4
 ORT_RTOL, DEEPSPARSE_RTOL = 1e-4, 1e-3
+# DeepSparse on onnxruntime's static int8 (QDQ) file, checked against the fp32 reference (ORT int8 static
+# itself is 2-4e-2 from it here; accelerate's default int8_rtol is 0.1).
+DEEPSPARSE_INT8_RTOL = 0.1
 BENCH_DIR = Path(__file__).resolve().parent
 DEEPSPARSE_VENV = Path(os.environ.get("PRUNEKIT_DEEPSPARSE_VENV") or BENCH_DIR.parent / ".venv-deepsparse")
 
@@ -198,7 +201,7 @@ def _row(pattern: tuple, batch: int, repeats: int, tmp: Path, io: dict[str, np.n
     io[f"x_{key}"], io[f"ref_{key}"] = x.numpy().copy(), ref.numpy().copy()
     ms = _time(models, x, repeats)
     return {
-        "key": key, "onnx": str(paths["onnxruntime"]), "pattern": label,
+        "key": key, "onnx": str(paths["onnxruntime"]), "onnx_int8": str(paths["ort_int8_static"]), "pattern": label,
         "sparsity": sparsity, "batch": batch, "ms": ms, **_ratios(ms),
         "max_relative_error": errors,
         "accelerate_choices": dict(Counter(reports["accelerate"].choices.values())),
@@ -231,8 +234,11 @@ def _deepsparse(rows: list[dict], tmp: Path, io: dict[str, np.ndarray], repeats:
         return {**info, "status": f"unavailable: venv setup failed: {info['setup']}"}
     print(f"  deepsparse venv: {info['setup']} ({info['setup_s']:.1f} s)", flush=True)
     np.savez(tmp / "io.npz", **io)
-    spec = {"cases": [{"key": r["key"], "onnx": r["onnx"], "batch": r["batch"], "input": f"x_{r['key']}",
-                       "ref": f"ref_{r['key']}"} for r in rows],
+    cases = [{"key": r["key"], "onnx": r["onnx"], "batch": r["batch"], "input": f"x_{r['key']}",
+              "ref": f"ref_{r['key']}"} for r in rows]
+    cases += [{**c, "key": c["key"] + "_int8", "onnx": r["onnx_int8"], "rtol": DEEPSPARSE_INT8_RTOL}
+              for c, r in zip(list(cases), rows)]
+    spec = {"cases": cases,
             "npz": str(tmp / "io.npz"), "repeats": repeats, "num_cores": torch.get_num_threads(), "seed": SEED,
             "rtol": DEEPSPARSE_RTOL, "out": str(tmp / "deepsparse.json"), "workdir": str(tmp)}
     (tmp / "spec.json").write_text(json.dumps(spec))
@@ -254,29 +260,32 @@ def _deepsparse(rows: list[dict], tmp: Path, io: dict[str, np.ndarray], repeats:
 
 
 def _merge(rows: list[dict], ds: dict) -> None:
-    """Attach the worker's per-case results to the rows (``row["deepsparse"]``)."""
+    """Attach the worker's per-case results to the rows (``row["deepsparse"]``: fp32 file, ``"deepsparse_int8"``:
+    onnxruntime's static int8 file)."""
     cases = {c.get("key"): c for c in ds.get("cases", [])}
     for r in rows:
-        c = cases.get(r["key"])
-        if ds["status"] != "ok":
-            r["deepsparse"] = {"status": ds["status"]}
-        elif c is None or "deepsparse" not in c.get("ms", {}):
-            reason = (c or {}).get("deepsparse_error", "no result from the worker")
-            r["deepsparse"] = {"status": f"unavailable: {reason}"}
-        else:
-            d = c["ms"]["deepsparse"]
-            r["deepsparse"] = {
-                "status": "ok", "ms": d, "worker_onnxruntime_ms": c["ms"].get("onnxruntime"),
-                "ort_over_deepsparse_same_process": c.get("ort_over_deepsparse"),
-                "dense_over_deepsparse_cross_process": r["ms"]["dense"] / d,
-                "best_dense_over_deepsparse_cross_process": r["ms"][r["best_dense"]] / d,
-                "accelerate_int8_over_deepsparse_cross_process": r["ms"]["accelerate_int8"] / d,
-                "accelerate_over_deepsparse_cross_process": r["ms"]["accelerate"] / d,
-                "prunekit_kernel_over_deepsparse_cross_process":
-                    r["ms"]["prunekit_kernel"] / d if "prunekit_kernel" in r["ms"] else None,
-                "max_relative_error": c.get("max_relative_error", {}).get("deepsparse"),
-                "compile_s": c.get("deepsparse_compile_s"),
-            }
+        for name, key in (("deepsparse", r["key"]), ("deepsparse_int8", r["key"] + "_int8")):
+            r[name] = _merged(r, cases.get(key), ds["status"])
+
+
+def _merged(r: dict, c: dict | None, status: str) -> dict:
+    if status != "ok":
+        return {"status": status}
+    if c is None or "deepsparse" not in c.get("ms", {}):
+        return {"status": f"unavailable: {(c or {}).get('deepsparse_error', 'no result from the worker')}"}
+    d = c["ms"]["deepsparse"]
+    return {
+        "status": "ok", "ms": d, "worker_onnxruntime_ms": c["ms"].get("onnxruntime"),
+        "ort_over_deepsparse_same_process": c.get("ort_over_deepsparse"),
+        "dense_over_deepsparse_cross_process": r["ms"]["dense"] / d,
+        "best_dense_over_deepsparse_cross_process": r["ms"][r["best_dense"]] / d,
+        "accelerate_int8_over_deepsparse_cross_process": r["ms"]["accelerate_int8"] / d,
+        "accelerate_over_deepsparse_cross_process": r["ms"]["accelerate"] / d,
+        "prunekit_kernel_over_deepsparse_cross_process":
+            r["ms"]["prunekit_kernel"] / d if "prunekit_kernel" in r["ms"] else None,
+        "max_relative_error": c.get("max_relative_error", {}).get("deepsparse"),
+        "compile_s": c.get("deepsparse_compile_s"),
+    }
 
 
 def run(out: Path, quick: bool) -> str:
@@ -320,13 +329,15 @@ def run(out: Path, quick: bool) -> str:
 
 LABELS = {"dense": "torch dense", "onnxruntime": "ORT fp32", "ort_int8_static": "ORT int8 static",
           "ort_int8_dynamic": "ORT int8 dyn", "prunekit_kernel": "prunekit fp32", "prunekit_int8": "prunekit int8",
-          "accelerate": "accel fp32", "accelerate_int8": "accel int8", "deepsparse": "DeepSparse"}
-FAST = ("deepsparse", "prunekit_kernel", "prunekit_int8", "accelerate", "accelerate_int8")
+          "accelerate": "accel fp32", "accelerate_int8": "accel int8", "deepsparse": "DeepSparse",
+          "deepsparse_int8": "DeepSparse int8"}
+FAST = ("deepsparse", "deepsparse_int8", "prunekit_kernel", "prunekit_int8", "accelerate", "accelerate_int8")
+_WORKER = ("deepsparse", "deepsparse_int8")
 
 
 def _ms_cell(r: dict, name: str) -> str:
-    if name == "deepsparse":
-        d = r["deepsparse"]
+    if name in _WORKER:
+        d = r[name]
         return f"{d['ms']:.3f}" if d["status"] == "ok" else d["status"][:60]
     if name not in r["ms"]:
         return f"unavailable: {kernels.available()[1]}"[:60]
@@ -334,8 +345,8 @@ def _ms_cell(r: dict, name: str) -> str:
 
 
 def _ratio_cell(r: dict, name: str, base_ms: float) -> str:
-    if name == "deepsparse":
-        ms = r["deepsparse"].get("ms")
+    if name in _WORKER:
+        ms = r[name].get("ms")
     else:
         ms = r["ms"].get(name)
     return f"{base_ms / ms:.2f}×" if ms else "–"
@@ -359,16 +370,17 @@ def _section(rows: list[dict], ds: dict, timing: dict, repeats: int) -> str:
             "pattern's sparse int8 format (csr / nm / rows), static scales from the same calibration; accel fp32 = "
             "`prunekit.accelerate(model, x)`; accel int8 = `prunekit.accelerate(model, x, quantize=\"int8\", "
             "calibration=...)` (per layer the fastest of the fp32 and int8 candidates within tolerance). "
-            "DeepSparse 1.8.0 runs the fp32 ONNX in its own process (`.venv-deepsparse`, "
-            "`bench/deepsparse_worker.py`), so its ratios divide times from two processes measured minutes apart.\n")
+            "DeepSparse 1.8.0 runs the fp32 ONNX (DeepSparse) and onnxruntime's static int8 QDQ file (DeepSparse "
+            "int8) in its own process (`.venv-deepsparse`, `bench/deepsparse_worker.py`), so its ratios divide times "
+            "from two processes measured minutes apart.\n")
     t1 = ["| batch | pattern | sparsity | " + " | ".join(f"{LABELS[n]} ms" for n in (*DENSE_RUNTIMES, *FAST)) + " |",
           "|---:|---|---:|" + "---:|" * (len(DENSE_RUNTIMES) + len(FAST))]
     t2 = ["| batch | pattern | sparsity | best dense | " + " | ".join(f"{LABELS[n]} × best" for n in FAST) + " | "
           + " | ".join(f"{LABELS[n]} × torch" for n in FAST) + " |",
           "|---:|---|---:|---|" + "---:|" * (2 * len(FAST))]
     t3 = ["| batch | pattern | sparsity | " + " | ".join(f"{LABELS[n]} err" for n in INT8_VARIANTS)
-          + " | fp32 max err | accel fp32 layers | accel int8 layers |",
-          "|---:|---|---:|" + "---:|" * (len(INT8_VARIANTS) + 1) + "---|---|"]
+          + " | DeepSparse int8 err | fp32 max err | accel fp32 layers | accel int8 layers |",
+          "|---:|---|---:|" + "---:|" * (len(INT8_VARIANTS) + 2) + "---|---|"]
     for r in rows:
         lead = f"| {r['batch']} | {r['pattern']} | {r['sparsity']:.0%} | "
         t1.append(lead + " | ".join(_ms_cell(r, n) for n in (*DENSE_RUNTIMES, *FAST)) + " |")
@@ -379,8 +391,9 @@ def _section(rows: list[dict], ds: dict, timing: dict, repeats: int) -> str:
         err = r["max_relative_error"]
         fp32 = max([v for n, v in err.items() if n not in INT8_VARIANTS]
                    + [r["deepsparse"].get("max_relative_error") or 0.0])
+        ds8 = r["deepsparse_int8"].get("max_relative_error")
         t3.append(lead + " | ".join(f"{err[n]:.1e}" if n in err else "–" for n in INT8_VARIANTS)
-                  + f" | {fp32:.1e} | {_choices(r['accelerate_choices'])} | {_choices(r['accelerate_int8_choices'])} |")
+                  + f" | {'–' if ds8 is None else f'{ds8:.1e}'} | {fp32:.1e} | {_choices(r['accelerate_choices'])} | {_choices(r['accelerate_int8_choices'])} |")
     tail = (f"\nBench time: {timing['torch_and_onnxruntime_s']:.0f} s torch + onnxruntime, DeepSparse setup "
             + (f"{timing['deepsparse_setup_s']:.0f} s" if timing["deepsparse_setup_s"] is not None else "–")
             + ", worker " + (f"{timing['deepsparse_worker_s']:.0f} s" if timing["deepsparse_worker_s"] else "–")

@@ -91,7 +91,7 @@ def _row(batch: int) -> dict:
     return {"key": f"k{batch}", "batch": batch, "pattern": "unstructured", "sparsity": 0.9, "ms": ms,
             **runtime._ratios(ms), "max_relative_error": {n: 1e-3 for n in runtime.VARIANTS},
             "accelerate_choices": {"prunekit": 8}, "accelerate_int8_choices": {"int8-csr": 8},
-            "deepsparse": {"status": "unavailable: skipped"}}
+            "deepsparse": {"status": "unavailable: skipped"}, "deepsparse_int8": {"status": "unavailable: skipped"}}
 
 
 def test_runtime_section_ratios_to_best_dense():
@@ -111,3 +111,45 @@ def test_models_labels():
     models = importlib.import_module("bench.models")
     assert models._label("accelerate_int8_s0.9") == "accel int8 90%"
     assert models._label("accelerate_s0.5") == "accel fp32 50%" and models._label("onnxruntime") == "ORT fp32"
+
+
+def test_merge_attaches_the_fp32_and_int8_deepsparse_cases():
+    rows = [_row(64), _row(1)]
+    ds = {"status": "ok", "cases": [
+        {"key": "k64", "ms": {"deepsparse": 2.0, "onnxruntime": 4.0}, "ort_over_deepsparse": 2.0},
+        {"key": "k64_int8", "ms": {"deepsparse": 0.25}, "max_relative_error": {"deepsparse": 0.03}},
+        {"key": "k1_int8", "deepsparse_error": "output differs"}]}
+    runtime._merge(rows, ds)
+    fp32, int8 = rows[0]["deepsparse"], rows[0]["deepsparse_int8"]
+    assert fp32["status"] == "ok" and fp32["ms"] == 2.0 and fp32["ort_over_deepsparse_same_process"] == 2.0
+    assert int8["status"] == "ok" and int8["max_relative_error"] == 0.03
+    assert int8["best_dense_over_deepsparse_cross_process"] == pytest.approx(0.5 / 0.25)
+    assert rows[1]["deepsparse"]["status"].startswith("unavailable: no result")
+    assert rows[1]["deepsparse_int8"]["status"] == "unavailable: output differs"
+    timing = {"torch_and_onnxruntime_s": 1.0, "deepsparse_setup_s": 1.0, "deepsparse_worker_s": 1.0,
+              "loadavg_start": (1.0, 1.0, 1.0), "loadavg_end": (2.0, 2.0, 2.0)}
+    text = runtime._section(rows, ds, timing, 6)
+    assert "DeepSparse int8 ms" in text and "| 0.250 |" in text and "3.0e-02" in text
+
+
+@pytest.mark.parametrize("attrs, ok", [({"axis": 0}, True), ({}, True), ({"axis": 0, "saturate": 1}, False)])
+def test_deepsparse_copy_declares_opset_17_only_for_plain_qdq(tmp_path, attrs, ok):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    worker = importlib.import_module("bench.deepsparse_worker")
+    init = [helper.make_tensor("s", TensorProto.FLOAT, [2], [0.1, 0.2]),
+            helper.make_tensor("z", TensorProto.INT8, [2], [0, 0])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], **attrs),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=0)]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], init)
+    path = tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10), str(path))
+    if not ok:
+        with pytest.raises(RuntimeError, match="QuantizeLinear"):
+            worker._deepsparse_copy(path, tmp_path)
+        return
+    copy = onnx.load(str(worker._deepsparse_copy(path, tmp_path)))
+    assert copy.ir_version == 8 and [o.version for o in copy.opset_import] == [17]
+    assert [n.op_type for n in copy.graph.node] == ["QuantizeLinear", "DequantizeLinear"]
