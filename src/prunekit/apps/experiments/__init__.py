@@ -67,6 +67,12 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment("oneshot-llm", "prunekit.apps.experiments.oneshot_llm",
                    "One-shot magnitude, Wanda and SparseGPT pruning of SmolLM2-135M (30/50/70%, 2:4, 4:8): "
                    "perplexity on Shakespeare, pruning time, peak memory", default_seeds=1),
+        Experiment("recover", "prunekit.apps.experiments.recover",
+                   "Sparse recovery with distillation: MiniLM-L6 gradual pruning while distilling vs one-shot "
+                   "SparseGPT (50-90%), SmolLM2-135M SparseGPT 50%/2:4 then KL recovery", default_seeds=1),
+        Experiment("when-to-stop", "prunekit.apps.experiments.when_to_stop",
+                   "The sparsity reached within 0.5 pt (LeNet-5/MNIST-5k) / 1% relative (MiniLM-L6) of dense by "
+                   "uniform, ERK, LAMP, OWL and equal-loss allocation, one-shot budget search and gradual StopWhen"),
     )
 }
 
