@@ -6,6 +6,9 @@
 * ``model.factory`` may name only ``nn.Module`` classes and factories registered with :func:`model_factory` /
   :func:`register_model_factory` or an entry point in group ``prunekit.model_factories``
   (:mod:`.factories`); anything else is refused before it is called.
+* ``stop_when: {metric, max_drop, relative, split, samples}``: during a gradual prune-train phase, stop raising
+  sparsity at the first mask update that takes the metric out of tolerance (:class:`prunekit.StopWhen`); the
+  stop step and the sparsity reached are in ``stages/prune-train.json`` and ``results.json``.
 * :func:`run_recipe` / ``prunekit prune --recipe R.yaml``: run it in ``runs/<name>-<hash12>``, stage by stage
   (dense-train, prune-train, export, evaluate); finished stages are skipped, an interrupted one resumes from its
   last checkpoint (safetensors + JSON, no pickle).
@@ -24,6 +27,7 @@ from .config import (
                      Recipe,
                      RecipeError,
                      ScopeConfig,
+                     StopWhenConfig,
                      TrainingConfig,
                      load_recipe,
                      parse_recipe,
@@ -33,6 +37,6 @@ from .run import RunResult, resolve_run, run_dir_for, run_recipe
 
 __all__ = [
     "CriterionConfig", "DataConfig", "ENTRY_POINT_GROUP", "ExportConfig", "GranularityConfig", "ModelConfig", "Recipe",
-    "RecipeError", "RunResult", "ScopeConfig", "TrainingConfig", "load_recipe", "model_factory", "parse_recipe",
-    "register_model_factory", "resolve_run", "run_dir_for", "run_recipe",
+    "RecipeError", "RunResult", "ScopeConfig", "StopWhenConfig", "TrainingConfig", "load_recipe", "model_factory",
+    "parse_recipe", "register_model_factory", "resolve_run", "run_dir_for", "run_recipe",
 ]

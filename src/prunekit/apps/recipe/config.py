@@ -26,13 +26,15 @@ from ...core.schedules import Schedule, schedule_from_dict
 
 __all__ = [
     "RecipeError", "Recipe", "ModelConfig", "DataConfig", "CriterionConfig", "GranularityConfig",
-    "ScopeConfig", "TrainingConfig", "ExportConfig", "load_recipe", "parse_recipe",
+    "ScopeConfig", "TrainingConfig", "ExportConfig", "StopWhenConfig", "load_recipe", "parse_recipe",
 ]
 
 DATASETS = ("mnist5k", "digits")
 CRITERIA = ("magnitude", "random", "taylor", "obd")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 RANKINGS = ("layerwise", "global")
+STOP_METRICS = ("accuracy", "loss")
+STOP_SPLITS = ("test", "train")
 _FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -332,7 +334,49 @@ class ExportConfig:
         return cls(**{k: _bool(f"{path}.{k}", v) for k, v in raw.items()})
 
 
+@dataclass(frozen=True)
+class StopWhenConfig:
+    """``stop_when``: stop raising sparsity at the first mask update that takes the metric out of tolerance.
+
+    The prune-train phase runs a :class:`prunekit.StopWhen` hook: after every scheduled
+    mask update it evaluates ``metric`` on ``split`` (its first ``samples`` samples);
+    the first update worse than the dense model by more than ``max_drop`` (a fraction
+    of the dense value when ``relative``) is undone and the sparsity held there for the
+    rest of the phase (fine-tuning goes on). Needs a gradual schedule (PolynomialDecay).
+
+    Attributes:
+        metric: ``accuracy`` (higher is better; an absolute ``max_drop`` is a fraction, 0.005 = 0.5 pt)
+            or ``loss`` (mean cross-entropy; lower is better).
+        max_drop: how much worse than dense the metric may get (>= 0).
+        relative: ``max_drop`` is relative to the dense value.
+        split: ``test`` (the split the results report) or ``train``.
+        samples: a prefix of that split (``None``: all of it).
+
+    Example:
+        >>> StopWhenConfig.parse({"metric": "accuracy", "max_drop": 0.005}).split
+        'test'
+    """
+
+    metric: str
+    max_drop: float
+    relative: bool = False
+    split: str = "test"
+    samples: int | None = None
+
+    @classmethod
+    def parse(cls, value: Any, path: str = "recipe.stop_when") -> "StopWhenConfig":
+        """Validate the ``stop_when`` section."""
+        raw = _mapping(path, value, tuple(cls.__dataclass_fields__), ("metric", "max_drop"))
+        metric = _choice(f"{path}.metric", raw["metric"], STOP_METRICS)
+        relative = _bool(f"{path}.relative", raw.get("relative", False))
+        bounded = metric == "accuracy" and not relative
+        max_drop = _real(f"{path}.max_drop", raw["max_drop"], 0, 1 if bounded else math.inf, high_open=not bounded)
+        return cls(metric, max_drop, relative, _choice(f"{path}.split", raw.get("split", "test"), STOP_SPLITS),
+                   _opt_int(f"{path}.samples", raw.get("samples"), 1))
+
+
 _SECTIONS = ("name", "model", "data", "schedule", "criterion", "granularity", "scope", "training", "export")
+_OPTIONAL = ("stop_when",)  # in to_dict (and the digest) only when given: older recipes keep their run directory
 
 
 @dataclass(frozen=True)
@@ -348,10 +392,12 @@ class Recipe:
     granularity: GranularityConfig = GranularityConfig()
     scope: ScopeConfig = ScopeConfig()
     export: ExportConfig = ExportConfig()
+    stop_when: StopWhenConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical plain-data form (every default filled in); :func:`parse_recipe` inverts it."""
         out = {k: _plain(asdict(getattr(self, k))) for k in _SECTIONS if k not in ("name", "schedule")}
+        out.update({k: _plain(asdict(getattr(self, k))) for k in _OPTIONAL if getattr(self, k) is not None})
         return {"name": self.name, "schedule": self.schedule.to_dict(), **out}
 
     @property
@@ -387,21 +433,34 @@ def parse_recipe(data: Any) -> Recipe:
         >>> r.training.optimizer, r.run_name.startswith("t-")
         ('adam', True)
     """
-    raw = _mapping("recipe", data, _SECTIONS, ("name", "model", "data", "schedule", "training"))
+    raw = _mapping("recipe", data, _SECTIONS + _OPTIONAL, ("name", "model", "data", "schedule", "training"))
     name = raw["name"]
     if not isinstance(name, str) or not _NAME.match(name):
         raise _fail("recipe.name", "1-64 letters, digits, '_', '.' or '-' (a directory name)", name)
+    schedule = _schedule(raw["schedule"])
     return Recipe(
         name=name,
         model=ModelConfig.parse(raw["model"]),
         data=DataConfig.parse(raw["data"]),
-        schedule=_schedule(raw["schedule"]),
+        schedule=schedule,
         training=TrainingConfig.parse(raw["training"]),
         criterion=CriterionConfig.parse(raw.get("criterion")),
         granularity=GranularityConfig.parse(raw.get("granularity")),
         scope=ScopeConfig.parse(raw.get("scope")),
         export=ExportConfig.parse(raw.get("export")),
+        stop_when=_stop_when(raw.get("stop_when"), schedule),
     )
+
+
+def _stop_when(value: Any, schedule: Schedule) -> StopWhenConfig | None:
+    if value is None:
+        return None
+    config = StopWhenConfig.parse(value)
+    kind = type(schedule).__name__
+    if kind != "PolynomialDecay":
+        raise RecipeError(f"recipe.stop_when: needs a gradual schedule (type PolynomialDecay: sparsity rising over "
+                          f"several mask updates), got {kind}; a one-step schedule has nothing to stop")
+    return config
 
 
 def _schedule(value: Any) -> Schedule:

@@ -187,7 +187,11 @@ def _summary(name: str, r: dict[str, Any]) -> str:
         return f"{r['epochs']} epochs, test accuracy {r['accuracy']:.2%}, loss {r['loss']:.4f} ({took})"
     if name == "prune-train":
         resumed = f", resumed at step {r['resumed_at']}" if r.get("resumed_at") is not None else ""
-        return f"{r['steps']} steps, sparsity {r['sparsity']:.2%}{resumed} ({took})"
+        stop = r.get("stop_when")
+        stopped = "" if stop is None else (
+            f", stop_when: stopped at step {stop['stop_step']}, holding sparsity {stop['sparsity_reached']:.2%}"
+            if stop["stopped"] else ", stop_when: never out of tolerance")
+        return f"{r['steps']} steps, sparsity {r['sparsity']:.2%}{stopped}{resumed} ({took})"
     if name == "export":
         files = ", ".join(f"{k} {v['bytes']:,} B" for k, v in r.items() if isinstance(v, dict)) or "nothing"
         return f"{files} ({took})"

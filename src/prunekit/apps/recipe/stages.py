@@ -15,6 +15,7 @@ in ``stages/<stage>.json`` once the stage's files are written.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from ...training.loop import epoch_seed, evaluate
 from .build import Data, build_model, build_optimizer, build_pruner_kwargs
 from .config import Recipe
 from .loop import Phase, run_phase
+from .stopping import StoppingPruner, build_stop, stop_report
 
 __all__ = ["Context", "STAGES", "dense_train", "prune_train", "export", "evaluate_stage", "load_final_model"]
 
@@ -102,18 +104,30 @@ def dense_train(ctx: Context) -> dict[str, Any]:
 
 
 def prune_train(ctx: Context) -> dict[str, Any]:
-    """Fine-tune the dense model under a Pruner (checkpointed and resumable), then strip it."""
+    """Fine-tune the dense model under a Pruner (checkpointed and resumable), then strip it.
+
+    With ``stop_when`` a :class:`prunekit.StopWhen` hook holds the sparsity at the last good mask update;
+    its state travels in the checkpoints, and the result gets ``"stop_when"`` (see :func:`stop_report`).
+    """
     r, d = ctx.recipe, ctx.data
     model = _load_model(r, ctx.path("dense.safetensors"), rng=True)
     optimizer = build_optimizer(model, r.training)
-    pruner = Pruner(model, r.schedule, optimizer=optimizer, **build_pruner_kwargs(r, d))
     phase = Phase(r.training.epochs, r.data.batch_size, epoch_seed(r.training.seed, _PRUNE_PHASE),
                   ctx.path("checkpoints/prune.safetensors"), r.training.checkpoint_every, "prune+finetune")
-    out = run_phase(model, optimizer, d.X_train, d.y_train, phase, pruner=pruner, progress=ctx.progress)
+    stop = None if r.stop_when is None else build_stop(r.stop_when, d)
+    # a fresh phase: the hook sees the first update (and measures the dense baseline just before it);
+    # a resumed one: the hook comes back with its saved search, attached after the Pruner's state is loaded
+    hooks = [stop] if stop is not None and not phase.checkpoint.exists() else []
+    pruner = Pruner(model, r.schedule, optimizer=optimizer, hooks=hooks, **build_pruner_kwargs(r, d))
+    saved = pruner if stop is None else StoppingPruner(pruner, stop)
+    out = run_phase(model, optimizer, d.X_train, d.y_train, phase, pruner=saved, progress=ctx.progress)
     report = pruner.report()
     strip(model)
     _save_model(ctx.path("pruned.safetensors"), model)
-    return {**out, "sparsity": report.sparsity, "layers": report.to_dict(), "pruner_steps": pruner.current_step}
+    out = {**out, "sparsity": report.sparsity, "layers": report.to_dict(), "pruner_steps": pruner.current_step}
+    if stop is not None:
+        out["stop_when"] = stop_report(stop, r.stop_when, report.sparsity)
+    return out
 
 
 def export(ctx: Context) -> dict[str, Any]:
@@ -142,6 +156,9 @@ def evaluate_stage(ctx: Context) -> dict[str, Any]:
                                "train_samples": len(d.X_train), "test_samples": len(d.X_test),
                                "pruned": evaluate(model, d.X_test, d.y_test),
                                "sparsity": sparsity_report(model).sparsity}
+    marker = ctx.path("stages/prune-train.json")
+    if r.stop_when is not None and marker.is_file():
+        results["stop_when"] = json.loads(marker.read_text()).get("stop_when")
     for name in ("model.pkt", "model_int8.pkt"):
         if ctx.path(name).is_file():
             reloaded = build_model(r.model)
