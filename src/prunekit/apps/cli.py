@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 from .. import __version__
 from ..formats.container import DEFAULT_MAX_BYTES
 from ..formats.inspect import inspect_file
+from ..formats.mobile import format_mobile_files, mobile_files_beside
 from .demo import demo_command
 from .experiments import EXPERIMENTS, Experiment
 from .experiments.cli import experiment_command
@@ -107,10 +108,12 @@ def _add_prune(commands: Any) -> None:
 
 def _add_inspect(commands: Any) -> None:
     parser = commands.add_parser(
-        "inspect", help="show how a prunekit file stores each tensor",
+        "inspect", help="show how a prunekit file stores each tensor (.pte/.tflite: their sizes)",
         description="Per tensor: shape, stored type, sparsity, encoding, bytes, bits per weight; totals against "
-                    "dense fp32, gzip of fp32 and the entropy bound. Verifies every checksum.")
-    parser.add_argument("file", help="a file written by prunekit.save")
+                    "dense fp32, gzip of fp32 and the entropy bound. Verifies every checksum. "
+                    "ExecuTorch .pte and LiteRT .tflite files of the same name are listed beside it with their raw "
+                    "and gzipped sizes; given a .pte or .tflite, only those sizes.")
+    parser.add_argument("file", help="a file written by prunekit.save (or a .pte/.tflite)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
                         help="refuse files needing more memory than this (default: %(default)s)")
@@ -118,17 +121,25 @@ def _add_inspect(commands: Any) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    phone = mobile_files_beside(args.file)
+    if Path(args.file).suffix in (".pte", ".tflite"):
+        print(json.dumps(phone, indent=2) if args.json else format_mobile_files(phone))
+        return 0
     report = inspect_file(args.file, max_bytes=args.max_bytes)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    if args.json:
+        print(json.dumps({**report.to_dict(), "mobile_files": phone} if phone else report.to_dict(), indent=2))
+    else:
+        print(report if not phone else f"{report}\n\nbeside it:\n{format_mobile_files(phone)}")
     return 0
 
 
 def _add_export(commands: Any) -> None:
     parser = commands.add_parser(
-        "export", help="export a recipe run's pruned model: prunekit file, int8, or ONNX",
+        "export", help="export a recipe run's pruned model: prunekit file, int8, ONNX, ExecuTorch or LiteRT",
         description="Rebuild a recipe run's final (pruned, stripped) model via the recipe's model factory and "
                     "write it as a prunekit file (lossless), an int8 prunekit file, or ONNX (checked against "
-                    "onnxruntime).")
+                    "onnxruntime), or a phone runtime's file at batch 1 (ExecuTorch .pte with XNNPACK, LiteRT .tflite; "
+                    "-int8: PT2E int8 calibrated on training inputs; checked in that runtime).")
     _add_run_choice(parser)
     parser.add_argument("--to", choices=FORMATS, required=True, help="output format")
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="output file")

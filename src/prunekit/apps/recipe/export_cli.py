@@ -1,12 +1,17 @@
-"""``prunekit export RUN_DIR|--recipe R.yaml --to onnx|prunekit|int8 --out FILE``: export a run's final model."""
+"""``prunekit export RUN_DIR|--recipe R.yaml --to FORMAT --out FILE``: export a run's final model.
+
+FORMAT: ``prunekit``, ``int8``, ``onnx``, or a phone runtime's file at batch 1: ``executorch`` (.pte),
+``executorch-int8``, ``litert`` (.tflite), ``litert-int8`` (int8 calibrated on 256 training inputs).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-__all__ = ["FORMATS", "export_command", "export_run"]
+__all__ = ["FORMATS", "export_command", "export_mobile_file", "export_run"]
 
-FORMATS = ("prunekit", "int8", "onnx")
+FORMATS = ("prunekit", "int8", "onnx", "executorch", "executorch-int8", "litert", "litert-int8")
 
 
 def export_run(run_dir: Path | None, recipe: Path | None, to: str, out: Path, runs: Path = Path("runs")) -> int:
@@ -28,7 +33,27 @@ def export_run(run_dir: Path | None, recipe: Path | None, to: str, out: Path, ru
     if to == "onnx":
         example = load_data(config.data).X_test[:8]
         return export_onnx(model, example, out).bytes
+    if to.startswith(("executorch", "litert")):
+        return export_mobile_file(model, load_data(config.data), to, out).bytes
     return save(model, out, quantize="int8" if to == "int8" else None)
+
+
+def export_mobile_file(model: Any, data: Any, to: str, out: Path) -> Any:
+    """Write ``model`` as a .pte or .tflite at batch 1; ``to`` is one of the ``executorch``/``litert`` FORMATS.
+
+    int8 is calibrated on the first 256 training inputs of ``data`` (a recipe's :class:`Data`); returns the
+    :class:`~prunekit.formats.mobile.MobileExport`. The recipe's export stage can call this too.
+
+    Example:
+        >>> export_mobile_file(model, data, "executorch-int8", Path("model_int8.pte")).bytes  # doctest: +SKIP
+        9216
+    """
+    from ...formats.mobile import export_executorch, export_litert
+
+    runtime, _, quantize = to.partition("-")
+    export = export_executorch if runtime == "executorch" else export_litert
+    calibration = data.X_train[:256] if quantize else None
+    return export(model, data.X_test[:1], out, quantize=quantize or None, calibration=calibration)
 
 
 def export_command(run_dir: Path | None, recipe: Path | None, to: str, out: Path, runs: Path = Path("runs")) -> int:
