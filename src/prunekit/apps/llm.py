@@ -116,11 +116,11 @@ def cached_folder(key: str, build: Callable[[Path], None], *, root: Path | None 
         root: the cache directory (default :func:`cache_dir`).
 
     Example:
-        >>> import tempfile
-        >>> root = Path(tempfile.mkdtemp())
-        >>> folder = cached_folder("demo", lambda d: (d / "x.txt").write_text("1"), root=root)
-        >>> cached_folder("demo", lambda d: 1 / 0, root=root) == folder  # built already: build not called
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> folder = cached_folder("demo", lambda d: (d / "x.txt").write_text("1"), root=Path(tmp.name))
+        >>> cached_folder("demo", lambda d: 1 / 0, root=Path(tmp.name)) == folder  # built already: not rebuilt
         True
+        >>> tmp.cleanup()
     """
     if not key or "/" in key or key.startswith("."):
         raise ValueError(f"cached_folder: key must be a plain folder name, got {key!r}")
@@ -135,13 +135,30 @@ def cached_folder(key: str, build: Callable[[Path], None], *, root: Path | None 
     temp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}.tmp-{os.getpid()}-"))
     try:
         build(temp)
+        _fsync_tree(temp)  # the rename must never publish files whose data is not on disk yet
         os.rename(temp, final)
+        _fsync_tree(root, files=False)
     except OSError:
         if not final.is_dir():  # not a lost race: a real failure
             raise
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return final
+
+
+def _fsync_tree(folder: Path, *, files: bool = True) -> None:
+    """fsync every file under ``folder`` (if ``files``) and ``folder`` itself (its entries)."""
+    if files:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+    with contextlib.suppress(OSError):  # directories cannot be opened for fsync on some systems
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _abandoned(path: Path) -> bool:
