@@ -97,8 +97,13 @@ def _case(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model.eval(), torch.randn(*shape), torch.randn(shape[0] * 8, *shape[1:])
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
-@pytest.mark.parametrize("name", ["mlp", "cnn", "lstm", "pruned_resnet"])
+# fp32 for every model; int8 (the slow PT2E calibrate-and-convert) for the convolutional ones, where the
+# quantizer has the most to get wrong (conv + BatchNorm + residual adds): the suite's time budget.
+PARITY = [(name, None) for name in ("mlp", "cnn", "lstm", "pruned_resnet")] + [("cnn", "int8"),
+                                                                            ("pruned_resnet", "int8")]
+
+
+@pytest.mark.parametrize("name, quantize", PARITY)
 @pytest.mark.parametrize("runtime", RUNTIMES.values())
 def test_parity_in_the_runtime(runtime, name, quantize, tmp_path):
     model, x, calibration = _case(name)
