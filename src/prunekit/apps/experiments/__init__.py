@@ -15,6 +15,7 @@ nothing at start-up. To add an experiment, write the module and add one
 from __future__ import annotations
 
 import importlib
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -22,7 +23,8 @@ from typing import Any, Callable, Sequence
 
 from ..._validate import check_int
 
-__all__ = ["Experiment", "EXPERIMENTS", "check_run_args", "check_seeds", "get_experiment", "write_run_files"]
+__all__ = ["Experiment", "EXPERIMENTS", "aggregate_rows", "check_run_args", "check_seeds", "get_experiment",
+           "level_label", "write_run_files"]
 
 
 @dataclass(frozen=True)
@@ -151,3 +153,37 @@ def write_run_files(out: Path, results: dict[str, Any], table: str,
     with atomic_open(out / "table.md", "w") as f:
         f.write(table + "\n")
     plot(results, out / "plot.png")
+
+
+def aggregate_rows(per_seed: list[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of several seeds' runs merged by ``(method, level)``: mean, std and the values of each metric.
+
+    ``None`` values (a metric a method does not have) are kept in ``values`` and left out of the mean.
+
+    Example:
+        >>> runs = [{"rows": [{"method": "wanda", "level": "0.5", "layers": 2, "ppl": v}]} for v in (1.0, 3.0)]
+        >>> aggregate_rows(runs, ["ppl"])[0]["ppl"]["mean"]
+        2.0
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run_ in per_seed:
+        for row in run_["rows"]:
+            groups.setdefault((row["method"], row["level"]), []).append(row)
+    return [{"method": m, "level": lv, "layers": rows[0]["layers"],
+             **{k: _stats([r[k] for r in rows]) for k in metrics}} for (m, lv), rows in groups.items()]
+
+
+def _stats(values: list[float | None]) -> dict[str, Any]:
+    known = [v for v in values if v is not None]
+    mean = statistics.fmean(known) if known else None
+    return {"mean": mean, "std": statistics.stdev(known) if len(known) > 1 else 0.0, "values": values}
+
+
+def level_label(level: str) -> str:
+    """A sparsity level for a table: ``"0.5"`` → ``"50%"``; an N:M pattern as it is.
+
+    Example:
+        >>> level_label("0.5"), level_label("2:4")
+        ('50%', '2:4')
+    """
+    return level if ":" in level else f"{float(level):.0%}"

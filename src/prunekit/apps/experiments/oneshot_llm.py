@@ -48,7 +48,7 @@ from ..._progress import progress_bar, resolve_progress
 from ..._repro import seeded
 from ...methods.oneshot import METHODS, prune_oneshot
 from .. import llm
-from . import check_run_args, write_run_files
+from . import aggregate_rows, check_run_args, level_label, write_run_files
 
 __all__ = ["FULL", "LAYERS", "LEVELS", "QUICK", "Config", "peak_rss", "pruned_sparsity", "run", "tiny_llama"]
 
@@ -271,25 +271,6 @@ def _tokens_hash(split: llm.TokenSplit) -> str:
 _METRICS = ("perplexity", "seconds", "peak_mib", "sparsity", "report_sparsity", "mean_layer_error")
 
 
-def _stats(values: list[float | None]) -> dict[str, Any]:
-    known = [v for v in values if v is not None]
-    mean = statistics.fmean(known) if known else None
-    return {"mean": mean, "std": statistics.stdev(known) if len(known) > 1 else 0.0, "values": values}
-
-
-def _aggregate(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for run_ in per_seed:
-        for row in run_["rows"]:
-            groups.setdefault((row["method"], row["level"]), []).append(row)
-    return [{"method": m, "level": lv, "layers": rows[0]["layers"],
-             **{k: _stats([r[k] for r in rows]) for k in _METRICS}} for (m, lv), rows in groups.items()]
-
-
-def _level_label(level: str) -> str:
-    return level if ":" in level else f"{float(level):.0%}"
-
-
 def _cell(stat: dict[str, Any], fmt: str, spread: bool) -> str:
     if stat["mean"] is None:
         return "n/a"
@@ -314,7 +295,7 @@ def format_table(results: dict[str, Any]) -> str:
     for row in results["rows"]:
         ppl = row["perplexity"]["mean"]
         ratio = f"{ppl / dense:.2f}" if ppl is not None and dense else "n/a"
-        level = "—" if row["method"] == "dense" else _level_label(row["level"])
+        level = "—" if row["method"] == "dense" else level_label(row["level"])
         lines.append(f"| {row['method']} | {level} | {_cell(row['perplexity'], '.1f', n > 1)} | {ratio} | "
                      f"{_cell(row['sparsity'], '.4f', False)} | {_cell(row['mean_layer_error'], '.2e', False)} | "
                      f"{_cell(row['seconds'], '.1f', n > 1)} | {_cell(row['peak_mib'], '.0f', False)} |")
@@ -340,7 +321,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     dense = next(r for r in results["rows"] if r["method"] == "dense")["perplexity"]["mean"]
     ax.axhline(dense, color="k", linestyle="--", linewidth=1, label=f"dense ({dense:.1f})")
     ax.set_yscale("log")
-    ax.set_xticks(range(len(levels)), [_level_label(lv) for lv in levels])
+    ax.set_xticks(range(len(levels)), [level_label(lv) for lv in levels])
     ax.set_xlabel("sparsity of the decoder's Linear layers")
     ax.set_ylabel(f"perplexity on {results['plays']['evaluation']} (log)")
     ax.set_title(f"{results['model']}: one-shot pruning, no retraining", fontsize=9)
@@ -381,7 +362,7 @@ def _results(per_seed: list[dict[str, Any]], config: Config, quick: bool, model_
         "pruned": f"all {first['rows'][0]['layers']} Linear layers inside the decoder blocks (model.layers.*: "
                   "q/k/v/o projections, MLP gate/up/down); not the embeddings, the tied LM head or the norms",
         "plays": first["plays"], "tokens_sha256": {str(r["seed"]): r["tokens_sha256"] for r in per_seed},
-        "rows": _aggregate(per_seed), "per_seed_rows": [row for r in per_seed for row in r["rows"]],
+        "rows": aggregate_rows(per_seed, _METRICS), "per_seed_rows": [row for r in per_seed for row in r["rows"]],
         "seconds": seconds, "load_average": {"start": load, "end": _load_average()},
         "process_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_memory_method": next((r["peak_method"] for r in first["rows"] if r["peak_method"]), None),

@@ -54,7 +54,7 @@ from ..._progress import progress_bar, resolve_progress
 from ..._repro import seeded
 from ..._validate import check_int
 from ...methods.oneshot import METHODS, prune_oneshot
-from . import check_run_args, write_run_files
+from . import aggregate_rows, check_run_args, level_label, write_run_files
 
 __all__ = ["Config", "FULL", "QUICK", "LEVELS", "SPLITS", "load_minilm", "model_dir", "sentence_split", "embed",
            "fidelity", "run"]
@@ -382,25 +382,6 @@ _METRICS = ("cosine", "min_cosine", "top10", "seconds", "solver_seconds", "peak_
             "mean_layer_error", "max_layer_error")
 
 
-def _stats(values: list[float | None]) -> dict[str, Any]:
-    known = [v for v in values if v is not None]
-    mean = statistics.fmean(known) if known else None
-    return {"mean": mean, "std": statistics.stdev(known) if len(known) > 1 else 0.0, "values": values}
-
-
-def _aggregate(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for run_ in per_seed:
-        for row in run_["rows"]:
-            groups.setdefault((row["method"], row["level"]), []).append(row)
-    return [{"method": m, "level": lv, "layers": rows[0]["layers"],
-             **{k: _stats([r[k] for r in rows]) for k in _METRICS}} for (m, lv), rows in groups.items()]
-
-
-def _level_label(level: str) -> str:
-    return level if ":" in level else f"{float(level):.0%}"
-
-
 def format_table(results: dict[str, Any]) -> str:
     """The Markdown report of :func:`run`'s results."""
     cfg, n = results["config"], len(results["seeds"])
@@ -419,7 +400,7 @@ def format_table(results: dict[str, Any]) -> str:
             if stat["mean"] is None:
                 return "n/a"
             return format(stat["mean"], fmt) + (f" ± {format(stat['std'], fmt)}" if n > 1 else "")
-        lines.append(f"| {row['method']} | {_level_label(row['level'])} | {cell('cosine', '.4f')} | "
+        lines.append(f"| {row['method']} | {level_label(row['level'])} | {cell('cosine', '.4f')} | "
                      f"{cell('min_cosine', '.3f')} | {cell('top10', '.3f')} | {cell('mean_layer_error', '.2e')} | "
                      f"{cell('seconds', '.1f')} | {cell('solver_seconds', '.1f')} | {cell('peak_mib', '.0f')} |")
     lines += ["", f"Dense vs dense (sanity): cosine {results['dense_check']['cosine']:.6f}, "
@@ -445,7 +426,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
                 ax.errorbar(xs, [rows[levels[x]]["mean"] for x in xs], yerr=[rows[levels[x]]["std"] for x in xs],
                             marker="s" if keep_nm else "o", capsize=3, color=f"C{i}", linestyle=style,
                             label=None if keep_nm else method)
-        ax.set_xticks(range(len(levels)), [_level_label(lv) for lv in levels])
+        ax.set_xticks(range(len(levels)), [level_label(lv) for lv in levels])
         ax.set_xlabel("sparsity of the encoder Linear layers")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -477,7 +458,7 @@ def _results(per_seed: list[dict[str, Any]], config: Config, quick: bool, second
                   "intermediate/output); not the embeddings, LayerNorms or pooler",
         "data": f"prose sentences of the Python {platform.python_version()} documentation (pydoc_data.topics)",
         "sentences_sha256": hashlib.sha256("\n".join(sentences).encode()).hexdigest(),
-        "dense_check": per_seed[0]["dense_check"], "rows": _aggregate(per_seed),
+        "dense_check": per_seed[0]["dense_check"], "rows": aggregate_rows(per_seed, _METRICS),
         "per_seed_rows": [row for r in per_seed for row in r["rows"]], "seconds": seconds,
         "process_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "notes": NOTES,
         "environment": {"torch": torch.__version__, "transformers": _transformers().__version__,
