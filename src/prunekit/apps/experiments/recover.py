@@ -337,17 +337,26 @@ def _mini_finetune(setup: _MiniSetup, config: MiniLMConfig, student: PooledEncod
     for name, p in student.named_parameters():
         p.requires_grad_(name.startswith("encoder.encoder."))  # embeddings stay as they are
     loss = DistillLoss(CachedEmbeddings(setup.teacher_train), cosine=1.0)
+    return _fine_tune(student, loss, setup.train, optimizer, config.steps, config.batch_size, seed, tail=10,
+                      masks=masks, pruner=pruner, progress=progress, desc=desc)[0]
+
+
+def _fine_tune(student: nn.Module, loss: DistillLoss, data: Any, optimizer: torch.optim.Optimizer, steps: int,
+               batch_size: int, seed: int, *, tail: int, masks: dict[str, torch.Tensor] | None = None,
+               pruner: Any = None, progress: bool, desc: str) -> tuple[dict[str, Any], Any]:
+    """One ``recover`` run as both parts use it (warm-up/cosine, clipping at 1, denormals flushed); the student
+    is left trainable everywhere and in eval mode. Returns its summary (the last loss is the mean of the last
+    ``1/tail`` of the steps) and the ``RecoverResult``."""
     with denormals_flushed():
-        result = recover(student, loss, setup.train, optimizer=optimizer, steps=config.steps, masks=masks,
-                         pruner=pruner, batch_size=config.batch_size, seed=seed,
-                         lr_schedule=warmup_cosine(config.steps, warmup=max(config.steps // 10, 1)),
+        result = recover(student, loss, data, optimizer=optimizer, steps=steps, masks=masks, pruner=pruner,
+                         batch_size=batch_size, seed=seed, lr_schedule=warmup_cosine(steps, warmup=max(steps // 10, 1)),
                          max_grad_norm=1.0, progress=progress, desc=desc)
     for p in student.parameters():
         p.requires_grad_(True)
     student.eval()
-    tail = result.losses[-max(len(result.losses) // 10, 1):]
-    return {"steps": result.steps, "train_loss_first": result.losses[0], "train_loss_last": sum(tail) / len(tail),
-            "recover_seconds": result.seconds, "seconds_per_step": result.seconds / result.steps}
+    last = result.losses[-max(len(result.losses) // tail, 1):]
+    return ({"steps": result.steps, "train_loss_first": result.losses[0], "train_loss_last": sum(last) / len(last),
+             "recover_seconds": result.seconds, "seconds_per_step": result.seconds / result.steps}, result)
 
 
 def _sparsegpt(setup: _MiniSetup, level: float) -> tuple[nn.Module, float]:
@@ -450,18 +459,10 @@ def _llm_recover(setup: _LLMSetup, config: LLMConfig, student: nn.Module, seed: 
     optimizer = torch.optim.AdamW([p for n, p in student.named_parameters() if n in trained], lr=config.lr,
                                   weight_decay=0.0)
     loss = DistillLoss(setup.teacher, kl=1.0, temperature=config.temperature)
-    with denormals_flushed():
-        result = recover(student, loss, {"input_ids": setup.train}, optimizer=optimizer, steps=config.steps,
-                         masks=masks, batch_size=config.batch_size, seed=seed,
-                         lr_schedule=warmup_cosine(config.steps, warmup=max(config.steps // 10, 1)),
-                         max_grad_norm=1.0, progress=show, desc=desc)
-    for p in student.parameters():
-        p.requires_grad_(True)
-    student.eval()
-    tail = result.losses[-max(len(result.losses) // 4, 1):]
-    return {"steps": result.steps, "train_loss_first": result.losses[0], "train_loss_last": sum(tail) / len(tail),
-            "recover_seconds": result.seconds, "seconds_per_step": result.seconds / result.steps,
-            "trained_tensors": len(trained), "tokens_seen": result.steps * config.batch_size * setup.train.shape[1]}
+    summary, result = _fine_tune(student, loss, {"input_ids": setup.train}, optimizer, config.steps,
+                                 config.batch_size, seed, tail=4, masks=masks, progress=show, desc=desc)
+    return {**summary, "trained_tensors": len(trained),
+            "tokens_seen": result.steps * config.batch_size * setup.train.shape[1]}
 
 
 def _llm_rows(config: LLMConfig, setup: _LLMSetup, seed: int, bar: Any, show: bool) -> list[dict[str, Any]]:
