@@ -19,7 +19,7 @@ from .core.schedules import ConstantSparsity, PolynomialDecay, Schedule, schedul
 from .formats import FormatError, export_onnx, load, quantize_int8, save, size_summary
 from .formats.mobile import export_executorch, export_litert
 from .methods.allocation import Allocation, allocate
-from .methods.budget import BudgetResult, StopWhen, prune_to_budget
+from .methods.budget import BudgetResult, StopWhen, prune_channels_to_budget, prune_to_budget
 from .methods.iterative import iterative_prune, round_sparsities
 from .methods.obd import OBD, Taylor
 from .methods.sensitivity import SensitivityResult, sensitivity
@@ -68,6 +68,7 @@ __all__ = [
     "load",
     "prunable_parameter_names",
     "prune_channels",
+    "prune_channels_to_budget",
     "prune_to_budget",
     "quantize_int8",
     "register_prunable",

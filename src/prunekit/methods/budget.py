@@ -6,6 +6,9 @@
   highest sparsity whose metric stays within ``max_drop`` of the dense one. The
   model is left pruned at that sparsity, evaluated once more: the result is never
   outside the tolerance on the evaluation set, whatever the metric's shape.
+* :func:`prune_channels_to_budget` (structural): remove channels until the
+  model's MACs (or measured latency, or any cost) are at most a budget, unless
+  the metric leaves its tolerance first (it says which bound).
 * :class:`StopWhen` (gradual): a hook of a scheduled :class:`~prunekit.Pruner`
   that evaluates after every mask update; at the first update that leaves the
   tolerance it undoes that update (the last good masks, and the pruned
@@ -21,7 +24,9 @@ rounding (``0.9 - 0.85`` is ``0.05000000000000004``).
 
 from __future__ import annotations
 
+import copy
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +45,8 @@ from ..core.scope import Selector, resolve_scope
 from .allocation import Allocation, AllocationRule, allocate
 from .sensitivity import _dense_scores, _Snapshot
 
-__all__ = ["BudgetResult", "Check", "StopWhen", "Tolerance", "Trial", "prune_to_budget"]
+__all__ = ["BudgetResult", "ChannelBudgetResult", "ChannelTrial", "Check", "Latency", "StopWhen", "Tolerance", "Trial",
+           "prune_channels_to_budget", "prune_to_budget"]
 
 _SLACK = 1e-12
 _FORMAT, _VERSION = "prunekit.StopWhen", 1
@@ -702,3 +708,340 @@ class StopWhen:
         t = self.tolerance
         return (f"StopWhen(max_drop={t.max_drop:g}, relative={t.relative}, higher_is_better={t.higher_is_better}, "
                 f"stopped={self.stopped}, updates={len(self.history)})")
+
+
+# -- structural: a budget on MACs or latency as well as on the metric -------------------------------------------------
+
+
+class Latency:
+    """A latency cost for :func:`prune_channels_to_budget`: the median seconds of ``runs`` forward passes.
+
+    Each call runs ``warmup`` untimed forwards of ``model`` on ``example_input``
+    (eval mode, ``torch.inference_mode``), then ``runs`` timed ones, each timed
+    alone as ``timer()`` after minus ``timer()`` before; the median is returned
+    (robust to the odd preempted run on a shared machine). ``timer`` is
+    ``time.perf_counter`` unless given (tests inject a fake one).
+
+    Args:
+        example_input: a tensor, a tuple of tensors or a mapping of keyword tensors.
+        runs: timed forwards (``>= 1``).
+        warmup: untimed forwards first (allocator, lazy kernel choices).
+        timer: a monotonic clock in seconds.
+
+    Example:
+        >>> ticks = iter(range(100))
+        >>> cost = Latency(torch.randn(1, 4), runs=3, warmup=0, timer=lambda: next(ticks))
+        >>> cost(nn.Linear(4, 2))  # each run took one tick of this fake clock
+        1.0
+    """
+
+    name = "latency"
+
+    def __init__(self, example_input: Any, *, runs: int = 20, warmup: int = 3,
+                 timer: Callable[[], float] = time.perf_counter) -> None:
+        from .._validate import check_int
+
+        self.example_input = example_input
+        self.runs = check_int("Latency", "runs", runs, minimum=1)
+        self.warmup = check_int("Latency", "warmup", warmup, minimum=0)
+        if not callable(timer):
+            raise TypeError(f"Latency: timer must be a callable returning seconds, got {type(timer).__name__}")
+        self.timer = timer
+
+    def __call__(self, model: nn.Module) -> float:
+        from .._modes import in_mode
+        from .structural.graph import call_model
+
+        times = []
+        with in_mode(model, training=False), torch.inference_mode():
+            for _ in range(self.warmup):
+                call_model(model, self.example_input)
+            for _ in range(self.runs):
+                start = self.timer()
+                call_model(model, self.example_input)
+                times.append(self.timer() - start)
+        return float(statistics.median(times))
+
+    def __repr__(self) -> str:
+        return f"Latency(runs={self.runs}, warmup={self.warmup})"
+
+
+@dataclass(frozen=True)
+class ChannelTrial:
+    """One structural ratio tried: its cost, and the metric when it was evaluated (``None``: not needed)."""
+
+    ratio: float
+    cost: float
+    within_budget: bool
+    metric: float | None = None
+    ok: bool | None = None
+
+
+@dataclass
+class ChannelBudgetResult:
+    """What :func:`prune_channels_to_budget` found; the model is left physically pruned at :attr:`ratio`.
+
+    Attributes:
+        ratio: the fraction of every group's units removed (``prune_channels``'s ``sparsity``; 0: left dense).
+        binding: ``"budget"`` (the cost reached the budget within the tolerance), ``"accuracy"`` (the
+            metric left the tolerance first: the model is at the highest ratio within it, above the
+            budget), or ``"dense"`` (the dense model is within the budget already).
+        cost_name: ``"macs"``, ``"latency"`` or the cost callable's name.
+        budget / dense_cost / cost: the budget, and the cost of the dense and of the returned model
+            (measured again on it).
+        within_budget: ``cost <= budget``.
+        dense / metric: the metric of the dense and of the returned model (``None`` without ``evaluate``).
+        trials: every ratio tried, in order (budget search first, then the metric's).
+        report: the :class:`~prunekit.methods.structural.StructuralReport` of the final pruning (``None``: dense).
+        tolerance: the :class:`Tolerance` (``None`` without ``evaluate``).
+        evaluations: calls of ``evaluate``; seconds: wall time.
+
+    Example:
+        >>> r = ChannelBudgetResult(0.5, "budget", "macs", 100, 240, 90, True)
+        >>> r.cost_reduction
+        2.6666666666666665
+    """
+
+    ratio: float
+    binding: str
+    cost_name: str
+    budget: float
+    dense_cost: float
+    cost: float
+    within_budget: bool
+    dense: float | None = None
+    metric: float | None = None
+    trials: list[ChannelTrial] = field(default_factory=list)
+    report: Any = None
+    tolerance: Tolerance | None = None
+    evaluations: int = 0
+    seconds: float = 0.0
+
+    @property
+    def cost_reduction(self) -> float:
+        """``dense_cost / cost``."""
+        return self.dense_cost / self.cost if self.cost else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (trials as ``[ratio, cost, within_budget, metric, ok]``)."""
+        t = self.tolerance
+        return {"ratio": self.ratio, "binding": self.binding, "cost_name": self.cost_name, "budget": self.budget,
+                "dense_cost": self.dense_cost, "cost": self.cost, "within_budget": self.within_budget,
+                "dense": self.dense, "metric": self.metric, "max_drop": None if t is None else t.max_drop,
+                "relative": None if t is None else t.relative, "evaluations": self.evaluations,
+                "seconds": self.seconds, "trials": [[x.ratio, x.cost, x.within_budget, x.metric, x.ok]
+                                                    for x in self.trials],
+                "report": None if self.report is None else self.report.to_dict()}
+
+    def summary(self) -> str:
+        """One line: the ratio, what bound it, the cost against the budget and the metric.
+
+        Example:
+            >>> print(ChannelBudgetResult(0.5, "budget", "macs", 100, 240, 90, True).summary())
+            ratio 0.5000 (bound by the budget): macs 240 -> 90 (budget 100, met)
+        """
+        met = "met" if self.within_budget else "not met"
+        line = (f"ratio {self.ratio:.4f} (bound by the {self.binding if self.binding != 'dense' else 'dense model'})"
+                f": {self.cost_name} {self.dense_cost:.6g} -> {self.cost:.6g} (budget {self.budget:.6g}, {met})")
+        if self.metric is not None:
+            line += f"; metric {self.dense:.6g} -> {self.metric:.6g}"
+        return line
+
+
+@dataclass
+class _ChannelSearch:
+    """What every trial of one :func:`prune_channels_to_budget` call needs; trials run on copies."""
+
+    model: nn.Module
+    prune: Callable[[nn.Module, float, bool], Any]
+    cost: Callable[[nn.Module], float]
+    budget: float
+    evaluate: Evaluate | None
+    tolerance: Tolerance | None
+    bar: Any
+    dense: float | None = None
+    evaluations: int = 0
+    trials: list[ChannelTrial] = field(default_factory=list)
+
+    def measure(self, model: nn.Module, where: str) -> float:
+        assert self.evaluate is not None
+        self.evaluations += 1
+        self.bar.update(1)
+        return _metric("prune_channels_to_budget", self.evaluate(model), where)
+
+    def price(self, model: nn.Module, where: str) -> float:
+        return _metric("prune_channels_to_budget", self.cost(model), f"as the cost {where}")
+
+    def trial(self, ratio: float, metric: bool) -> ChannelTrial:
+        """Prune a copy at ``ratio``: its cost, and its metric if asked (the model itself is never touched)."""
+        net = copy.deepcopy(self.model)
+        self.prune(net, ratio, False)
+        cost = self.price(net, f"at ratio {ratio:g}")
+        value = self.measure(net, f"at ratio {ratio:g}") if metric else None
+        ok = None if value is None else self.tolerance.ok(self.dense, value)
+        found = ChannelTrial(ratio, cost, cost <= self.budget, value, ok)
+        self.trials.append(found)
+        return found
+
+
+def _reach_budget(search: _ChannelSearch, hi: float, tol: float) -> float:
+    """The lowest ratio found whose cost is within the budget: bisection between 0 (over) and ``hi`` (within)."""
+    top = search.trial(hi, False)
+    if not top.within_budget:
+        raise ValueError(f"prune_channels_to_budget: even at ratio hi={hi:g} the cost is {top.cost:.6g} > budget "
+                         f"{search.budget:.6g}; raise hi, raise the budget, or prune fewer layers by hand (ignore= "
+                         "keeps channels that might otherwise go)")
+    return _halve(hi, 0.0, tol, lambda r: search.trial(r, False).within_budget)
+
+
+def _within_metric(search: _ChannelSearch, target: float, tol: float) -> tuple[float, str]:
+    """``(ratio, binding)``: ``target`` if its metric is within the tolerance, else the highest good ratio below it."""
+    if search.trial(target, True).ok:
+        return target, "budget"
+    return _halve(0.0, target, tol, lambda r: bool(search.trial(r, True).ok)), "accuracy"
+
+
+def _halve(passing: float, failing: float, tol: float, passes: Callable[[float], bool]) -> float:
+    """Bisect between a ratio that passes and one that fails until they are ``tol`` apart; the passing end."""
+    while abs(failing - passing) > tol:
+        mid = (passing + failing) / 2
+        passing, failing = (mid, failing) if passes(mid) else (passing, mid)
+    return passing
+
+
+def _cost_function(cost: Any, example_input: Any) -> tuple[Callable[[nn.Module], float], str]:
+    from .structural.macs import count_macs
+
+    if cost == "macs":
+        return (lambda m: float(count_macs(m, example_input))), "macs"
+    if cost == "latency":
+        return Latency(example_input), "latency"
+    if callable(cost) and not isinstance(cost, str):
+        return cost, getattr(cost, "name", None) or getattr(cost, "__name__", type(cost).__name__)
+    raise ValueError(f"prune_channels_to_budget: cost must be 'macs', 'latency', a Latency(...) or a callable "
+                     f"cost(model) -> float, got {cost!r}")
+
+
+def _check_channel_args(model: Any, budget: Any, evaluate: Any, max_drop: Any, hi: Any,
+                        tol: Any) -> tuple[float, float, float]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prune_channels_to_budget: model must be an nn.Module, got {type(model).__name__}")
+    budget = check_real("prune_channels_to_budget", "budget", budget)
+    hi, tol = check_real("prune_channels_to_budget", "hi", hi), check_real("prune_channels_to_budget", "tol", tol)
+    if budget <= 0 or not 0 < hi < 1 or tol <= 0:
+        raise ValueError(f"prune_channels_to_budget: need budget > 0, 0 < hi < 1 and tol > 0, got budget={budget:g}, "
+                         f"hi={hi:g}, tol={tol:g}")
+    if (evaluate is None) != (max_drop is None):
+        raise ValueError("prune_channels_to_budget: evaluate= and max_drop= go together (the metric and how much "
+                         "of it may be lost); pass both, or neither for a cost budget alone")
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError(f"prune_channels_to_budget: evaluate must be a callable evaluate(model) -> float, "
+                        f"got {type(evaluate).__name__}")
+    return budget, hi, tol
+
+
+def prune_channels_to_budget(
+    model: nn.Module,
+    example_input: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+    budget: float,
+    *,
+    cost: str | Callable[[nn.Module], float] = "macs",
+    evaluate: Evaluate | None = None,
+    max_drop: float | None = None,
+    relative: bool = False,
+    higher_is_better: bool = True,
+    importance: Any = "l2",
+    reduction: str = "sum",
+    round_to: int = 1,
+    ignore: Any = None,
+    hi: float = 0.95,
+    tol: float = 0.01,
+    progress: bool | None = None,
+) -> ChannelBudgetResult:
+    """Remove channels until the model's cost is at most ``budget``, unless the metric leaves its tolerance first.
+
+    Structural pruning (:func:`~prunekit.prune_channels`: the same ratio of every
+    coupled group's units, by ``importance``) is searched by bisection over that
+    ratio. Every trial prunes a **copy** of ``model`` and measures the copy, so
+    the model itself is untouched (bit for bit) until the end. First the lowest
+    ratio (to within ``tol``) whose cost is within ``budget``; then, with
+    ``evaluate``, that ratio's metric: within the tolerance, it is the answer
+    (``binding="budget"``); outside, bisection below it for the highest ratio within
+    the tolerance (``binding="accuracy"``: the metric binds first, the budget is
+    not met). The model is then pruned in place at the ratio found, and its cost
+    and metric measured once more (the returned values).
+
+    Costs: ``"macs"`` counts the multiply-accumulates of one forward on
+    ``example_input`` in the really pruned network (forward hooks on every
+    convolution, linear layer, attention and LSTM,
+    :func:`~prunekit.methods.structural.count_macs`); ``"latency"`` is
+    :class:`Latency` (median seconds of 20 forwards after 3 warm-ups; pass your own
+    ``Latency(x, runs=..., timer=...)`` to change them); any callable
+    ``cost(model) -> float`` works (lower is cheaper). Latency is noisy: a budget
+    met in the search may read slightly over when measured again
+    (``within_budget`` says); MACs are exact.
+
+    Args:
+        model: the (trained) model; left physically smaller (or dense if it is within the budget already).
+        example_input: a tensor, a tuple of tensors or a mapping of keyword tensors (tracing, MACs, latency).
+        budget: the largest cost allowed (``> 0``; MACs, seconds, or your cost's unit).
+        cost: ``"macs"``, ``"latency"``, a :class:`Latency` or a callable ``cost(model) -> float``.
+        evaluate: optional ``evaluate(model) -> float``; with ``max_drop`` it caps how far pruning goes.
+        max_drop: how much worse than dense the metric may get (see :class:`Tolerance`).
+        relative: ``max_drop`` is a fraction of ``|dense metric|``.
+        higher_is_better: ``False`` for losses and perplexities.
+        importance / reduction / round_to / ignore: as for :func:`~prunekit.prune_channels`.
+        hi: the highest ratio tried (``< 1``).
+        tol: bisection stops when the bracket is narrower than this.
+        progress: a bar over trials (``None``: when stderr is a terminal).
+
+    Returns:
+        A :class:`ChannelBudgetResult` (``binding`` says which constraint stopped it).
+
+    Raises:
+        ValueError: bad arguments, a budget not reached even at ``hi``, ``evaluate`` without
+            ``max_drop`` (or the reverse), a metric or cost that is not finite.
+        RuntimeError: the final model's fresh metric is outside the tolerance although its search trial
+            was within (``evaluate`` is not reproducible); the model is left pruned.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+        >>> x = torch.randn(1, 16)
+        >>> r = prune_channels_to_budget(net, x, budget=800, progress=False)  # dense: 16*64 + 64*4 = 1280 MACs
+        >>> r.binding, r.cost <= 800, net[0].out_features
+        ('budget', True, 40)
+    """
+    from .structural.prune import prune_channels
+
+    budget, hi, tol = _check_channel_args(model, budget, evaluate, max_drop, hi, tol)
+    cost_fn, cost_name = _cost_function(cost, example_input)
+    tolerance = None if max_drop is None else Tolerance(max_drop, relative, higher_is_better,
+                                                        owner="prune_channels_to_budget")
+
+    def prune(net: nn.Module, ratio: float, verify: bool) -> Any:
+        return prune_channels(net, example_input, ratio, importance=importance, reduction=reduction,
+                              round_to=round_to, ignore=ignore, verify=verify)[1]
+
+    started = time.perf_counter()
+    expected = 2 * (math.ceil(math.log2(max(hi / tol, 1.0))) + 2)
+    with progress_bar(progress, total=expected, desc="prune_channels_to_budget", unit="trial") as bar:
+        search = _ChannelSearch(model, prune, cost_fn, budget, evaluate, tolerance, bar)
+        dense_cost = search.price(copy.deepcopy(model), "of the dense model")
+        ratio, binding = (0.0, "dense") if dense_cost <= budget else (_reach_budget(search, hi, tol), "budget")
+        if tolerance is not None:
+            search.dense = search.measure(copy.deepcopy(model), "for the dense model")
+            tolerance.check_reference(search.dense)
+            if binding == "budget":
+                ratio, binding = _within_metric(search, ratio, tol)
+        report = prune(model, ratio, True) if ratio > 0 else None
+        final_cost = search.price(model, "of the returned model") if report is not None else dense_cost
+        metric = None if tolerance is None else \
+            search.measure(model, "of the returned model") if report is not None else search.dense
+    if tolerance is not None and not tolerance.ok(search.dense, metric):
+        raise RuntimeError(f"prune_channels_to_budget: at ratio {ratio:g} the metric was within the tolerance in the "
+                           f"search but is {metric:.6g} now (dense {search.dense:.6g}); evaluate is not reproducible. "
+                           "The model is left pruned at that ratio")
+    return ChannelBudgetResult(ratio, binding, cost_name, budget, dense_cost, final_cost, final_cost <= budget,
+                               search.dense, metric, search.trials, report, tolerance, search.evaluations,
+                               round(time.perf_counter() - started, 3))
