@@ -23,10 +23,13 @@ The result, an :class:`Allocation`, is a mapping ``{parameter name: sparsity}``
 :func:`~prunekit.methods.oneshot.prune_oneshot` as ``sparsity=``; both prune
 ``round(n_l·s_l)`` weights of a layer of ``n_l``, which :func:`exact_counts`
 makes sum to the overall count exactly. Pass them the same ``layers`` /
-``exclude`` (a Pruner prunes parameters outside the allocation at its main
-schedule's target; ``prune_oneshot`` leaves them dense, and also leaves dense the
-layers outside its blocks and tied output heads: allocate over the layers it
-prunes, e.g. ``layers=["model.layers"]``). Counts are exact for unstructured
+``exclude``. A Pruner prunes parameters outside the allocation at its main
+schedule's target. ``prune_oneshot`` leaves them dense, prunes only the layers
+inside its blocks and **raises** for an allocation key that selects a layer
+outside them (a BERT pooler, an untied LM head: it would stay dense and the
+overall sparsity would be wrong); a weight tied to the input embedding (a tied LM
+head) is not pruned either (``report.skipped`` lists it). So allocate over the
+layers it prunes, e.g. ``layers=["model.layers"]``. Counts are exact for unstructured
 pruning (the Pruner's default granularity, ``prune_oneshot`` with fractions);
 a float override makes a gradual Pruner jump to it when its schedule begins:
 :meth:`Allocation.schedules` gives per-layer ramps instead.
