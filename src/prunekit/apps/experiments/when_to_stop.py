@@ -15,12 +15,21 @@ Two models, each with a tolerance against its dense self:
   allocations uniform, OWL and ERK. Loader and sentences come from
   :mod:`prunekit.apps.experiments.oneshot_minilm`; skipped (and said so) without
   transformers or the model package.
+* **SmolLM2-135M** (the decoder LM of ``oneshot-llm``, 1 seed): perplexity on
+  *King Lear* within 1% and within 10% (relative) of dense; Wanda over every Linear
+  of the decoder blocks with the allocations uniform, OWL and ERK, calibrated on
+  *Hamlet* and *Macbeth*. Wanda here scores ``|W_ij|·‖X_j‖₂`` with the input norms
+  of the **dense** model, captured once (one pass over the calibration windows) and
+  reused by every trial and by OWL: this is exactly ``prune_oneshot(...,
+  blocks=False)``'s Wanda, not the block-sequential one (which re-calibrates each
+  block on its pruned predecessors and costs a pass per trial: 150-270 s each on one
+  thread). ``--quick`` runs the same path on a random-init tiny Llama.
 
 The search evaluates on the data it reports (the LeNet test split, the MiniLM
 evaluation sentences): a budget is a property of that set. Writes ``table.md``
 (sparsity per allocation, gain over uniform), ``results.json`` and ``plot.png``
 (sensitivity curves; accuracy vs sparsity along the gradual run, stop marked;
-the one-shot trials).
+the one-shot trials; the LM's perplexity trials).
 """
 
 from __future__ import annotations
@@ -45,19 +54,25 @@ from ..._progress import progress_bar
 from ..._repro import seeded
 from ...core.pruner import Pruner
 from ...core.schedules import PolynomialDecay
+from ...core.scope import resolve_scope
+from ...methods.allocation import Allocation, _input_norms
 from ...methods.budget import StopWhen, prune_to_budget
+from ...methods.oneshot.layers import Layer
+from ...methods.oneshot.solvers import Target, wanda_prune
 from ...methods.sensitivity import sensitivity
 from ...training.data import load_mnist5k
 from ...training.loop import epoch_seed, evaluate, train
 from ..models import LeNet5
 from . import check_run_args, write_run_files
 
-__all__ = ["FULL", "QUICK", "Config", "LeNetConfig", "MiniLMConfig", "run"]
+__all__ = ["FULL", "QUICK", "Config", "LMConfig", "LeNetConfig", "MiniLMConfig", "WandaFromDense", "run"]
 
 NAME = "when-to-stop"
 LENET_RULES = ("uniform", "erk", "lamp", "equal-loss")
 MINILM_RULES = ("uniform", "owl", "erk")
 MINILM_BLOCKS = "encoder.layer"  # the six BERT blocks: every Linear of them, nothing outside
+LM_RULES = ("uniform", "owl", "erk")
+LM_BLOCKS = "model.layers"  # the decoder blocks: attention q/k/v/o and MLP gate/up/down; embeddings, tied head dense
 
 
 @dataclass(frozen=True)
@@ -102,14 +117,34 @@ class MiniLMConfig:
 
 
 @dataclass(frozen=True)
+class LMConfig:
+    """Decoder-LM part.
+
+    Attributes:
+        model: ``"smollm2"`` or ``"tiny-llama"`` (random init, for tests), as in ``oneshot-llm``.
+        calibration / evaluation: ``(windows, tokens)`` of Shakespeare text (disjoint plays).
+        tol / hi: bisection width and highest sparsity tried.
+        drops: relative perplexity tolerances, each searched by every rule (the issue's 1%, and a looser one).
+    """
+
+    model: str
+    calibration: tuple[int, int]
+    evaluation: tuple[int, int]
+    tol: float
+    hi: float
+    drops: tuple[float, ...] = (0.01, 0.10)
+
+
+@dataclass(frozen=True)
 class Config:
-    """One variant: the parts, the tolerances, the default number of seeds (LeNet-5; MiniLM runs the first)."""
+    """One variant: the parts, the tolerances, the default number of seeds (LeNet-5; MiniLM and the LM run the first)."""
 
     lenet: LeNetConfig
     minilm: MiniLMConfig | None
     seeds: int
     accuracy_drop: float = 0.005  # absolute: 0.5 pt of test accuracy
     cosine_drop: float = 0.01  # relative to the dense value (1.0)
+    lm: LMConfig | None = None
 
 
 # LeNet-5 on 4,000 digits, 20 epochs (after 8 it is ~2 pt short of what fine-tuning later reaches). Gradual: a
@@ -118,11 +153,16 @@ class Config:
 # embedding of the evaluation ones).
 FULL = Config(LeNetConfig(None, None, epochs=20, grid=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99), tol=0.005,
                           hi=0.99, gradual_epochs=8, frequency=10, final_sparsity=0.98),
-              MiniLMConfig(calibration=16, evaluation=64, tol=0.02, hi=0.9), seeds=3)
+              MiniLMConfig(calibration=16, evaluation=64, tol=0.02, hi=0.9), seeds=3,
+              # SmolLM2: oneshot-llm's text sizes; a trial is a Wanda pass from the captured norms and a
+              # perplexity (about 20 s on one thread), 8 evaluations a search, 6 searches
+              lm=LMConfig("smollm2", calibration=(32, 128), evaluation=(8, 256), tol=0.02, hi=0.6))
 # Seconds, for tests: tiny sizes, wide bisection; the numbers mean little.
 QUICK = Config(LeNetConfig(600, 200, epochs=2, grid=(0.5, 0.95), tol=0.1, hi=0.95, gradual_epochs=2, frequency=4,
                            final_sparsity=0.95, lr=3e-3, batch_size=32, gradual_lr=1e-3),
-               MiniLMConfig(calibration=1, evaluation=4, tol=0.2, hi=0.15), seeds=1)
+               MiniLMConfig(calibration=1, evaluation=4, tol=0.2, hi=0.15), seeds=1,
+               lm=LMConfig("tiny-llama", calibration=(4, 32), evaluation=(2, 32), tol=0.2, hi=0.6,
+                           drops=(0.0005, 0.01)))
 
 
 # -- LeNet-5 ----------------------------------------------------------------------------------------
@@ -236,6 +276,75 @@ def _minilm(cfg: MiniLMConfig, max_drop: float, seed: int, bar: Any) -> dict[str
     return out
 
 
+# -- decoder LM -------------------------------------------------------------------------------------
+
+
+class WandaFromDense:
+    """Wanda from one capture of the dense model's inputs: ``method(model, allocation)`` for ``prune_to_budget``.
+
+    The input norms ``‖X_j‖₂`` of every Linear in scope are measured once, on the
+    dense model, over ``calibration``; each call scores the model's (dense)
+    weights ``|W_ij|·‖X_j‖₂`` and prunes each output row to the layer's allocated
+    sparsity (:func:`~prunekit.methods.oneshot.solvers.wanda_prune`), the same
+    masks as ``prune_oneshot(model, calibration, method="wanda", blocks=False)``
+    but without a calibration pass per call. :attr:`norms` also feeds OWL.
+
+    Example:
+        >>> from prunekit import allocate
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        >>> wanda = WandaFromDense(net, [torch.randn(16, 8)])
+        >>> wanda(net, allocate(net, 0.5))
+        >>> float((net[0].weight == 0).float().mean())
+        0.5
+    """
+
+    def __init__(self, model: nn.Module, calibration: Any, layers: Sequence[str] | None = None) -> None:
+        self.layers = layers
+        targets = resolve_scope(model, layers).targets
+        started = time.perf_counter()
+        self.norms = _input_norms(model, targets, calibration, False)
+        self.seconds = time.perf_counter() - started
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, allocation: Allocation) -> None:
+        for target in resolve_scope(model, self.layers).targets:
+            layer = Layer.of(target.module_name, target.module)
+            gram = torch.diag(self.norms[target.name].square())  # Wanda reads only the diagonal
+            new, keep = wanda_prune(layer.matrix(), gram, Target.parse(allocation.by_name()[target.name]))
+            layer.write(new.masked_fill(~keep, 0))
+
+
+def _lm(cfg: LMConfig, seed: int, bar: Any) -> dict[str, Any]:
+    """uniform / OWL / ERK Wanda searches on the decoder LM at each tolerance, or ``{"skipped": why}``."""
+    from .. import llm
+    from .oneshot_llm import _load
+
+    try:
+        model, tokenizer, name = _load(cfg, seed, False)
+        split = llm.shakespeare_tokens(tokenizer, calibration=cfg.calibration, evaluation=cfg.evaluation, seed=seed)
+    except ImportError as exc:
+        bar.update(len(LM_RULES) * len(cfg.drops))
+        return {"skipped": str(exc)}
+
+    def ppl(m: nn.Module) -> float:
+        return llm.perplexity(m, split.evaluation, progress=False)
+
+    wanda = WandaFromDense(model, split.calibration_inputs(), [LM_BLOCKS])
+    out: dict[str, Any] = {"model": name, "seed": seed, "dense": ppl(model), "capture_seconds": wanda.seconds,
+                           "plays": {"calibration": [llm.play_title(p) for p in split.calibration_plays],
+                                     "evaluation": llm.play_title(split.evaluation_play)},
+                           "tolerances": {}}
+    for drop in cfg.drops:
+        searches = out["tolerances"][f"{drop:g}"] = {}
+        for rule in LM_RULES:
+            bar.set_postfix_str(f"LM {drop:.1%}: {rule}")
+            options = {"calibration": wanda.norms} if rule == "owl" else None
+            searches[rule] = _budget(model, ppl, rule, options, tol=cfg.tol, hi=cfg.hi, max_drop=drop, relative=True,
+                                     higher_is_better=False, method=wanda, layers=[LM_BLOCKS])
+            bar.update(1)
+    return out
+
+
 # -- results ----------------------------------------------------------------------------------------
 
 
@@ -262,13 +371,16 @@ def _summary(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _results(config: Config, quick: bool, seeds: list[int], lenet: list[dict[str, Any]], minilm: dict[str, Any],
-             described: str, seconds: float) -> dict[str, Any]:
+             lm: dict[str, Any], described: str, seconds: float) -> dict[str, Any]:
     return {"experiment": NAME, "quick": quick, "seeds": seeds, "config": asdict(config),
             "lenet": {"data": described, "metric": "test accuracy", "max_drop": config.accuracy_drop,
                       "relative": False, "rules": list(LENET_RULES), "dense": _stats([r["dense"] for r in lenet]),
                       "summary": _summary(lenet), "per_seed": lenet},
             "minilm": {"metric": "mean cosine vs dense embeddings", "max_drop": config.cosine_drop, "relative": True,
                        "method": "wanda", "rules": list(MINILM_RULES), **minilm},
+            "lm": {"metric": "perplexity", "relative": True, "higher_is_better": False,
+                   "method": "wanda from the dense model's input norms (one capture)", "rules": list(LM_RULES),
+                   "max_drops": list(config.lm.drops) if config.lm else [], **lm},
             "seconds": seconds, "load_average": list(os.getloadavg()),
             "environment": {"torch": torch.__version__, "python": platform.python_version(),
                             "threads": torch.get_num_threads()}}
@@ -308,10 +420,33 @@ def format_table(results: dict[str, Any]) -> str:
         for rule, r in mi["rules"].items():
             lines.append(f"| {rule} | {100 * r['sparsity']:.1f} | {100 * (r['sparsity'] - base):+.1f} | "
                          f"{r['metric']:.4f} |")
+    lines += _lm_table(results)
     load = ", ".join(f"{v:.1f}" for v in results["load_average"])
     lines += ["", (f"Wall time {results['seconds']:.0f} s{' (--quick)' if results['quick'] else ''}; load average "
               f"at the end {load} (a shared machine)."), ""]
     return "\n".join(lines)
+
+
+def _lm_table(results: dict[str, Any]) -> list[str]:
+    lm = results["lm"]
+    lines = ["", "## Decoder LM: perplexity within a relative tolerance of dense", ""]
+    if "skipped" in lm:
+        return lines + [f"Skipped: {lm['skipped']}"]
+    cfg = results["config"]["lm"]
+    lines += [(f"{lm['model']}, seed {lm['seed']}: Wanda over every Linear of the decoder blocks, scored with the "
+               f"dense model's input norms over {cfg['calibration'][0]}×{cfg['calibration'][1]} tokens of "
+               f"{' and '.join(lm['plays']['calibration'])} (captured once in {lm['capture_seconds']:.0f} s, reused "
+               f"by every trial and by OWL); perplexity over {cfg['evaluation'][0]}×{cfg['evaluation'][1]} tokens of "
+               f"{lm['plays']['evaluation']}, dense {lm['dense']:.2f}; bisection to {cfg['tol']:g} up to "
+               f"{cfg['hi']:g}. One seed: each search is about 8 perplexity evaluations of the whole model."), "",
+              "| tolerance | allocation | sparsity reached (%) | gain over uniform (pt) | perplexity | search s |",
+              "|---|---|---:|---:|---:|---:|"]
+    for drop, searches in lm["tolerances"].items():
+        base = searches["uniform"]["sparsity"]
+        for rule, r in searches.items():
+            lines.append(f"| +{100 * float(drop):g}% | {rule} | {100 * r['sparsity']:.1f} | "
+                         f"{100 * (r['sparsity'] - base):+.1f} | {r['metric']:.2f} | {r['seconds']:.0f} |")
+    return lines
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
@@ -320,7 +455,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")  # no display; must precede pyplot's import
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5))
     first = results["lenet"]["per_seed"][0]
     for name, points in first["sensitivity"]["curves"].items():
         axes[0].plot([100 * s for s, _ in points], [100 * m for _, m in points], marker="o", label=name)
@@ -329,6 +464,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
                 xlabel="layer sparsity (%)", ylabel="test accuracy (%)")
     _plot_gradual(axes[1], results)
     _plot_trials(axes[2], results)
+    _plot_lm(axes[3], results)
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -363,6 +499,22 @@ def _plot_trials(ax: Any, results: dict[str, Any]) -> None:
            xlabel="overall sparsity (%)", ylabel="test accuracy (%)")
 
 
+def _plot_lm(ax: Any, results: dict[str, Any]) -> None:
+    lm = results["lm"]
+    if "skipped" in lm:
+        ax.set(title=f"decoder LM skipped: {lm['skipped'][:60]}")
+        return
+    for i, rule in enumerate(lm["rules"]):
+        trials = sorted({tuple(t[:2]) for s in lm["tolerances"].values() for t in s[rule]["trials"]})
+        ax.plot([100 * t[0] for t in trials], [t[1] for t in trials], marker="o", color=f"C{i}", label=rule)
+    for j, drop in enumerate(lm["tolerances"]):
+        ax.axhline(lm["dense"] * (1 + float(drop)), color="grey", ls=":" if j else "--", lw=1,
+                   label=f"dense +{100 * float(drop):g}%")
+    ax.set_yscale("log")
+    ax.set(title=f"{lm['model'][:40]}: search trials (Wanda)", xlabel="overall sparsity (%)",
+           ylabel="perplexity (log)")
+
+
 # -- entry point ------------------------------------------------------------------------------------
 
 
@@ -373,12 +525,13 @@ def run(out: str | Path, *, quick: bool = False, seeds: Sequence[int] | None = N
     Args:
         out: output directory (created if missing).
         quick: the tiny :data:`QUICK` variant (seconds; for tests).
-        seeds: LeNet-5 seeds (default 0..2; 0 with ``quick``); MiniLM runs the first.
+        seeds: LeNet-5 seeds (default 0..2; 0 with ``quick``); MiniLM and the decoder LM run the first.
         progress: a bar over the stages (``None``: only on a terminal).
 
     Returns:
         The dict written to ``results.json``: ``lenet`` (``summary`` per allocation, ``per_seed`` with the
-        searches, the gradual run's checks and the sensitivity curves), ``minilm`` (``rules``), ``seconds``.
+        searches, the gradual run's checks and the sensitivity curves), ``minilm`` (``rules``), ``lm``
+        (``tolerances``: ``{max_drop: {rule: search}}``), ``seconds``.
 
     Example:
         >>> results = run("runs/when-to-stop", quick=True)  # doctest: +SKIP
@@ -388,13 +541,15 @@ def run(out: str | Path, *, quick: bool = False, seeds: Sequence[int] | None = N
     config, seeds, out = check_run_args(NAME, out, quick, seeds, QUICK, FULL)
     started = time.perf_counter()
     data = _digits(config.lenet)
-    stages = len(seeds) * (len(LENET_RULES) + 2) + (len(MINILM_RULES) if config.minilm else 0)
+    stages = len(seeds) * (len(LENET_RULES) + 2) + (len(MINILM_RULES) if config.minilm else 0) + \
+        (len(LM_RULES) * len(config.lm.drops) if config.lm else 0)
     with progress_bar(progress, total=stages, desc=NAME, unit="stage") as bar:
         lenet = [_lenet_seed(data, config.lenet, seed, config.accuracy_drop, bar) for seed in seeds]
         minilm = {"skipped": "not in this variant"} if config.minilm is None else \
             _minilm(config.minilm, config.cosine_drop, seeds[0], bar)
+        lm = {"skipped": "not in this variant"} if config.lm is None else _lm(config.lm, seeds[0], bar)
     described = f"MNIST-5k: {len(data.X):,} train / {len(data.X_test):,} test digits"
-    results = _results(config, quick, seeds, lenet, minilm, described, time.perf_counter() - started)
+    results = _results(config, quick, seeds, lenet, minilm, lm, described, time.perf_counter() - started)
     table = format_table(results)
     write_run_files(out, results, table, _plot)
     print(table)
