@@ -144,7 +144,7 @@ class Config:
 
 
 FULL = Config(
-    MiniLMConfig(model="minilm", levels=(0.5, 0.7, 0.8, 0.9), train=1000, max_length=32, steps=80, batch_size=16,
+    MiniLMConfig(model="minilm", levels=(0.5, 0.7, 0.8, 0.9), train=1000, max_length=32, steps=100, batch_size=16,
                  lr=2e-4, calibration=32, evaluation=200, corpus=300),
     # one SmolLM2 step of 2x256 tokens takes ~10 s on one thread: 100 steps per level, each window seen once
     LLMConfig(model="smollm2", levels=(0.5, "2:4"), calibration=(32, 128), evaluation=(8, 256), kl_windows=2,
@@ -337,7 +337,7 @@ def _mini_finetune(setup: _MiniSetup, config: MiniLMConfig, student: PooledEncod
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     for name, p in student.named_parameters():
         p.requires_grad_(name.startswith("encoder.encoder."))  # embeddings stay as they are
-    loss = DistillLoss(CachedEmbeddings(setup.teacher_train), cosine=1.0)
+    loss = DistillLoss(CachedEmbeddings(setup.teacher_train), kl=0.0, cosine=1.0)  # KL of embeddings means nothing
     return _fine_tune(student, loss, setup.train, optimizer, config.steps, config.batch_size, seed, tail=10,
                       masks=masks, pruner=pruner, progress=progress, desc=desc)[0]
 
