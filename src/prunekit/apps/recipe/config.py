@@ -18,7 +18,7 @@ import math
 import os
 import re
 import stat
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,7 +26,7 @@ from ...core.schedules import Schedule, schedule_from_dict
 
 __all__ = [
     "RecipeError", "Recipe", "ModelConfig", "DataConfig", "CriterionConfig", "GranularityConfig",
-    "ScopeConfig", "TrainingConfig", "ExportConfig", "StopWhenConfig", "load_recipe", "parse_recipe",
+    "ScopeConfig", "TrainingConfig", "ExportConfig", "MobileTarget", "StopWhenConfig", "load_recipe", "parse_recipe",
 ]
 
 DATASETS = ("mnist5k", "digits")
@@ -319,19 +319,98 @@ class TrainingConfig:
         )
 
 
+MOBILE_TARGETS = ("executorch", "litert")
+EXPORT_TARGETS = ("prunekit", "onnx", *MOBILE_TARGETS)
+_SUFFIX = {"executorch": ".pte", "litert": ".tflite"}
+
+
+@dataclass(frozen=True)
+class MobileTarget:
+    """One phone-runtime file of the export stage: ``to`` (``executorch`` or ``litert``), ``quantize`` (``int8``).
+
+    Example:
+        >>> t = MobileTarget("executorch", "int8")
+        >>> t.format, t.file_name
+        ('executorch-int8', 'model_int8.pte')
+    """
+
+    to: str
+    quantize: str | None = None
+
+    @property
+    def format(self) -> str:
+        """The ``prunekit export --to`` name of this file's format."""
+        return self.to + ("-int8" if self.quantize else "")
+
+    @property
+    def file_name(self) -> str:
+        """Its name in the run directory: ``model[_int8].pte`` or ``model[_int8].tflite``."""
+        return f"model{'_int8' if self.quantize else ''}{_SUFFIX[self.to]}"
+
+
 @dataclass(frozen=True)
 class ExportConfig:
-    """Artifacts of the export stage: the prunekit file (lossless), its int8 variant, ONNX."""
+    """Artifacts of the export stage: the prunekit file (lossless), its int8 variant, ONNX, phone-runtime files.
+
+    Two spellings of one thing. A mapping ``{prunekit, int8, onnx, mobile}`` (``prunekit`` and ``int8``
+    default to true), where ``mobile`` lists ``{to: executorch|litert, quantize: int8}`` entries; or a
+    list of entries ``{to: prunekit|onnx|executorch|litert, quantize: int8}``, which names exactly the
+    files written (``{to: prunekit, quantize: int8}`` is the int8 prunekit file). Equal sets of files
+    give equal recipes (and digests); recipes without phone files keep the digest they always had.
+
+    Example:
+        >>> ExportConfig.parse([{"to": "executorch", "quantize": "int8"}, {"to": "litert"}]).to_dict()
+        {'prunekit': False, 'int8': False, 'onnx': False, 'mobile': [{'to': 'executorch', 'quantize': 'int8'}, \
+{'to': 'litert', 'quantize': None}]}
+    """
 
     prunekit: bool = True
     int8: bool = True
     onnx: bool = False
+    mobile: tuple[MobileTarget, ...] = ()
 
     @classmethod
     def parse(cls, value: Any, path: str = "recipe.export") -> "ExportConfig":
-        """Validate the ``export`` section."""
+        """Validate the ``export`` section (a mapping of flags, or a list of entries)."""
+        if isinstance(value, list):
+            return cls._parse_entries(value, path, EXPORT_TARGETS)
+        if value is not None and not isinstance(value, Mapping):
+            raise _fail(path, "a mapping {prunekit, int8, onnx, mobile} or a list of entries {to, quantize}", value)
         raw = _mapping(path, value, tuple(cls.__dataclass_fields__))
-        return cls(**{k: _bool(f"{path}.{k}", v) for k, v in raw.items()})
+        flags = {k: _bool(f"{path}.{k}", v) for k, v in raw.items() if k != "mobile"}
+        mobile = raw.get("mobile")
+        if mobile is None:
+            return cls(**flags)
+        if not isinstance(mobile, list):
+            raise _fail(f"{path}.mobile", "a list of entries {to: executorch|litert, quantize: int8}", mobile)
+        return replace(cls(**flags), mobile=cls._parse_entries(mobile, f"{path}.mobile", MOBILE_TARGETS).mobile)
+
+    @classmethod
+    def _parse_entries(cls, entries: list[Any], path: str, targets: tuple[str, ...]) -> "ExportConfig":
+        seen: dict[tuple[str, str | None], int] = {}
+        for i, entry in enumerate(entries):
+            where = f"{path}[{i}]"
+            raw = _mapping(where, {"to": entry} if isinstance(entry, str) else entry, ("to", "quantize"), ("to",))
+            to = _choice(f"{where}.to", raw["to"], targets)
+            quantize = raw.get("quantize")
+            if quantize is not None:
+                quantize = _choice(f"{where}.quantize", quantize, ("int8",))
+                if to == "onnx":
+                    raise RecipeError(f"{where}.quantize: the ONNX export is fp32 only; drop quantize "
+                                      "(int8 files: {to: prunekit, quantize: int8} or a phone runtime)")
+            if (to, quantize) in seen:
+                raise RecipeError(f"{where}: the same file as {path}[{seen[to, quantize]}] "
+                                  f"({to}{', ' + quantize if quantize else ''}); list each file once")
+            seen[to, quantize] = i
+        return cls(prunekit=("prunekit", None) in seen, int8=("prunekit", "int8") in seen, onnx=("onnx", None) in seen,
+                   mobile=tuple(MobileTarget(t, q) for t, q in seen if t in MOBILE_TARGETS))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical mapping form; ``mobile`` only when there are phone files (older digests stay)."""
+        out: dict[str, Any] = {"prunekit": self.prunekit, "int8": self.int8, "onnx": self.onnx}
+        if self.mobile:
+            out["mobile"] = [{"to": t.to, "quantize": t.quantize} for t in self.mobile]
+        return out
 
 
 @dataclass(frozen=True)
@@ -396,7 +475,8 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical plain-data form (every default filled in); :func:`parse_recipe` inverts it."""
-        out = {k: _plain(asdict(getattr(self, k))) for k in _SECTIONS if k not in ("name", "schedule")}
+        out = {k: _plain(asdict(getattr(self, k))) for k in _SECTIONS if k not in ("name", "schedule", "export")}
+        out["export"] = self.export.to_dict()
         out.update({k: _plain(asdict(getattr(self, k))) for k in _OPTIONAL if getattr(self, k) is not None})
         return {"name": self.name, "schedule": self.schedule.to_dict(), **out}
 

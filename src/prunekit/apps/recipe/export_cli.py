@@ -9,9 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FORMATS", "export_command", "export_mobile_file", "export_run"]
+__all__ = ["CALIBRATION_SAMPLES", "FORMATS", "calibration_samples", "check_mobile_runtimes", "export_command",
+           "export_mobile_file", "export_run"]
 
 FORMATS = ("prunekit", "int8", "onnx", "executorch", "executorch-int8", "litert", "litert-int8")
+CALIBRATION_SAMPLES = 256  # int8 phone files: activation ranges from the first 256 training inputs
 
 
 def export_run(run_dir: Path | None, recipe: Path | None, to: str, out: Path, runs: Path = Path("runs")) -> int:
@@ -41,7 +43,7 @@ def export_run(run_dir: Path | None, recipe: Path | None, to: str, out: Path, ru
 def export_mobile_file(model: Any, data: Any, to: str, out: Path) -> Any:
     """Write ``model`` as a .pte or .tflite at batch 1; ``to`` is one of the ``executorch``/``litert`` FORMATS.
 
-    int8 is calibrated on the first 256 training inputs of ``data`` (a recipe's :class:`Data`); returns the
+    int8 is calibrated on the first :data:`CALIBRATION_SAMPLES` (256) training inputs of ``data`` (a recipe's :class:`Data`); returns the
     :class:`~prunekit.formats.mobile.MobileExport`. The recipe's export stage can call this too.
 
     Example:
@@ -52,8 +54,41 @@ def export_mobile_file(model: Any, data: Any, to: str, out: Path) -> Any:
 
     runtime, _, quantize = to.partition("-")
     export = export_executorch if runtime == "executorch" else export_litert
-    calibration = data.X_train[:256] if quantize else None
+    calibration = data.X_train[:CALIBRATION_SAMPLES] if quantize else None
     return export(model, data.X_test[:1], out, quantize=quantize or None, calibration=calibration)
+
+
+def calibration_samples(data: Any, to: str) -> int:
+    """How many training inputs :func:`export_mobile_file` calibrates format ``to`` on (0 for fp32).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> calibration_samples(SimpleNamespace(X_train=range(100)), "litert-int8")
+        100
+    """
+    return min(CALIBRATION_SAMPLES, len(data.X_train)) if to.endswith("-int8") else 0
+
+
+def check_mobile_runtimes(export: Any, path: str = "recipe.export") -> None:
+    """Refuse (before anything is written) phone-runtime entries of ``export`` whose runtime is not installed.
+
+    Raises:
+        RecipeError: names the entry's runtime and the pip command that installs it.
+
+    Example:
+        >>> from prunekit.apps.recipe.config import ExportConfig
+        >>> check_mobile_runtimes(ExportConfig())  # no phone files: nothing to check
+    """
+    if not export.mobile:
+        return
+    from ...formats.mobile import EXECUTORCH_INSTALL, LITERT_INSTALL, runtime_available
+    from .config import RecipeError
+
+    for target in export.mobile:
+        if not runtime_available(target.to):
+            command = EXECUTORCH_INSTALL if target.to == "executorch" else LITERT_INSTALL
+            raise RecipeError(f"{path}: {target.format} needs the {target.to} runtime, which is not installed; "
+                              f"install it with: {command}")
 
 
 def export_command(run_dir: Path | None, recipe: Path | None, to: str, out: Path, runs: Path = Path("runs")) -> int:

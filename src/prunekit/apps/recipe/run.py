@@ -27,6 +27,7 @@ from ...core.criteria import Magnitude
 from ...core.pruner import Pruner
 from .build import Data, build_granularity, build_model, check_compatible, load_data
 from .config import Recipe, RecipeError, load_recipe
+from .export_cli import check_mobile_runtimes
 from .stages import STAGES, Context, run_stage
 
 __all__ = ["RunResult", "prepare", "run_recipe", "run_dir_for", "resolve_run"]
@@ -83,6 +84,7 @@ def prepare(recipe: Recipe) -> Data:
         except (TypeError, ValueError) as exc:
             raise RecipeError(f"recipe.scope/granularity: {exc}") from None
     _check_pattern_sparsity(recipe)
+    check_mobile_runtimes(recipe.export)
     return data
 
 

@@ -5,8 +5,10 @@ stage          does                                             writes (in the r
 ============== ================================================ ==========================================
 dense-train    build the model (seeded), train it densely        ``dense.safetensors`` (weights + RNG state)
 prune-train    fine-tune under a Pruner (checkpointed), strip    ``pruned.safetensors``
-export         the prunekit file, its int8 variant, ONNX         ``model.pkt``, ``model_int8.pkt``, ``model.onnx``
+export         the prunekit file, its int8 variant, ONNX,         ``model.pkt``, ``model_int8.pkt``, ``model.onnx``,
+               phone-runtime files (ExecuTorch, LiteRT)          ``model[_int8].pte``, ``model[_int8].tflite``
 evaluate       test metrics of dense, pruned and exported models ``results.json``
+               (phone files: in their own runtime)
 ============== ================================================ ==========================================
 
 A stage's return value is its result; :mod:`prunekit.apps.recipe.run` stores it
@@ -145,7 +147,19 @@ def export(ctx: Context) -> dict[str, Any]:
     if r.export.onnx:
         exported = export_onnx(model, d.X_test[:8], ctx.path("model.onnx"))
         out["model.onnx"] = {"bytes": exported.bytes, "max_rel_error": exported.max_rel_error}
+    for target in r.export.mobile:
+        out[target.file_name] = _export_mobile(model, d, target.format, ctx.path(target.file_name))
     return out
+
+
+def _export_mobile(model: nn.Module, data: Data, to: str, path: Path) -> dict[str, Any]:
+    """One phone-runtime file through the ``prunekit export`` code path; its sizes and parity figures."""
+    from .export_cli import calibration_samples, export_mobile_file
+
+    exported = export_mobile_file(model, data, to, path)
+    return {"path": path.name, "runtime": exported.runtime, "quantize": exported.quantized,
+            "bytes": exported.bytes, "gzip_bytes": exported.gzip_bytes, "max_rel_error": exported.max_rel_error,
+            "fp32_rel_error": exported.fp32_rel_error, "calibration_samples": calibration_samples(data, to)}
 
 
 def evaluate_stage(ctx: Context) -> dict[str, Any]:
@@ -164,6 +178,14 @@ def evaluate_stage(ctx: Context) -> dict[str, Any]:
             reloaded = build_model(r.model)
             reloaded.load_state_dict(loads(ctx.path(name).read_bytes()))
             results[name] = {"bytes": ctx.path(name).stat().st_size, **evaluate(reloaded, d.X_test, d.y_test)}
+    for target in r.export.mobile:  # measured in the file's own runtime, one test sample per call
+        if ctx.path(target.file_name).is_file():
+            from ...formats.mobile import evaluate_mobile, mobile_file_info
+
+            info = mobile_file_info(ctx.path(target.file_name))
+            results[target.file_name] = {"runtime": info["runtime"], "bytes": info["bytes"],
+                                         "gzip_bytes": info["gzip_bytes"],
+                                         **evaluate_mobile(ctx.path(target.file_name), d.X_test, d.y_test)}
     atomic_write_json(ctx.path("results.json"), results)
     return {k: v for k, v in results.items() if k != "recipe"}
 
