@@ -33,10 +33,23 @@ def _build(tmp: Path, flags: list[str]) -> int8._Kernels:
     return int8._bind(ctypes.CDLL(str(out)))
 
 
-@pytest.fixture(scope="module", params=["library", "avx2", "generic"])
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return set(next((line for line in f if line.startswith("flags")), "").split())
+
+
+# Builds of spmm_int8.c alone: (flags, CPU flags needed to run it, the SIMD name it must report; None = the
+# name follows from the CPU). "avx512" turns VNNI off (vpmaddwd + vpaddd, no u8 chunks); "avx2" turns
+# AVX-512 off (AVX-VNNI's 256-bit vpdpwssd where the CPU has it, else vpmaddwd); "generic" is plain C.
+BUILDS = {"avx512": (["-mno-avx512vnni", "-mno-avxvnni"], {"avx512f", "avx512bw", "avx512vl"}, "avx512"),
+          "avx2": (["-mno-avx512f"], {"avx2"}, None),
+          "generic": (["-mno-avx2", "-mno-avx"], set(), "generic")}
+
+
+@pytest.fixture(scope="module", params=["library", *BUILDS])
 def build(request, tmp_path_factory) -> int8._Kernels:
-    """The kernels three ways: the package's library; spmm_int8.c alone as built here (AVX2 on this machine);
-    and alone without AVX/AVX2 (the plain-C fallback)."""
+    """The kernels several ways: the package's library (AVX-512 VNNI with u8 chunks on such a CPU), and
+    spmm_int8.c alone with the SIMD paths below it, down to the plain-C fallback."""
     if request.param == "library":
         ok, why, k = int8._get()
         if not ok:
@@ -44,14 +57,13 @@ def build(request, tmp_path_factory) -> int8._Kernels:
         return k
     if CC is None:
         pytest.skip("no C compiler")
-    if request.param == "avx2":
-        k = _build(tmp_path_factory.mktemp("avx2"), [])
-        if "avx2" not in open("/proc/cpuinfo").read():
-            pytest.skip("this CPU has no AVX2")
-        assert k.simd == "avx2"
-        return k
-    k = _build(tmp_path_factory.mktemp("generic"), ["-mno-avx2", "-mno-avx"])
-    assert k.simd == "generic"
+    flags, needs, name = BUILDS[request.param]
+    if not needs <= _cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(needs - _cpu_flags())} for the {request.param} build")
+    k = _build(tmp_path_factory.mktemp(request.param), flags)
+    if name is None:
+        name = "avx2-vnni" if "avx_vnni" in _cpu_flags() else "avx2"
+    assert k.simd == name
     return k
 
 
@@ -143,6 +155,24 @@ def test_fully_pruned_layer_gives_bias(build, fmt, extra, mode):
     assert torch.equal(m._run_kernel(build, _x(5, 32, 0)), torch.zeros(5, 40))
 
 
+@pytest.mark.parametrize("fmt, extra", [("csr", {}), ("rows", {"blocksize": 4})])
+def test_sums_past_the_u8_offset_range_stay_exact(build, fmt, extra):
+    """Saturated inputs and weights near the largest input count: sum w q = 127 * 127 * n_kept still fits
+    int32, but the u8 chunks' sum w (q + 128) does not; int32 wrap-around must cancel in the offset
+    correction. (N:M keeps at most half the inputs, too few to wrap; it shares the correction code.)"""
+    n_in = int8.MAX_IN_FEATURES - 1000
+    w = torch.full((8, n_in), 0.5)
+    w[1] = -0.5
+    w[2, : n_in // 3] = 0
+    w[3, ::7] = 0
+    m = int8.Int8Linear.from_linear(_linear(w, True, 3), fmt, granularity="token", **extra)
+    assert 255 * 127 * int((m.int8_weight() != 0).sum(1).max()) > 2**31  # the offset sums do wrap
+    x = torch.full((40, n_in), 3.0)
+    x[5] = -3.0
+    x[7, ::3] = 0.0
+    assert torch.equal(m._run_kernel(build, x), _reference(m, x, "token"))
+
+
 def test_zero_and_saturating_inputs(build):
     """An all-zero input (scale 1) and static inputs far beyond 127 * scale (they saturate at +-127)."""
     w = _weight(24, 16, 0.5, 3)
@@ -211,7 +241,10 @@ def test_available_reports_the_build():
     assert isinstance(ok, bool) and why
     if kernels.available()[0]:
         assert ok, why
-        assert why.split()[0] in ("avx2", "generic")
+        assert why.split()[0] in ("avx512-vnni", "avx512", "avx2-vnni", "avx2", "generic")
+        flags = _cpu_flags()
+        if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+            assert why.startswith("avx512-vnni")  # -march=native turns on what the CPU has
     else:
         assert not ok and "unavailable" in why
 

@@ -159,8 +159,8 @@ class _Kernels:
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         self.lib = lib
         self.xq_size = self._fn("prunekit_i8_xq_size", [i64, i64], i64)
-        self.quantize = self._fn("prunekit_i8_quantize", [i64, i64, ptr, i64, i64, c_int, ctypes.c_float, ptr, ptr],
-                                 c_int)
+        self.quantize = self._fn("prunekit_i8_quantize", [i64, i64, ptr, i64, i64, c_int, ctypes.c_float, ptr, ptr,
+                                                          c_int], c_int)
         # The last two arguments of every product: rm (1 = write Y row-major, else Y^T) and the thread count.
         self.csr = self._fn("prunekit_i8_csr", [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, c_int],
                             None)
@@ -404,8 +404,9 @@ class Int8Linear(nn.Module):
         (batch, n_in), mode = x2.shape, self._mode()
         xq = torch.empty(int(k.xq_size(batch, n_in)), dtype=torch.int16)
         xs = torch.empty((batch + 15) // 16 * 16, dtype=torch.float32)
+        qthreads = torch.get_num_threads() if batch * n_in >= PARALLEL_MIN_WORK else 1
         if k.quantize(batch, n_in, x2.data_ptr(), x2.stride(0), x2.stride(1), mode[0], mode[1], xq.data_ptr(),
-                      xs.data_ptr()):
+                      xs.data_ptr(), qthreads):
             raise ValueError("Int8Linear: the input holds NaN or inf, which int8 activations cannot represent")
         rm = (not kernels.batch_major(x2)) if row_major is None else row_major
         yt = torch.empty((batch, self.out_features) if rm else (self.out_features, batch), dtype=torch.float32)

@@ -70,7 +70,7 @@ _SOURCES = {path.name: path.read_text(encoding="utf-8")
 
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=c11",
           "-fno-fast-math"]
-_ABI = 9
+_ABI = 10
 _lock = threading.Lock()
 _state: tuple[bool, str, object] | None = None
 # Below this many multiply-adds a call runs on one thread (thread start-up would dominate).

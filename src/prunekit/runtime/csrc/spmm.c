@@ -841,5 +841,5 @@ void prunekit_nm_t(int64_t M, int64_t N, int64_t B, int64_t K, int sh, int64_t m
     }
 }
 
-int prunekit_abi_version(void) { return 9; }
+int prunekit_abi_version(void) { return 10; }
 const char *prunekit_simd(void) { return PRUNEKIT_SIMD; }

@@ -36,6 +36,26 @@
 #if defined(__AVX2__) && !defined(PRUNEKIT_I8_GENERIC)
 #include <immintrin.h>
 #define I8_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define I8_AVX512 1
+#endif
+#endif
+
+/* acc + pair sums of a * b (s16 x s16 -> s32, exact, wrapping like every int32 add here): one vpdpwssd with
+   VNNI, else vpmaddwd + vpaddd. The results are the same integers either way. */
+#if defined(I8_AVX512) && defined(__AVX512VNNI__)
+#define I8_DPW512(acc, a, b) _mm512_dpwssd_epi32(acc, a, b)
+#define I8_DPW256(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
+#define I8_SIMD "avx512-vnni"
+#elif defined(I8_AVX512)
+#define I8_DPW512(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
+#define I8_DPW256(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#define I8_SIMD "avx512"
+#elif defined(I8_AVX2) && defined(__AVXVNNI__)
+#define I8_DPW256(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
+#define I8_SIMD "avx2-vnni"
+#elif defined(I8_AVX2)
+#define I8_DPW256(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 #define I8_SIMD "avx2"
 #else
 #define I8_SIMD "generic"
@@ -44,6 +64,24 @@
 #ifndef I8_CHUNK
 #define I8_CHUNK 64
 #endif
+/* u8 chunks (AVX-512 VNNI): a chunk with more than 32 real columns is stored as 64 bytes q + 128 per input
+   feature and multiplied four kept weights at a time with vpdpbusd (u8 x s8 quad sums): half the bytes of
+   the int16 layout per kept weight. acc = sum w (q + 128) - 128 sum w, exact: int32 adds wrap, so the
+   result is the exact sum whenever that fits int32 (the bound below). Byte p = 16 L + 4 j + e of a
+   feature's 64 holds column 16 j + 4 L + e: unpacking four such rows (8-bit, then 16-bit, per 128-bit
+   lane) gives the quads of columns 16 j .. 16 j + 15 in order in accumulator j. Other chunks (<= 32
+   real columns, e.g. the tail of a batch) keep the int16 layout. */
+#if defined(I8_AVX512) && defined(__AVX512VNNI__) && I8_CHUNK == 64
+#define I8_U8 1
+#endif
+static inline int chunk_u8(int64_t B, int64_t c) {
+#ifdef I8_U8
+    return B - I8_CHUNK * c > 32;
+#else
+    (void)B; (void)c;
+    return 0;
+#endif
+}
 /* Row-major output (rm): output rows per tile of one chunk (64 x 64 floats, 16 KiB: in L1 until transposed). */
 #define I8_TILE_ROWS 64
 /* Input feature of entry k: CSR stores it; N:M stores its offset inside group (k - k0) >> sh of mm. */
@@ -143,11 +181,74 @@ static inline void quant16(const float *restrict p, int64_t r, const float *rest
     for (int64_t t = 0; t < 16; ++t) dst[lane_pos(t)] = t < r ? quant1(p[t], s[t]) : 0;
 }
 
+#ifdef I8_U8
+/* Quantize columns t .. t + 15 (r <= 16 of them real, r may be <= 0) of one input feature of a u8 chunk:
+   q + 128 to bytes 16 L + 4 j + e of dst (j = t / 16), padding columns 128 (q = 0). */
+static inline void quant16_u8(const float *restrict p, int64_t r, const float *restrict s, int64_t j,
+                              uint8_t *restrict dst) {
+    const __mmask16 m = r >= 16 ? 0xFFFF : r <= 0 ? 0 : (__mmask16)((1u << r) - 1);
+    __m512 a = _mm512_div_ps(_mm512_maskz_loadu_ps(m, p), _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), m, s));
+    a = _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    a = _mm512_max_ps(_mm512_min_ps(a, _mm512_set1_ps(127.0f)), _mm512_set1_ps(-127.0f));
+    const __m128i b = _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(a), _mm512_set1_epi32(128)));
+    uint32_t words[4];
+    _mm_storeu_si128((__m128i *)words, b);
+    for (int L = 0; L < 4; ++L) memcpy(dst + 16 * L + 4 * j, &words[L], 4);
+}
+
+#endif
+
+/* Features n0 .. n0 + nn of rows b0 + t .. b0 + t + r of a row-major x, transposed into tmp[n * 16 + u]. */
+static void gather_tile(const float *restrict x, int64_t sb, int64_t sn, int64_t row0, int64_t r, int64_t n0,
+                        int64_t nn, float *restrict tmp) {
+    int64_t n = 0;
+#ifdef I8_AVX2
+    if (sn == 1 && r == 16) /* 8 x 8 register transposes, both halves of the 16 rows */
+        for (; n + 8 <= nn; n += 8) {
+            pk_transpose8(x + row0 * sb + n0 + n, sb, tmp + n * 16, 16);
+            pk_transpose8(x + (row0 + 8) * sb + n0 + n, sb, tmp + n * 16 + 8, 16);
+        }
+#endif
+    for (int64_t u = 0; u < r; ++u) {
+        const float *restrict p = x + (row0 + u) * sb + n0 * sn;
+        for (int64_t m = n; m < nn; ++m) tmp[m * 16 + u] = p[m * sn];
+    }
+}
+
+/* Quantize features n0 .. n0 + nn of chunk c (every 16-column group of it) into xq. */
+static void quant_block(int64_t B, int64_t N, const float *restrict x, int64_t sb, int64_t sn,
+                        const float *restrict xs, int16_t *restrict xq, int64_t c, int64_t n0, int64_t nn) {
+    const int64_t b0 = c * I8_CHUNK, W = chunk_width(B, c);
+    const int u8 = chunk_u8(B, c);
+    int16_t *restrict base = xq + b0 * N;
+    float tmp[QTILE * 16];
+    for (int64_t t = 0; t < (u8 ? I8_CHUNK : W); t += 16) {
+        const int64_t r = B - b0 - t < 16 ? B - b0 - t : 16; /* <= 0 only in the padding of a u8 chunk */
+        const float *src = x + n0 * sn + b0 + t; /* sb == 1: x^T rows contiguous, 16 columns at a time */
+        int64_t lds = sn;
+        if (sb != 1) { /* rows of x: a tile of r rows x nn features transposed into tmp (L1) */
+            if (r > 0) gather_tile(x, sb, sn, b0 + t, r, n0, nn, tmp);
+            src = tmp;
+            lds = 16;
+        }
+        for (int64_t n = 0; n < nn; ++n) {
+#ifdef I8_U8
+            if (u8) { /* it fits: the chunk's int16 space holds 2 N W >= 64 N bytes */
+                quant16_u8(src + n * lds, r, xs + b0 + t, t / 16, (uint8_t *)base + (n0 + n) * I8_CHUNK);
+                continue;
+            }
+#endif
+            quant16(src + n * lds, r, xs + b0 + t, base + (n0 + n) * W + t);
+        }
+    }
+}
+
 /* x (B x N; element (b, n) at x[b * sb + n * sn]) -> xq (layout above) and xs[0 .. round16(B)) (scales,
-   padding 0). mode 0: dynamic per tensor, 1: dynamic per row of x, 2: static scale `scale`.
-   Returns 0, or 1 if x holds NaN or inf (nothing useful is written then). */
+   padding 0). mode 0: dynamic per tensor, 1: dynamic per row of x, 2: static scale `scale`. Blocks of
+   QTILE features of each chunk are split across nthreads. Returns 0, or 1 if x holds NaN or inf (nothing
+   useful is written then). */
 int prunekit_i8_quantize(int64_t B, int64_t N, const float *restrict x, int64_t sb, int64_t sn, int mode,
-                         float scale, int16_t *restrict xq, float *restrict xs) {
+                         float scale, int16_t *restrict xq, float *restrict xs, int nthreads) {
     const int64_t Bp = (B + 15) / 16 * 16;
     if (absmax_rows(B, N, x, sb, sn, xs)) return 1;
     if (mode == 0) {
@@ -165,30 +266,11 @@ int prunekit_i8_quantize(int64_t B, int64_t N, const float *restrict x, int64_t 
         xq[N] = 0;
         return 0;
     }
-    for (int64_t c = 0; c * I8_CHUNK < B; ++c) {
-        const int64_t W = chunk_width(B, c), b0 = c * I8_CHUNK;
-        int16_t *restrict base = xq + b0 * N;
-        if (sb == 1) { /* x^T rows contiguous: 16 columns at a time */
-            for (int64_t n = 0; n < N; ++n)
-                for (int64_t t = 0; t < W; t += 16) {
-                    const int64_t r = B - b0 - t < 16 ? B - b0 - t : 16;
-                    quant16(x + n * sn + b0 + t, r, xs + b0 + t, base + n * W + t);
-                }
-        } else { /* rows of x: transpose tiles of 16 rows x QTILE features into tmp (L1), then as above */
-            float tmp[QTILE * 16];
-            for (int64_t t = 0; t < W; t += 16) {
-                const int64_t r = B - b0 - t < 16 ? B - b0 - t : 16;
-                for (int64_t n0 = 0; n0 < N; n0 += QTILE) {
-                    const int64_t nn = N - n0 < QTILE ? N - n0 : QTILE;
-                    for (int64_t u = 0; u < r; ++u) {
-                        const float *restrict p = x + (b0 + t + u) * sb + n0 * sn;
-                        if (sn == 1) for (int64_t n = 0; n < nn; ++n) tmp[n * 16 + u] = p[n];
-                        else for (int64_t n = 0; n < nn; ++n) tmp[n * 16 + u] = p[n * sn];
-                    }
-                    for (int64_t n = 0; n < nn; ++n) quant16(tmp + n * 16, r, xs + b0 + t, base + (n0 + n) * W + t);
-                }
-            }
-        }
+    const int64_t nb = (N + QTILE - 1) / QTILE, items = (B + I8_CHUNK - 1) / I8_CHUNK * nb;
+    #pragma omp parallel for num_threads(nthreads > 1 && items > 1 ? nthreads : 1) schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+        const int64_t n0 = it % nb * QTILE;
+        quant_block(B, N, x, sb, sn, xs, xq, it / nb, n0, N - n0 < QTILE ? N - n0 : QTILE);
     }
     return 0;
 }
@@ -241,8 +323,8 @@ static inline void NAME(const int8_t *restrict val, const IDXT *restrict col, in
         for (int v = 0; v < NV; ++v) {                                                         \
             const __m256i x0 = _mm256_loadu_si256((const __m256i *)(p0 + 16 * v));             \
             const __m256i x1 = _mm256_loadu_si256((const __m256i *)(p1 + 16 * v));             \
-            acc[2 * v] = _mm256_add_epi32(acc[2 * v], _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, x1), w)); \
-            acc[2 * v + 1] = _mm256_add_epi32(acc[2 * v + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, x1), w)); \
+            acc[2 * v] = I8_DPW256(acc[2 * v], _mm256_unpacklo_epi16(x0, x1), w); \
+            acc[2 * v + 1] = I8_DPW256(acc[2 * v + 1], _mm256_unpackhi_epi16(x0, x1), w); \
         }                                                                                      \
     }                                                                                          \
     if (k < k1) {                                                                              \
@@ -251,8 +333,8 @@ static inline void NAME(const int8_t *restrict val, const IDXT *restrict col, in
         _Pragma("GCC unroll 4")                                                                \
         for (int v = 0; v < NV; ++v) {                                                         \
             const __m256i x0 = _mm256_loadu_si256((const __m256i *)(p0 + 16 * v));             \
-            acc[2 * v] = _mm256_add_epi32(acc[2 * v], _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, x0), w)); \
-            acc[2 * v + 1] = _mm256_add_epi32(acc[2 * v + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, x0), w)); \
+            acc[2 * v] = I8_DPW256(acc[2 * v], _mm256_unpacklo_epi16(x0, x0), w); \
+            acc[2 * v + 1] = I8_DPW256(acc[2 * v + 1], _mm256_unpackhi_epi16(x0, x0), w); \
         }                                                                                      \
     }                                                                                          \
     store_row(acc, NV, ws, xs, bias, o, y, r);                                                 \
@@ -266,21 +348,176 @@ PAIRROW(nm_row2, 2, uint8_t, COL_NM)
 PAIRROW(nm_row3, 3, uint8_t, COL_NM)
 PAIRROW(nm_row4, 4, uint8_t, COL_NM)
 
+#ifdef I8_AVX512
+/* 512-bit accumulators of 32 columns (two stored 16-column groups) as store_row's 256-bit ones: an unpack
+   of 512-bit registers works per 128-bit lane, so lo holds columns 0-7 and 16-23, hi 8-15 and 24-31. */
+static inline void split512(__m512i lo, __m512i hi, __m256i *restrict acc) {
+    acc[0] = _mm512_castsi512_si256(lo);
+    acc[1] = _mm512_castsi512_si256(hi);
+    acc[2] = _mm512_extracti64x4_epi64(lo, 1);
+    acc[3] = _mm512_extracti64x4_epi64(hi, 1);
+}
+
+/* One weight pair (broadcast wp) times the activation rows p0, p1 of a chunk of NZ 32-column and NY
+   16-column groups, into accumulator set az/ay. */
+static inline __attribute__((always_inline)) void pair_step512(__m512i *restrict az, __m256i *restrict ay, int NZ,
+                                                               int NY, const int16_t *p0, const int16_t *p1,
+                                                               int32_t wp) {
+    const __m512i w = _mm512_set1_epi32(wp);
+    _Pragma("GCC unroll 2")
+    for (int v = 0; v < NZ; ++v) {
+        const __m512i x0 = _mm512_loadu_si512(p0 + 32 * v), x1 = _mm512_loadu_si512(p1 + 32 * v);
+        az[2 * v] = I8_DPW512(az[2 * v], _mm512_unpacklo_epi16(x0, x1), w);
+        az[2 * v + 1] = I8_DPW512(az[2 * v + 1], _mm512_unpackhi_epi16(x0, x1), w);
+    }
+    if (NY) {
+        const __m256i w2 = _mm512_castsi512_si256(w);
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(p0 + 32 * NZ));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(p1 + 32 * NZ));
+        ay[0] = I8_DPW256(ay[0], _mm256_unpacklo_epi16(x0, x1), w2);
+        ay[1] = I8_DPW256(ay[1], _mm256_unpackhi_epi16(x0, x1), w2);
+    }
+}
+
+/* PAIRROW with 512-bit registers for chunks of NZ 32-column groups and NY (0 or 1) 16-column groups. Two
+   accumulator sets (pairs k/2 even and odd) hide the multiply-add latency; integer sums in any order are
+   the same integers. */
+#define PAIRROW512(NAME, NZ, NY, IDXT, COL)                                                     \
+static inline void NAME(const int8_t *restrict val, const IDXT *restrict col, int64_t k0, int64_t k1, \
+                        const int16_t *restrict xq, int sh, int64_t mm, float ws, const float *restrict xs, \
+                        const float *bias, int64_t o, float *restrict y, int64_t r) {           \
+    (void)sh; (void)mm;                                                                        \
+    const int64_t W = 32 * NZ + 16 * NY;                                                       \
+    __m512i az[2][2 * NZ];                                                                     \
+    __m256i ay[2][2];                                                                          \
+    for (int h = 0; h < 2 * NZ; ++h) az[0][h] = az[1][h] = _mm512_setzero_si512();             \
+    ay[0][0] = ay[0][1] = ay[1][0] = ay[1][1] = _mm256_setzero_si256();                        \
+    int64_t k = k0;                                                                            \
+    for (; k + 4 <= k1; k += 4) {                                                              \
+        pair_step512(az[0], ay[0], NZ, NY, xq + COL(k) * W, xq + COL(k + 1) * W, wpair(val[k], val[k + 1])); \
+        pair_step512(az[1], ay[1], NZ, NY, xq + COL(k + 2) * W, xq + COL(k + 3) * W,        \
+                     wpair(val[k + 2], val[k + 3]));                                           \
+    }                                                                                          \
+    if (k + 2 <= k1) {                                                                         \
+        pair_step512(az[0], ay[0], NZ, NY, xq + COL(k) * W, xq + COL(k + 1) * W, wpair(val[k], val[k + 1])); \
+        k += 2;                                                                                \
+    }                                                                                          \
+    if (k < k1) pair_step512(az[1], ay[1], NZ, NY, xq + COL(k) * W, xq + COL(k) * W, wpair(val[k], 0)); \
+    __m256i acc[8];                                                                            \
+    for (int v = 0; v < NZ; ++v)                                                               \
+        split512(_mm512_add_epi32(az[0][2 * v], az[1][2 * v]),                                 \
+                 _mm512_add_epi32(az[0][2 * v + 1], az[1][2 * v + 1]), acc + 4 * v);           \
+    if (NY) {                                                                                  \
+        acc[4 * NZ] = _mm256_add_epi32(ay[0][0], ay[1][0]);                                    \
+        acc[4 * NZ + 1] = _mm256_add_epi32(ay[0][1], ay[1][1]);                                \
+    }                                                                                          \
+    store_row(acc, 2 * NZ + NY, ws, xs, bias, o, y, r);                                        \
+}
+PAIRROW512(csr_row2z, 1, 0, int32_t, COL_CSR)
+PAIRROW512(csr_row3z, 1, 1, int32_t, COL_CSR)
+PAIRROW512(csr_row4z, 2, 0, int32_t, COL_CSR)
+PAIRROW512(nm_row2z, 1, 0, uint8_t, COL_NM)
+PAIRROW512(nm_row3z, 1, 1, uint8_t, COL_NM)
+PAIRROW512(nm_row4z, 2, 0, uint8_t, COL_NM)
+#define I8_ROW(fmt, nv) fmt##_row##nv##z
+#else
+#define I8_ROW(fmt, nv) fmt##_row##nv
+#endif
+
+#ifdef I8_U8
+/* Four u8 activation rows of a chunk interleaved into the byte quads of columns 0-15, 16-31, 32-47, 48-63. */
+static inline __attribute__((always_inline)) void quad_unpack(const uint8_t *p0, const uint8_t *p1,
+                                                              const uint8_t *p2, const uint8_t *p3,
+                                                              __m512i *restrict u) {
+    const __m512i r0 = _mm512_loadu_si512(p0), r1 = _mm512_loadu_si512(p1);
+    const __m512i r2 = _mm512_loadu_si512(p2), r3 = _mm512_loadu_si512(p3);
+    const __m512i t0 = _mm512_unpacklo_epi8(r0, r1), t1 = _mm512_unpackhi_epi8(r0, r1);
+    const __m512i t2 = _mm512_unpacklo_epi8(r2, r3), t3 = _mm512_unpackhi_epi8(r2, r3);
+    u[0] = _mm512_unpacklo_epi16(t0, t2);
+    u[1] = _mm512_unpackhi_epi16(t0, t2);
+    u[2] = _mm512_unpacklo_epi16(t1, t3);
+    u[3] = _mm512_unpackhi_epi16(t1, t3);
+}
+
+/* Four kept weights (bytes of w4, in the order of p0..p3) times four u8 activation rows of a chunk, into
+   the four accumulators of columns 0-15, 16-31, 32-47, 48-63 (layout above). */
+static inline __attribute__((always_inline)) void quad_step(__m512i *restrict acc, const uint8_t *p0,
+                                                            const uint8_t *p1, const uint8_t *p2,
+                                                            const uint8_t *p3, int32_t w4) {
+    __m512i u[4];
+    quad_unpack(p0, p1, p2, p3, u);
+    const __m512i w = _mm512_set1_epi32(w4);
+    for (int j = 0; j < 4; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], u[j], w);
+}
+
+static inline int32_t wquad(int32_t w0, int32_t w1, int32_t w2, int32_t w3) {
+    return (int32_t)((uint32_t)(uint8_t)(int8_t)w0 | (uint32_t)(uint8_t)(int8_t)w1 << 8 |
+                     (uint32_t)(uint8_t)(int8_t)w2 << 16 | (uint32_t)(uint8_t)(int8_t)w3 << 24);
+}
+
+/* Subtract 128 * wsum (the u8 offset) and store the four accumulators of one row (r real columns). */
+static inline void store_u8(const __m512i *a, int32_t wsum, float ws, const float *restrict xs, const float *bias,
+                            int64_t o, float *restrict y, int64_t r) {
+    const __m512i off = _mm512_set1_epi32((int32_t)((uint32_t)wsum * 128u));
+    __m256i acc[8];
+    for (int j = 0; j < 4; ++j) {
+        const __m512i v = _mm512_sub_epi32(a[j], off);
+        acc[2 * j] = _mm512_castsi512_si256(v);
+        acc[2 * j + 1] = _mm512_extracti64x4_epi64(v, 1);
+    }
+    store_row(acc, 4, ws, xs, bias, o, y, r);
+}
+
+/* One output row of CSR or N:M over a u8 chunk: kept weights four at a time (two accumulator sets for
+   latency), a last 1-3 padded with weight 0 on the first row of the quad. */
+#define QUADROW(NAME, IDXT, COL)                                                                  \
+static inline void NAME(const int8_t *restrict val, const IDXT *restrict col, int64_t k0, int64_t k1, \
+                        const uint8_t *restrict x8, int sh, int64_t mm, float ws, const float *restrict xs, \
+                        const float *bias, int64_t o, float *restrict y, int64_t r) {           \
+    (void)sh; (void)mm;                                                                        \
+    __m512i a[2][4];                                                                           \
+    for (int j = 0; j < 4; ++j) a[0][j] = a[1][j] = _mm512_setzero_si512();                    \
+    int32_t wsum = 0;                                                                          \
+    for (int64_t k = k0; k < k1; ++k) wsum += val[k];                                          \
+    int64_t k = k0;                                                                            \
+    for (; k + 8 <= k1; k += 8) {                                                              \
+        quad_step(a[0], x8 + COL(k) * 64, x8 + COL(k + 1) * 64, x8 + COL(k + 2) * 64, x8 + COL(k + 3) * 64, \
+                  wquad(val[k], val[k + 1], val[k + 2], val[k + 3]));                          \
+        quad_step(a[1], x8 + COL(k + 4) * 64, x8 + COL(k + 5) * 64, x8 + COL(k + 6) * 64,      \
+                  x8 + COL(k + 7) * 64, wquad(val[k + 4], val[k + 5], val[k + 6], val[k + 7])); \
+    }                                                                                          \
+    if (k + 4 <= k1) {                                                                         \
+        quad_step(a[0], x8 + COL(k) * 64, x8 + COL(k + 1) * 64, x8 + COL(k + 2) * 64, x8 + COL(k + 3) * 64, \
+                  wquad(val[k], val[k + 1], val[k + 2], val[k + 3]));                          \
+        k += 4;                                                                                \
+    }                                                                                          \
+    if (k < k1) {                                                                              \
+        const uint8_t *q0 = x8 + COL(k) * 64;                                                  \
+        const uint8_t *q1 = k + 1 < k1 ? x8 + COL(k + 1) * 64 : q0, *q2 = k + 2 < k1 ? x8 + COL(k + 2) * 64 : q0; \
+        quad_step(a[1], q0, q1, q2, q0, wquad(val[k], k + 1 < k1 ? val[k + 1] : 0, k + 2 < k1 ? val[k + 2] : 0, 0)); \
+    }                                                                                          \
+    for (int j = 0; j < 4; ++j) a[0][j] = _mm512_add_epi32(a[0][j], a[1][j]);                  \
+    store_u8(a[0], wsum, ws, xs, bias, o, y, r);                                               \
+}
+QUADROW(csr_quad, int32_t, COL_CSR)
+QUADROW(nm_quad, uint8_t, COL_NM)
+#endif
+
 /* One output row i of CSR or N:M for one chunk (dispatch on the chunk's vector count). */
 static inline void pair_row(int is_nm, int NV, const int8_t *val, const void *col, int64_t k0, int64_t k1,
                             const int16_t *xq, int sh, int64_t mm, float ws, const float *xs, const float *bias,
                             int64_t o, float *y, int64_t r) {
     if (is_nm) {
         const uint8_t *c = (const uint8_t *)col;
-        if (NV == 4) nm_row4(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
-        else if (NV == 3) nm_row3(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
-        else if (NV == 2) nm_row2(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
+        if (NV == 4) I8_ROW(nm, 4)(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
+        else if (NV == 3) I8_ROW(nm, 3)(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
+        else if (NV == 2) I8_ROW(nm, 2)(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
         else nm_row1(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
     } else {
         const int32_t *c = (const int32_t *)col;
-        if (NV == 4) csr_row4(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
-        else if (NV == 3) csr_row3(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
-        else if (NV == 2) csr_row2(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
+        if (NV == 4) I8_ROW(csr, 4)(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
+        else if (NV == 3) I8_ROW(csr, 3)(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
+        else if (NV == 2) I8_ROW(csr, 2)(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
         else csr_row1(val, c, k0, k1, xq, sh, mm, ws, xs, bias, o, y, r);
     }
 }
@@ -342,11 +579,21 @@ static void pair_part(int tid, int nth, PAIR_ARGS) {
     for (int64_t c = 0; B > 1 && c * I8_CHUNK < B; ++c) {
         const int64_t W = chunk_width(B, c), b0 = c * I8_CHUNK, r = B - b0 < W ? B - b0 : W;
         const int16_t *xc = xq + b0 * N;
+        const int u8 = chunk_u8(B, c);
+        const uint8_t *x8 = (const uint8_t *)xc;
+        (void)u8; (void)x8;
         for (int64_t i0 = lo; i0 < hi; i0 += I8_TILE_ROWS) {
             const int64_t i1 = hi - i0 < I8_TILE_ROWS ? hi : i0 + I8_TILE_ROWS;
             for (int64_t i = i0; i < i1; ++i) {
                 const int64_t k0 = is_nm ? i * K : crow[i], k1 = is_nm ? k0 + K : crow[i + 1];
                 float *out = rm ? tile + (i - i0) * I8_CHUNK : yt + i * B + b0;
+#ifdef I8_U8
+                if (u8) {
+                    if (is_nm) nm_quad(val, (const uint8_t *)col, k0, k1, x8, sh, mm, ws[i], xs + b0, bias, i, out, r);
+                    else csr_quad(val, (const int32_t *)col, k0, k1, x8, sh, mm, ws[i], xs + b0, bias, i, out, r);
+                    continue;
+                }
+#endif
 #ifdef I8_AVX2
                 pair_row(is_nm, (int)(W / 16), val, col, k0, k1, xc, sh, mm, ws[i], xs + b0, bias, i, out, r);
                 (void)acc32;
@@ -399,12 +646,12 @@ static void rows_dot1(int64_t R, int64_t r0, int64_t S, const int32_t *restrict 
         for (; k + 2 <= k1; k += 2) {
             const __m256i w0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(val + k * R + r0)));
             const __m256i w1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(val + (k + 1) * R + r0)));
-            a = _mm256_add_epi32(a, _mm256_madd_epi16(w0, _mm256_set1_epi32((uint16_t)x[col[k]])));
-            a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(w1, _mm256_set1_epi32((uint16_t)x[col[k + 1]])));
+            a = I8_DPW256(a, w0, _mm256_set1_epi32((uint16_t)x[col[k]]));
+            a2 = I8_DPW256(a2, w1, _mm256_set1_epi32((uint16_t)x[col[k + 1]]));
         }
         for (; k < k1; ++k) {
             const __m256i w0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(val + k * R + r0)));
-            a = _mm256_add_epi32(a, _mm256_madd_epi16(w0, _mm256_set1_epi32((uint16_t)x[col[k]])));
+            a = I8_DPW256(a, w0, _mm256_set1_epi32((uint16_t)x[col[k]]));
         }
         _mm256_storeu_si256((__m256i *)acc, _mm256_add_epi32(a, a2));
         return;
@@ -431,12 +678,53 @@ static inline void rows_pair##S(const int32_t *restrict col, const int32_t *rest
         _Pragma("GCC unroll 4")                                                                \
         for (int s = 0; s < S; ++s) {                                                          \
             const __m256i w = _mm256_set1_epi32(wp[p * R + s]);                                \
-            acc[2 * s] = _mm256_add_epi32(acc[2 * s], _mm256_madd_epi16(lo, w));               \
-            acc[2 * s + 1] = _mm256_add_epi32(acc[2 * s + 1], _mm256_madd_epi16(hi, w));       \
+            acc[2 * s] = I8_DPW256(acc[2 * s], lo, w);               \
+            acc[2 * s + 1] = I8_DPW256(acc[2 * s + 1], hi, w);       \
         }                                                                                      \
     }                                                                                          \
 }
 ROWSPAIR(4) ROWSPAIR(2) ROWSPAIR(1)
+
+#ifdef I8_U8
+/* Rows s .. s + S of a group over a u8 chunk: each quad of kept columns is unpacked once for the S rows;
+   wq[p * R + s] are the rows' weight quads, wsr[s] their weight sums. */
+#define ROWSQUAD(S)                                                                               \
+static inline void rows_quad##S(const int32_t *restrict col, const int32_t *restrict wq, const int32_t *wsr, \
+                                int64_t R, int64_t nk, const uint8_t *restrict x8, const float *ws,     \
+                                const float *restrict xs, const float *bias, int64_t o0, float *restrict y, \
+                                int64_t ldy, int64_t r) {                                      \
+    __m512i acc[S][4];                                                                         \
+    for (int q = 0; q < S; ++q) for (int j = 0; j < 4; ++j) acc[q][j] = _mm512_setzero_si512(); \
+    for (int64_t k = 0, p = 0; k < nk; k += 4, ++p) {                                          \
+        const uint8_t *q0 = x8 + (int64_t)col[k] * 64;                                         \
+        __m512i u[4];                                                                          \
+        quad_unpack(q0, k + 1 < nk ? x8 + (int64_t)col[k + 1] * 64 : q0,                       \
+                    k + 2 < nk ? x8 + (int64_t)col[k + 2] * 64 : q0,                           \
+                    k + 3 < nk ? x8 + (int64_t)col[k + 3] * 64 : q0, u);                       \
+        _Pragma("GCC unroll 4")                                                                \
+        for (int q = 0; q < S; ++q) {                                                          \
+            const __m512i w = _mm512_set1_epi32(wq[p * R + q]);                                \
+            for (int j = 0; j < 4; ++j) acc[q][j] = _mm512_dpbusd_epi32(acc[q][j], u[j], w);   \
+        }                                                                                      \
+    }                                                                                          \
+    for (int q = 0; q < S; ++q)                                                                \
+        store_u8(acc[q], wsr[q], ws[o0 + q], xs, bias, o0 + q, y + q * ldy, r);                \
+}
+ROWSQUAD(4) ROWSQUAD(2) ROWSQUAD(1)
+
+/* All R rows of a group over a u8 chunk (columns b0 .., r real). */
+static void rows_chunk_u8(int64_t R, const int32_t *col, const int32_t *wq, const int32_t *wsr, int64_t nk,
+                          const uint8_t *x8, const float *ws, const float *xs, const float *bias, int64_t o0,
+                          float *y, int64_t ldy, int64_t r) {
+    for (int64_t s = 0; s < R;) {
+        const int64_t left = R - s, S = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        if (S == 4) rows_quad4(col, wq + s, wsr + s, R, nk, x8, ws, xs, bias, o0 + s, y + s * ldy, ldy, r);
+        else if (S == 2) rows_quad2(col, wq + s, wsr + s, R, nk, x8, ws, xs, bias, o0 + s, y + s * ldy, ldy, r);
+        else rows_quad1(col, wq + s, wsr + s, R, nk, x8, ws, xs, bias, o0 + s, y + s * ldy, ldy, r);
+        s += S;
+    }
+}
+#endif
 
 /* All R rows of group g for one chunk (columns b0 .., r real, width W). */
 static void rows_chunk(int64_t R, const int32_t *col, const int32_t *wp, int64_t k0, int64_t k1,
@@ -460,6 +748,21 @@ static void rows_chunk(int64_t R, const int32_t *col, const int32_t *wp, int64_t
 }
 #endif
 
+#ifdef I8_U8
+/* Weight quads wq[p * R + s] (kept columns 4p .. 4p + 3 of row s, zero-padded) and row sums wsr[s] of the
+   group with values val[k * R + s], k0 <= k < k1. */
+static void rows_weights_u8(int64_t R, const int8_t *val, int64_t k0, int64_t k1, int32_t *wq, int32_t *wsr) {
+    for (int64_t s = 0; s < R; ++s) wsr[s] = 0;
+    for (int64_t k = k0, p = 0; k < k1; k += 4, ++p)
+        for (int64_t s = 0; s < R; ++s) {
+            int32_t w[4] = {0, 0, 0, 0};
+            for (int64_t u = 0; u < 4 && k + u < k1; ++u) w[u] = val[(k + u) * R + s];
+            wq[p * R + s] = wquad(w[0], w[1], w[2], w[3]);
+            wsr[s] += w[0] + w[1] + w[2] + w[3];
+        }
+}
+#endif
+
 #define ROWS_ARGS int64_t G, int64_t R, int64_t N, int64_t B, const int32_t *gptr, const int32_t *col, \
     const int8_t *val, const int16_t *xq, const float *ws, const float *xs, const float *bias, float *yt, int rm
 #define ROWS_PASS G, R, N, B, gptr, col, val, xq, ws, xs, bias, yt, rm
@@ -479,9 +782,12 @@ void prunekit_i8_rows(ROWS_ARGS, int nthreads) {
 /* Part tid of nth (contiguous groups) of prunekit_i8_rows. */
 static void rows_part(int tid, int nth, int64_t maxk, ROWS_ARGS) {
     const int64_t lo = G * tid / nth, hi = G * (tid + 1) / nth;
-    int32_t *scratch = (int32_t *)malloc(sizeof(int32_t) * (size_t)((maxk + 1) / 2 * R + I8_CHUNK + 8));
+    const int64_t npair = (maxk + 1) / 2 * R, nquad = (maxk + 3) / 4 * R;
+    int32_t *scratch = (int32_t *)malloc(sizeof(int32_t) * (size_t)(npair + nquad + R + I8_CHUNK + 8));
     int32_t *acc = scratch; /* batch 1 and generic: up to I8_CHUNK (or 8 rows) accumulators */
     int32_t *wp = scratch + I8_CHUNK + 8; /* AVX2: weight pairs of the group */
+    int32_t *wq = wp + npair, *wsr = wq + nquad; /* u8 chunks: weight quads and sums of the group's rows */
+    (void)wq; (void)wsr;
     float *tile = rm && B > 1 ? (float *)aligned_alloc(64, sizeof(float) * (size_t)(R * I8_CHUNK)) : 0; /* rm */
     (void)wp;
     for (int64_t g = lo; g < hi && scratch && (tile || !rm || B == 1); ++g) {
@@ -500,9 +806,20 @@ static void rows_part(int tid, int nth, int64_t maxk, ROWS_ARGS) {
             for (int64_t s = 0; s < R; ++s)
                 wp[p * R + s] = wpair(val[k * R + s], k + 1 < k1 ? val[(k + 1) * R + s] : 0);
 #endif
+#ifdef I8_U8
+        if (chunk_u8(B, 0)) rows_weights_u8(R, val, k0, k1, wq, wsr);
+#endif
         for (int64_t c = 0; c * I8_CHUNK < B; ++c) {
             const int64_t W = chunk_width(B, c), b0 = c * I8_CHUNK, r = B - b0 < W ? B - b0 : W;
             const int16_t *xc = xq + b0 * N;
+#ifdef I8_U8
+            if (chunk_u8(B, c)) {
+                rows_chunk_u8(R, col + k0, wq, wsr, k1 - k0, (const uint8_t *)xc, ws, xs + b0, bias, o0,
+                              rm ? tile : yt + o0 * B + b0, rm ? I8_CHUNK : B, r);
+                if (rm) pk_transpose_cols(tile, R, 0, r, I8_CHUNK, yt + b0 * G * R + o0, G * R);
+                continue;
+            }
+#endif
 #ifdef I8_AVX2
             rows_chunk(R, col + k0, wp, 0, k1 - k0, xc, W, ws, xs, bias, o0, rm ? tile : yt + o0 * B + b0,
                        rm ? I8_CHUNK : B, b0, r);
