@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from prunekit import prune_channels
-from prunekit.methods.budget import Latency, prune_channels_to_budget
+from prunekit.methods.budget import Latency, StopAtBudget, prune_channels_to_budget
 
 SEEDS = (0, 1, 2)
 
@@ -197,3 +197,84 @@ def test_public_export():
     import prunekit
 
     assert prunekit.prune_channels_to_budget is prune_channels_to_budget and "prune_channels_to_budget" in prunekit.__all__
+
+
+# -- gradual: StopAtBudget on a StructuredPruner --------------------------------------------------------------------
+
+
+def gradual_run(seed: int, stop: StopAtBudget | None, steps: int = 30, hold_after: int | None = None):
+    """SGD with momentum on fixed random batches; the schedule removes up to 90% of the units by step 20."""
+    from prunekit import PolynomialDecay, StructuredPruner
+
+    net = mlp(seed)
+    gen = torch.Generator().manual_seed(100 + seed)
+    batches = [torch.randn(8, 16, generator=gen) for _ in range(steps)]
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    schedule = PolynomialDecay(0.0, 0.9, begin_step=0, end_step=20, frequency=2, power=1)
+    pruner = StructuredPruner(net, torch.randn(1, 16), schedule, optimizer=opt, hooks=[] if stop is None else [stop])
+    keeps_at_stop = None
+    for i, x in enumerate(batches, start=1):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+        if hold_after is not None and i == hold_after:
+            pruner.hold()
+        if stop is not None and stop.stopped and keeps_at_stop is None:
+            keeps_at_stop = {k: v.clone() for k, v in pruner.keeps.items()}
+    return net, opt, pruner, keeps_at_stop
+
+
+def rows_kept(model: nn.Module) -> float:
+    """A fake metric of the masked model: the fraction of the first layer's rows not zeroed."""
+    return float((model[0].weight != 0).any(1).float().mean())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_gradual_stops_at_the_first_update_within_the_budget(seed):
+    budget = mlp_macs_at(0.5)
+    stop = StopAtBudget(budget)
+    net, _, pruner, keeps_at_stop = gradual_run(seed, stop)
+    assert stop.binding == "budget" and pruner.held
+    costs = [c.cost for c in stop.history]
+    assert costs[-1] <= budget and all(c > budget for c in costs[:-1])  # nothing checked after reaching it
+    assert costs == sorted(costs, reverse=True) and stop.step == stop.history[-1].step
+    for name, keep in pruner.keeps.items():  # held: no unit moved after the stop
+        assert torch.equal(keep, keeps_at_stop[name]), name
+    small, report = pruner.finalize()
+    k1, k2 = small[0].out_features, small[2].out_features
+    assert 16 * k1 + k1 * k2 + 4 * k2 == costs[-1] == report.macs_after <= budget  # the hand count
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_gradual_rolls_back_the_first_update_outside_the_tolerance(seed):
+    stop = StopAtBudget(mlp_macs_at(0.85), evaluate=rows_kept, max_drop=0.2)
+    net, opt, pruner, _ = gradual_run(seed, stop)
+    assert stop.binding == "accuracy" and stop.baseline == 1.0
+    assert [c.ok for c in stop.history] == [True] * (len(stop.history) - 1) + [False]
+    assert all(c.cost > stop.budget for c in stop.history)
+    assert 1.0 - rows_kept(net) <= 0.2  # the held masks are the last good ones
+    # the same run with pruning stopped by hand after the last good update
+    ref_net, ref_opt, ref_pruner, _ = gradual_run(seed, None, hold_after=stop.step - 1)
+    assert_same(state_of(net), state_of(ref_net))
+    for name, keep in pruner.keeps.items():
+        assert torch.equal(keep, ref_pruner.keeps[name]), name
+    for p, q in zip(net.parameters(), ref_net.parameters()):
+        assert torch.equal(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"])
+    kept_net = gradual_run(seed, None, hold_after=stop.step)[0]  # negative control: the violating update kept
+    assert any(not torch.equal(a, b) for a, b in zip(state_of(net).values(), state_of(kept_net).values()))
+
+
+def test_gradual_without_a_stop_is_a_negative_control():
+    """Without the hook the schedule goes on to 90%: the stop is what held the runs above."""
+    net, _, pruner, _ = gradual_run(0, None)
+    assert not pruner.held and 1.0 - rows_kept(net) == pytest.approx(round(64 * 0.9) / 64)
+
+
+def test_held_travels_in_the_state_dict():
+    from prunekit import StructuredPruner
+
+    pruner = StructuredPruner(mlp(0), torch.randn(1, 16), 0.25)
+    pruner.hold()
+    fresh = StructuredPruner(mlp(0), torch.randn(1, 16), 0.25)
+    fresh.load_state_dict(pruner.state_dict())
+    assert fresh.held and not StructuredPruner(mlp(0), torch.randn(1, 16), 0.25).held

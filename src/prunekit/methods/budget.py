@@ -8,7 +8,9 @@
   outside the tolerance on the evaluation set, whatever the metric's shape.
 * :func:`prune_channels_to_budget` (structural): remove channels until the
   model's MACs (or measured latency, or any cost) are at most a budget, unless
-  the metric leaves its tolerance first (it says which bound).
+  the metric leaves its tolerance first (it says which bound); during training,
+  :class:`StopAtBudget` does the same as a hook of a scheduled
+  :class:`~prunekit.StructuredPruner`.
 * :class:`StopWhen` (gradual): a hook of a scheduled :class:`~prunekit.Pruner`
   that evaluates after every mask update; at the first update that leaves the
   tolerance it undoes that update (the last good masks, and the pruned
@@ -45,8 +47,8 @@ from ..core.scope import Selector, resolve_scope
 from .allocation import Allocation, AllocationRule, allocate
 from .sensitivity import _dense_scores, _Snapshot
 
-__all__ = ["BudgetResult", "ChannelBudgetResult", "ChannelTrial", "Check", "Latency", "StopWhen", "Tolerance", "Trial",
-           "prune_channels_to_budget", "prune_to_budget"]
+__all__ = ["BudgetCheck", "BudgetResult", "ChannelBudgetResult", "ChannelTrial", "Check", "Latency", "StopAtBudget",
+           "StopWhen", "Tolerance", "Trial", "prune_channels_to_budget", "prune_to_budget"]
 
 _SLACK = 1e-12
 _FORMAT, _VERSION = "prunekit.StopWhen", 1
@@ -110,6 +112,19 @@ def _metric(owner: str, value: Any, where: str) -> float:
     if not math.isfinite(float(value)):
         raise ValueError(f"{owner}: evaluate returned {value} {where}; the metric must be finite")
     return float(value)
+
+
+def _evaluate_aside(owner: str, evaluate: Evaluate, model: nn.Module, where: str) -> float:
+    """``evaluate(model)`` during training: module modes and the global RNG state are put back afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices):  # evaluating must not change the run's random stream
+            value = evaluate(model)
+    finally:
+        for module, flag in modes:
+            module.training = flag
+    return _metric(owner, value, where)
 
 
 # -- one-shot: the result ---------------------------------------------------------------------------------------------
@@ -465,18 +480,24 @@ def _settle(search: _Search, trials: list[Trial], lo: float) -> BudgetResult:
 
 
 class _BeforeUpdate:
-    """The pruned parameters just before a mask update: masks, values and optimizer state, to undo it bit for bit."""
+    """The pruned parameters just before a mask update: masks, values and optimizer state, to undo it bit for bit.
 
-    def __init__(self, pruner: Pruner) -> None:
+    For a :class:`~prunekit.StructuredPruner` the kept units stand for the masks.
+    """
+
+    def __init__(self, pruner: Any) -> None:
         slots = pruner.keeper.slots
-        self.masks = pruner.masks
+        units = getattr(pruner, "keeps", None)
+        self.masks = pruner.masks if units is None else None
+        self.keeps = None if units is None else {k: v.clone() for k, v in units.items()}
         self.values = [(s.param, s.param.detach().clone()) for s in slots]
-        self.states = [(opt, s.param, _copy_state(opt.state.get(s.param))) for opt in pruner.optimizers
+        self.states = [(opt, s.param, _copy_state(opt.state.get(s.param))) for opt in pruner.keeper.optimizers
                        for s in slots]
 
     @torch.no_grad()
-    def restore(self, pruner: Pruner) -> None:
-        pruner.set_masks(self.masks)  # the keeper's masks; this also cleans optimizer state, overwritten below
+    def restore(self, pruner: Any) -> None:
+        # the keeper's masks; this also cleans optimizer state, overwritten below
+        pruner.set_masks(self.masks) if self.keeps is None else pruner.set_keeps(self.keeps)
         for param, value in self.values:
             param.copy_(value)
         for opt, param, saved in self.states:
@@ -627,17 +648,8 @@ class StopWhen:
             self.stopped, self.step, self.sparsity = True, step, _overall(pruner)
 
     def _measure(self, pruner: Pruner, where: str) -> float:
-        model = pruner.model
-        modes = [(m, m.training) for m in model.modules()]
-        devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
         self.evaluations += 1
-        try:
-            with torch.random.fork_rng(devices=devices):  # evaluating must not change the run's random stream
-                value = self.evaluate(model)
-        finally:
-            for module, flag in modes:
-                module.training = flag
-        return _metric("StopWhen", value, where)
+        return _evaluate_aside("StopWhen", self.evaluate, pruner.model, where)
 
     def summary(self) -> str:
         """One line: where it stopped (or that it has not) and the last good update.
@@ -931,13 +943,16 @@ def _check_channel_args(model: Any, budget: Any, evaluate: Any, max_drop: Any, h
     if budget <= 0 or not 0 < hi < 1 or tol <= 0:
         raise ValueError(f"prune_channels_to_budget: need budget > 0, 0 < hi < 1 and tol > 0, got budget={budget:g}, "
                          f"hi={hi:g}, tol={tol:g}")
-    if (evaluate is None) != (max_drop is None):
-        raise ValueError("prune_channels_to_budget: evaluate= and max_drop= go together (the metric and how much "
-                         "of it may be lost); pass both, or neither for a cost budget alone")
-    if evaluate is not None and not callable(evaluate):
-        raise TypeError(f"prune_channels_to_budget: evaluate must be a callable evaluate(model) -> float, "
-                        f"got {type(evaluate).__name__}")
+    _check_metric_args("prune_channels_to_budget", evaluate, max_drop)
     return budget, hi, tol
+
+
+def _check_metric_args(owner: str, evaluate: Any, max_drop: Any) -> None:
+    if (evaluate is None) != (max_drop is None):
+        raise ValueError(f"{owner}: evaluate= and max_drop= go together (the metric and how much of it may be "
+                         "lost); pass both, or neither for a cost budget alone")
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError(f"{owner}: evaluate must be a callable evaluate(model) -> float, got {type(evaluate).__name__}")
 
 
 def prune_channels_to_budget(
@@ -1045,3 +1060,113 @@ def prune_channels_to_budget(
     return ChannelBudgetResult(ratio, binding, cost_name, budget, dense_cost, final_cost, final_cost <= budget,
                                search.dense, metric, search.trials, report, tolerance, search.evaluations,
                                round(time.perf_counter() - started, 3))
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """One mask update seen by :class:`StopAtBudget`: step, units removed, cost, metric (``None``: none), within."""
+
+    step: int
+    ratio: float
+    cost: float
+    metric: float | None
+    ok: bool | None
+
+
+class StopAtBudget:
+    """Gradual structural pruning that stops once the cost is within budget, or when the metric leaves its tolerance.
+
+    A hook of a scheduled :class:`~prunekit.StructuredPruner` (``StructuredPruner(...,
+    hooks=[stop])``). After every scheduled mask update it measures ``cost`` on a
+    **physically pruned copy** (:meth:`~prunekit.StructuredPruner.pruned_copy`: the
+    model :meth:`~prunekit.StructuredPruner.finalize` would give; MACs counted in
+    it) and, with ``evaluate``, the metric of the masked model (modes and the
+    global RNG state put back). Whichever binds first stops it:
+
+    * the metric outside the tolerance: the update is **rolled back** (the kept
+      units, and the pruned parameters' values and optimizer state as they were
+      just before it, bit for bit) and the pruner held; ``binding = "accuracy"``;
+    * else the cost within ``budget``: this update is kept and the pruner held;
+      ``binding = "budget"``.
+
+    Training goes on at that ratio; test :attr:`stopped` to end the loop. The
+    checks are in :attr:`history`.
+
+    Args:
+        budget: the largest cost allowed (``> 0``).
+        cost: ``"macs"`` (on the pruner's example input), ``"latency"`` (:class:`Latency` on it), a
+            :class:`Latency` or a callable ``cost(model) -> float``.
+        evaluate: optional ``evaluate(model) -> float``, with ``max_drop``.
+        max_drop / relative / higher_is_better: the tolerance (see :class:`Tolerance`).
+        baseline: the reference metric; ``None``: measured before the first update this hook sees.
+
+    Example:
+        >>> from prunekit import PolynomialDecay, StructuredPruner
+        >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))  # 10 MACs per hidden unit
+        >>> stop = StopAtBudget(100)
+        >>> pruner = StructuredPruner(net, torch.randn(1, 8), PolynomialDecay(0.0, 0.9, 0, 8, power=1,
+        ...                           frequency=1), hooks=[stop])
+        >>> for _ in range(8):
+        ...     pruner.step()
+        >>> stop.binding, stop.step, [c.cost for c in stop.history]
+        ('budget', 4, [160.0, 140.0, 120.0, 110.0, 90.0])
+    """
+
+    def __init__(self, budget: float, cost: str | Callable[[nn.Module], float] = "macs", *,
+                 evaluate: Evaluate | None = None, max_drop: float | None = None, relative: bool = False,
+                 higher_is_better: bool = True, baseline: float | None = None) -> None:
+        self.budget = check_real("StopAtBudget", "budget", budget)
+        if self.budget <= 0:
+            raise ValueError(f"StopAtBudget: budget must be > 0, got {self.budget:g}")
+        _check_metric_args("StopAtBudget", evaluate, max_drop)
+        self.cost, self.evaluate = cost, evaluate
+        self.tolerance = None if max_drop is None else Tolerance(max_drop, relative, higher_is_better,
+                                                                 owner="StopAtBudget")
+        self.baseline = None if baseline is None else check_real("StopAtBudget", "baseline", baseline)
+        self.history: list[BudgetCheck] = []
+        self.binding: str | None = None
+        self.step: int | None = None
+        self._before: _BeforeUpdate | None = None
+        self._price: Callable[[nn.Module], float] | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the budget was reached or the metric left its tolerance."""
+        return self.binding is not None
+
+    def before_update(self, pruner: Any) -> None:
+        """Called before a scheduled mask update: the baseline if needed, and the state to roll back to."""
+        if self._price is None:
+            self._price, _ = _cost_function(self.cost, pruner.example_input)
+        if self.evaluate is not None and self.baseline is None:
+            self.baseline = self._measure(pruner.model, "for the baseline (before the first update)")
+            self.tolerance.check_reference(self.baseline)
+        self._before = _BeforeUpdate(pruner) if self.evaluate is not None else None
+
+    def after_update(self, pruner: Any) -> None:
+        """Called after a scheduled mask update: cost of the pruned copy, the metric; roll back or hold."""
+        before, self._before = self._before, None
+        if self.stopped:
+            return
+        step = pruner.current_step
+        pruned, _ = pruner.pruned_copy()
+        cost = _metric("StopAtBudget", self._price(pruned), f"as the cost after the update at step {step}")
+        metric = None if self.evaluate is None else self._measure(pruner.model, f"after the update at step {step}")
+        ok = None if metric is None else self.tolerance.ok(self.baseline, metric)
+        removed = sum(int((~k).sum()) for k in pruner.keeps.values())
+        self.history.append(BudgetCheck(step, removed / max(sum(k.numel() for k in pruner.keeps.values()), 1),
+                                        cost, metric, ok))
+        if ok is False:
+            before.restore(pruner)
+            self.binding = "accuracy"
+        elif cost <= self.budget:
+            self.binding = "budget"
+        if self.stopped:
+            self.step = step
+            pruner.hold()
+
+    def _measure(self, model: nn.Module, where: str) -> float:
+        return _evaluate_aside("StopAtBudget", self.evaluate, model, where)
+
+    def __repr__(self) -> str:
+        return f"StopAtBudget(budget={self.budget:g}, binding={self.binding!r}, updates={len(self.history)})"

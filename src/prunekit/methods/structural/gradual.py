@@ -12,6 +12,7 @@ masked one did.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -48,6 +49,9 @@ class StructuredPruner:
         round_to: keep a multiple of this many units per group.
         ignore: module paths or types whose channels are never pruned.
         optimizer: optional optimizer to :meth:`attach`.
+        hooks: objects with ``before_update(pruner)`` and ``after_update(pruner)``, called around every
+            scheduled mask update (e.g. :class:`prunekit.methods.budget.StopAtBudget`); :meth:`hold` stops
+            the schedule.
 
     Example:
         >>> from prunekit import PolynomialDecay
@@ -65,7 +69,7 @@ class StructuredPruner:
     def __init__(self, model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor],
                  schedule: Schedule | float, *, importance: Importance = "l2", reduction: str = "sum",
                  round_to: int = 1, ignore: Iterable[str | type] | None = None,
-                 optimizer: torch.optim.Optimizer | None = None) -> None:
+                 optimizer: torch.optim.Optimizer | None = None, hooks: Sequence[Any] = ()) -> None:
         self.schedule = _as_schedule(schedule)
         _check_importance(importance)
         if importance == "taylor":
@@ -79,6 +83,7 @@ class StructuredPruner:
         self.groups = find_groups(self.graph)
         self.keeps = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
         self._step = 0
+        self.hooks, self._held = list(hooks), False
         # Every parameter some unit reaches (each loses entries when all units go) is kept by the keeper.
         members = param_masks(self.graph, self.groups, {g.name: torch.zeros(g.size, dtype=torch.bool)
                                                          for g in self.groups})
@@ -129,10 +134,43 @@ class StructuredPruner:
         self._update()
 
     def _update(self) -> None:
-        if self.schedule.should_update(self._step):
+        if not self._held and self.schedule.should_update(self._step):
+            for hook in self.hooks:
+                hook.before_update(self)
             self.update_masks(self.schedule.sparsity(self._step))
+            for hook in self.hooks:
+                hook.after_update(self)
         else:
             self._keeper.reapply()
+
+    @property
+    def held(self) -> bool:
+        """Whether :meth:`hold` stopped the schedule."""
+        return self._held
+
+    def hold(self) -> None:
+        """Stop the schedule: the kept units stay as they are at every later step (saved by :meth:`state_dict`)."""
+        self._check_live()
+        self._held = True
+
+    def set_keeps(self, keeps: Mapping[str, torch.Tensor]) -> None:
+        """Set the kept units (``{group name: bool per unit}``, as :attr:`keeps`) and apply their masks."""
+        self._check_live()
+        self.keeps = {k: v.clone() for k, v in keeps.items()}
+        self._set_masks(sync=False)
+
+    def pruned_copy(self, verify: bool = False) -> tuple[nn.Module, StructuralReport]:
+        """A physically pruned copy of the model at the current masks (what :meth:`finalize` would give); the model stays.
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+            >>> copy_, report = StructuredPruner(net, torch.randn(1, 8), 0.25).pruned_copy()
+            >>> copy_[0].out_features, net[0].out_features, report.macs_after
+            (12, 16, 120)
+        """
+        self._check_live()
+        graph, groups, keeps = copy.deepcopy((self.graph, self.groups, self.keeps))
+        return remove(graph, groups, keeps, self.example_input, verify=verify)
 
     @torch.no_grad()
     def update_masks(self, sparsity: float) -> None:
@@ -168,7 +206,7 @@ class StructuredPruner:
 
     def state_dict(self) -> dict[str, Any]:
         """Version, step and kept units (``torch.load(weights_only=True)`` safe)."""
-        return {"format": _FORMAT, "version": _VERSION, "step": self._step,
+        return {"format": _FORMAT, "version": _VERSION, "step": self._step, "held": self._held,
                 "keeps": {k: v.clone() for k, v in self.keeps.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -188,6 +226,7 @@ class StructuredPruner:
             if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != self.keeps[name].shape:
                 raise ValueError(f"load_state_dict: keeps[{name!r}] must be bool of shape {tuple(self.keeps[name].shape)}")
         self._step = check_int("load_state_dict", "step", state.get("step"), minimum=0)
+        self._held = bool(state.get("held", False))  # states written before holding existed: not held
         self.keeps = {k: v.clone() for k, v in keeps.items()}
         self._set_masks(sync=False)
 
