@@ -73,8 +73,9 @@ EXPERIMENTS: dict[str, Experiment] = {
                    "Sparse recovery with distillation: MiniLM-L6 gradual pruning while distilling vs one-shot "
                    "SparseGPT (50-90%), SmolLM2-135M SparseGPT 50%/2:4 then KL recovery", default_seeds=1),
         Experiment("when-to-stop", "prunekit.apps.experiments.when_to_stop",
-                   "The sparsity reached within 0.5 pt (LeNet-5/MNIST-5k) / 1% relative (MiniLM-L6) of dense by "
-                   "uniform, ERK, LAMP, OWL and equal-loss allocation, one-shot budget search and gradual StopWhen"),
+                   "The sparsity reached within 0.5 pt (LeNet-5/MNIST-5k) / 1% relative (MiniLM-L6) / 1% and 10% "
+                   "relative perplexity (SmolLM2-135M) of dense by uniform, ERK, LAMP, OWL and equal-loss "
+                   "allocation, one-shot budget search and gradual StopWhen"),
     )
 }
 
