@@ -542,6 +542,49 @@ static inline int32_t NAME(const int8_t *restrict val, const IDXT *restrict col,
 DOT1(csr_dot1, int32_t, COL_CSR)
 DOT1(nm_dot1, uint8_t, COL_NM)
 
+#ifdef I8_AVX512
+/* Batch 1 with 16-lane gathers: a 32-bit gather at x + 2 col reads (x[col], x[col + 1]) (x has N + 1
+   values, so col = N - 1 stays inside) and the weight (w, 0) takes the first: pair sums of s16 products,
+   exact. Two accumulators hide the multiply-add latency. */
+static inline __m512i dot1_step(__m512i acc, __m512i idx, __m128i w8, const int16_t *x, __mmask16 m) {
+    const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, x, 2);
+    const __m512i w = _mm512_and_si512(_mm512_cvtepi8_epi32(w8), _mm512_set1_epi32(0xFFFF));
+    return I8_DPW512(acc, g, w);
+}
+
+/* Column indices of entries k .. k + 15 (mask m) of an N:M row starting at k0. */
+static inline __m512i nm_idx(const uint8_t *off, int64_t k, int64_t k0, int sh, int64_t mm, __mmask16 m) {
+    const __m512i e = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(k - k0)),
+                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m512i grp = _mm512_mullo_epi32(_mm512_srli_epi32(e, (unsigned)sh), _mm512_set1_epi32((int32_t)mm));
+    return _mm512_add_epi32(grp, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, off + k)));
+}
+
+#define DOT1_512(NAME, IDXT, IDX)                                                                 \
+static inline int32_t NAME(const int8_t *restrict val, const IDXT *restrict col, int64_t k0, int64_t k1, \
+                           const int16_t *restrict x, int sh, int64_t mm) {                     \
+    (void)sh; (void)mm;                                                                        \
+    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();                          \
+    int64_t k = k0;                                                                            \
+    for (; k + 32 <= k1; k += 32) {                                                            \
+        a0 = dot1_step(a0, IDX(k, 0xFFFF), _mm_loadu_si128((const __m128i *)(val + k)), x, 0xFFFF); \
+        a1 = dot1_step(a1, IDX(k + 16, 0xFFFF), _mm_loadu_si128((const __m128i *)(val + k + 16)), x, 0xFFFF); \
+    }                                                                                          \
+    for (; k < k1; k += 16) {                                                                  \
+        const __mmask16 m = k1 - k >= 16 ? 0xFFFF : (__mmask16)((1u << (k1 - k)) - 1);         \
+        a0 = dot1_step(a0, IDX(k, m), _mm_maskz_loadu_epi8(m, val + k), x, m);                \
+    }                                                                                          \
+    return _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1));                                  \
+}
+#define CSR_IDX(k, m) _mm512_maskz_loadu_epi32(m, col + (k))
+#define NM_IDX(k, m) nm_idx(col, k, k0, sh, mm, m)
+DOT1_512(csr_dot1z, int32_t, CSR_IDX)
+DOT1_512(nm_dot1z, uint8_t, NM_IDX)
+#define I8_DOT1(fmt) fmt##_dot1z
+#else
+#define I8_DOT1(fmt) fmt##_dot1
+#endif
+
 #ifndef I8_AVX2
 /* Generic: one output row, one chunk of W columns (stored order), int32 accumulators per position. */
 #define GENROW(NAME, IDXT, COL)                                                                   \
@@ -571,8 +614,8 @@ static void pair_part(int tid, int nth, PAIR_ARGS) {
     int32_t acc32[I8_CHUNK];
     for (int64_t i = lo; i < hi && B == 1; ++i) {
         const int64_t k0 = is_nm ? i * K : crow[i], k1 = is_nm ? k0 + K : crow[i + 1];
-        const int32_t a = is_nm ? nm_dot1(val, (const uint8_t *)col, k0, k1, xq, sh, mm)
-                                : csr_dot1(val, (const int32_t *)col, k0, k1, xq, sh, mm);
+        const int32_t a = is_nm ? I8_DOT1(nm)(val, (const uint8_t *)col, k0, k1, xq, sh, mm)
+                                : I8_DOT1(csr)(val, (const int32_t *)col, k0, k1, xq, sh, mm);
         yt[i] = rescale1(a, ws[i], xs[0], bias, i);
     }
     float tile[I8_TILE_ROWS * I8_CHUNK] __attribute__((aligned(64))); /* rm: a block of output rows of one chunk, then transposed into y */
