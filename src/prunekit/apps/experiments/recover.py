@@ -146,7 +146,7 @@ class Config:
 FULL = Config(
     MiniLMConfig(model="minilm", levels=(0.5, 0.7, 0.8, 0.9), train=1000, max_length=32, steps=100, batch_size=16,
                  lr=2e-4, calibration=32, evaluation=200, corpus=300),
-    # one SmolLM2 step of 2x256 tokens takes ~10 s on one thread: 100 steps per level, each window seen once
+    # one SmolLM2 step of 2x256 tokens took 7-8 s on one thread: 100 steps per level, each window seen once
     LLMConfig(model="smollm2", levels=(0.5, "2:4"), calibration=(32, 128), evaluation=(8, 256), kl_windows=2,
               train=(200, 256), steps=100, batch_size=2, lr=2e-4, temperature=1.0))
 QUICK = Config(
