@@ -12,7 +12,8 @@ masks after every step (from the engine's ``state_dict``), whether this rank's p
 gradients and first moments were exactly zero after every step, the gathered full weights at the end,
 and whether a fresh engine on a freshly sharded model restores the saved masks; also
 :func:`eval_then_update` (new masks after an evaluation forward) and, in ``OUT_DIR/rank{R}.txt``, the error of
-a Pruner built before ``fully_shard``.
+a Pruner built before ``fully_shard``; and :func:`recover_runs` (:func:`prunekit.methods.recover.recover` with
+fixed masks and checkpoints: uninterrupted, and stopped then resumed on a fresh sharded model).
 
 Cases: an engine (``keeper``: a :class:`prunekit.MaskKeeper` whose masks the loop sets from full-weight
 magnitudes; ``pruner``: a :class:`prunekit.Pruner` on a schedule with global ranking; ``manual``:
@@ -37,6 +38,7 @@ import prunekit
 import prunekit.core.masks as masks_module
 from prunekit._io import atomic_open
 from prunekit.core.distributed import full_tensor, is_sharded, local_tensor, shard_like
+from prunekit.methods.recover import recover, warmup_cosine, zero_masks
 
 BATCH = 16  # the full batch; each of the 2 ranks trains on half of it
 STEPS = 10
@@ -277,6 +279,52 @@ def sharded_after_build() -> str:
     return ""
 
 
+RECOVER_STEPS, RECOVER_STOP = 8, 5  # recover(): 8 steps, or 5 then resumed to 8 (checkpoints every 3 and at the end)
+
+
+def pruned_student(seed: int, sharded: bool) -> nn.Module:
+    """``make_model(seed)`` with the smaller half of every Linear weight (by full-weight magnitude) set to 0."""
+    model = make_model(seed, sharded)
+    names = [n for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2]
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, keep in magnitude_keeps(model, names, 0.5).items():
+            local_tensor(params[name])[local_pruned(keep, params[name])] = 0.0
+    return model
+
+
+def fit(model: nn.Module, data: torch.Tensor, steps: int, checkpoint: Path | None) -> Any:
+    """recover() from the dense model of seed 0 with the model's zeros as masks, AdamW, warm-up/cosine over 8 steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02)
+    return recover(model, make_model(0, False), data, optimizer=opt, steps=steps, masks=zero_masks(model),
+                   batch_size=len(data), lr_schedule=warmup_cosine(RECOVER_STEPS, warmup=2), max_grad_norm=1.0,
+                   checkpoint=checkpoint, checkpoint_every=3, progress=False)
+
+
+def recover_runs(rank: int | None, folder: Path) -> dict[str, Any]:
+    """recover() under FSDP2 (``rank``: each rank on its half of the data, full-batch steps) or in one process:
+    the gathered weights of an uninterrupted run, of a run stopped at RECOVER_STOP and resumed from its checkpoint
+    on a freshly built (other init) sharded model, and of a control that goes on from the stopped run's weights
+    without the checkpoint (a fresh optimizer and schedule)."""
+    data = torch.randn(BATCH, 10, generator=torch.Generator().manual_seed(7))
+    if rank is not None:
+        data = data[rank * BATCH // 2:(rank + 1) * BATCH // 2]
+    sharded = rank is not None
+    gathered = lambda model: {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}  # noqa: E731
+    whole = pruned_student(0, sharded)
+    first = fit(whole, data, RECOVER_STEPS, folder / "whole.safetensors")
+    stopped = pruned_student(0, sharded)
+    cut = fit(stopped, data, RECOVER_STOP, folder / "cut.safetensors")
+    at_stop = gathered(stopped)
+    fresh = pruned_student(1, sharded)
+    resumed = fit(fresh, data, RECOVER_STEPS, folder / "cut.safetensors")
+    fit(stopped, data, RECOVER_STEPS - RECOVER_STOP, None)  # the control
+    return {"whole": gathered(whole), "resumed": gathered(fresh), "control": gathered(stopped), "at_stop": at_stop,
+            "start": gathered(pruned_student(0, sharded)), "losses": first.losses,
+            "resumed_losses": cut.losses + resumed.losses, "resumed_from": resumed.resumed_from,
+            "steps": (first.steps, cut.steps, resumed.steps), "sparsity": first.sparsity}
+
+
 def main(out: Path) -> None:
     import torch.distributed as dist
 
@@ -284,8 +332,9 @@ def main(out: Path) -> None:
     rank = dist.get_rank()
     torch.set_num_threads(1)
     results = {f"{case}/{optimizer}": train(case, optimizer, rank) for case, optimizer in CASES}
+    evaluated, recovered = eval_then_update(rank), recover_runs(rank, out)
     with atomic_open(out / f"rank{rank}.pt") as f:
-        torch.save({"world": dist.get_world_size(), "results": results, "eval": eval_then_update(rank)}, f)
+        torch.save({"world": dist.get_world_size(), "results": results, "eval": evaluated, "recover": recovered}, f)
     with atomic_open(out / f"rank{rank}.txt", "w") as f:
         f.write(sharded_after_build())
     dist.barrier()

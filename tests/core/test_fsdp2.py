@@ -180,6 +180,48 @@ def test_new_masks_after_an_evaluation_forward_reach_the_next_forward(ranks, ref
     assert float((ref["out"] - ref["before"]).abs().max()) > 0.01
 
 
+@pytest.fixture(scope="module")
+def recover_reference(tmp_path_factory) -> dict:
+    """w.recover_runs in this one process, on the full data."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return w.recover_runs(None, tmp_path_factory.mktemp("recover"))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_recover_resumes_bit_identically_from_its_fsdp2_checkpoint(ranks):
+    for r in range(2):
+        got = ranks[r]["recover"]
+        assert got["steps"] == (w.RECOVER_STEPS, w.RECOVER_STOP, w.RECOVER_STEPS)
+        assert got["resumed_from"] == w.RECOVER_STOP
+        for name in got["whole"]:
+            assert torch.equal(got["resumed"][name], got["whole"][name]), f"rank {r} '{name}'"
+            assert torch.equal(got["whole"][name], ranks[0]["recover"]["whole"][name]), f"rank {r} '{name}'"
+        assert got["resumed_losses"] == got["losses"]  # this rank's loss of every step, resumed or not
+    # Not vacuous: the resumed model had another init, and going on without the checkpoint's optimizer state
+    # and schedule position ends elsewhere.
+    got = ranks[0]["recover"]
+    with pytest.raises(AssertionError):
+        assert_weights_close(got["control"], got["whole"], "no checkpoint")
+    assert any(not torch.equal(got["at_stop"][n], got["whole"][n]) for n in got["whole"])
+
+
+def test_recover_under_fsdp2_equals_one_process_and_keeps_the_zeros(ranks, recover_reference):
+    got, ref = ranks[0]["recover"], recover_reference
+    assert_weights_close(got["whole"], ref["whole"], "recover: FSDP2 vs one process")
+    assert ref["resumed_from"] == w.RECOVER_STOP
+    assert all(torch.equal(ref["resumed"][n], ref["whole"][n]) for n in ref["whole"])
+    assert got["sparsity"] == ref["sparsity"] == pytest.approx(0.5 * 0.9, abs=0.1)
+    moved = max(float((ref["whole"][n] - ref["start"][n]).abs().max()) for n in ref["start"])
+    assert moved > 100 * ATOL
+    for name, start in got["start"].items():  # the pruned entries stayed exact zeros
+        if start.dim() == 2:
+            zeros = start == 0
+            assert bool(zeros.any()) and bool((got["whole"][name][zeros] == 0).all()), name
+
+
 def test_a_pruner_built_before_fully_shard_is_refused_naming_the_parameter(ranks):
     for r in range(2):
         assert "parameter 'embed.weight' was sharded by fully_shard after this Pruner was built" in ranks[r]["error"]

@@ -26,6 +26,7 @@ from torch import nn
 
 from .._hf import cache_disabled
 from .._validate import check_int, check_real
+from ..core.distributed import count_true, full_tensor
 from ..core.masks import MaskKeeper
 from ..core.scope import Selector, resolve_scope
 from ..training.checkpoint import Checkpoints, save_checkpoint
@@ -61,6 +62,7 @@ def zero_masks(model: nn.Module, layers: Sequence[Selector] | None = None) -> di
 
     What a one-shot pruned model (:func:`prunekit.methods.oneshot.prune_oneshot`) hands
     to :func:`recover`. A weight without zeros gets an all-``True`` mask (no constraint).
+    Under FSDP2 the masks are full (gathered: a collective, every rank calls it), the same on every rank.
 
     Args:
         model: the pruned model.
@@ -73,7 +75,7 @@ def zero_masks(model: nn.Module, layers: Sequence[Selector] | None = None) -> di
         >>> zero_masks(net)["0.weight"].tolist()
         [[False, True], [True, False]]
     """
-    return {t.name: t.param.detach() != 0 for t in resolve_scope(model, layers).targets}
+    return {t.name: full_tensor(t.param.detach()) != 0 for t in resolve_scope(model, layers).targets}
 
 
 def warmup_cosine(steps: int, warmup: int = 0, floor: float = 0.0) -> LRSchedule:
@@ -137,7 +139,9 @@ def recover(
         lr_schedule: ``step -> factor`` of each group's initial learning rate (e.g. :func:`warmup_cosine`).
         max_grad_norm: clip the gradients' total norm to this before each step (``None``: no clipping).
         checkpoint: a checkpoint file: resumed from if it exists, written every ``checkpoint_every``
-            steps and at the end (model, optimizer, masks and schedule, RNG, position).
+            steps and at the end (model, optimizer, masks and schedule, RNG, position). Under FSDP2
+            a collective: full state dicts, written by rank 0, read by every rank (see
+            :mod:`prunekit.training.checkpoint`).
         checkpoint_every: steps between checkpoints.
         callbacks: ``callback(model, position)`` after every step, as in ``run_loop``.
         progress: a progress bar (``None``: only on a terminal).
@@ -296,4 +300,4 @@ def _set_lr(optimizer: torch.optim.Optimizer, schedule: LRSchedule, step: int) -
 def _sparsity(engine: Any) -> float:
     keeps = list(engine.masks.values())
     total = sum(k.numel() for k in keeps)
-    return sum(int((~k).sum()) for k in keeps) / total if total else 0.0
+    return sum(count_true(~k) for k in keeps) / total if total else 0.0

@@ -9,6 +9,14 @@ loop's hook that writes them and resumes from them.
 It is written with :func:`prunekit._io.atomic_open`: a crash (even ``kill -9``)
 during a write leaves the previous checkpoint intact under the final name.
 
+Under FSDP2 (a model with ``fully_shard``-ed parameters) saving and loading are
+collectives (every rank calls them): the model's and optimizer's full state dicts
+are gathered onto rank 0's CPU with ``torch.distributed.checkpoint.state_dict``
+(``full_state_dict=True, cpu_offload=True``), rank 0 writes the one file (the
+same format, optimizer state keyed by parameter name) with every rank's RNG state,
+and on resume every rank reads it (the path must be visible to every rank) and
+keeps its own shards of the model and optimizer state.
+
 Test-only hooks (read from the environment, documented for the fault-tolerance
 tests; never set them in real runs):
 
@@ -29,12 +37,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
 from .._io import atomic_open, remove_stale_temps
+from ..core.distributed import is_sharded, local_tensor, shard_like
 from .loop import Position
 
 __all__ = ["Checkpoints", "save_checkpoint", "load_checkpoint", "restore_checkpoint", "state_tensors"]
@@ -65,13 +75,86 @@ def _optimizer_split(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], di
 
 
 def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[int | str, dict[str, Any]] = {}
+    key_of = lambda index: int(index) if index.isdigit() else index  # noqa: E731 (FSDP2: parameter names)
     for name, value in tensors.items():
         _, index, key = name.split("/", 2)
-        state.setdefault(int(index), {})[key] = value
+        state.setdefault(key_of(index), {})[key] = value
     for index, entry in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(entry)
+        state.setdefault(key_of(index), {}).update(entry)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _fsdp2(model: nn.Module) -> bool:
+    """Whether ``model`` has parameters sharded by FSDP2 (then saving and loading are collectives)."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def _states(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's and optimizer's state dicts; under FSDP2 the full ones on rank 0's CPU (others get empty ones)."""
+    if not _fsdp2(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def _load_states(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, torch.Tensor],
+                 optimizer_state: dict[str, Any]) -> None:
+    """Load full state dicts into ``model`` and ``optimizer`` (under FSDP2 every rank keeps its slices of them)."""
+    if not _fsdp2(model):
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    # Each rank slices its shards out of the full tensors (shard_like: no communication). DCP's loaders scatter
+    # tensor by tensor in the dict's order, and a loaded file's order differs between processes.
+    live = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    differ = sorted(set(model_state) ^ set(model.state_dict()))
+    if differ:
+        raise ValueError(f"checkpoint: its model keys differ from the model's ({', '.join(differ[:3])}); resume into "
+                         "the model that wrote it")
+    with torch.no_grad():
+        for name, full in model_state.items():
+            local_tensor(live[name]).copy_(local_tensor(shard_like(full, live[name])))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    index = {names[id(p)]: i for i, p in enumerate(params)}
+    unknown = sorted(set(optimizer_state["state"]) - set(index))
+    if unknown:
+        raise ValueError(f"checkpoint: optimizer state of {unknown[:3]}, which this optimizer does not hold; resume "
+                         "with the optimizer over the same parameters")
+    # in parameter order, keys sorted: the same on every rank (the file's dict order is not), as the gathers
+    # of the next save need
+    saved = optimizer_state["state"]
+    state = {i: {k: shard_like(v, p) if torch.is_tensor(v) and v.dim() else v for k, v in sorted(saved[n].items())}
+             for i, (n, p) in enumerate((names[id(p)], p) for p in params) if n in saved}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in optimizer_state["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _rng_states(sharded: bool) -> torch.Tensor:
+    """This process's torch RNG state; under FSDP2 every rank's, one row each (a collective)."""
+    state = torch.get_rng_state()
+    if not sharded:
+        return state
+    rows = [torch.empty_like(state) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, state)
+    return torch.stack(rows)
+
+
+def _set_rng_state(path: Path, saved: torch.Tensor) -> None:
+    if saved.dim() == 1:
+        torch.set_rng_state(saved)
+        return
+    running = dist.is_available() and dist.is_initialized()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if running else (1, 0)
+    if saved.shape[0] != world:
+        raise ValueError(f"checkpoint {str(path)!r} was written by {saved.shape[0]} FSDP2 ranks, this run has "
+                         f"{world}; resume it with as many processes (torchrun --nproc_per_node {saved.shape[0]})")
+    torch.set_rng_state(saved[rank].clone())  # a row view (storage offset) would crash set_rng_state
 
 
 def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -81,23 +164,35 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     Example:
         >>> save_checkpoint(Path("ckpt.safetensors"), model=m, optimizer=o, pruner=p, position=Position())  # doctest: +SKIP
     """
-    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
-    opt_tensors, opt_meta = _optimizer_split(optimizer.state_dict())
+    sharded = _fsdp2(model)
+    model_state, optimizer_state = _states(model, optimizer)
+    tensors = {f"model/{k}": v for k, v in model_state.items()}
+    pstate = None if pruner is None else pruner.state_dict()  # a collective too under FSDP2 (full masks)
+    tensors["rng/torch"] = _rng_states(sharded)
+    if sharded and dist.get_rank() != 0:  # rank 0 writes; the others wait until it is written
+        dist.barrier()
+        return
+    opt_tensors, opt_meta = _optimizer_split(optimizer_state)
     tensors.update(opt_tensors)
-    tensors["rng/torch"] = torch.get_rng_state()
     meta: dict[str, Any] = {"format": _FORMAT, "version": _VERSION, "position": asdict(position),
                             "optimizer": opt_meta, "pruner": None}
-    if pruner is not None:
-        pstate = pruner.state_dict()
+    if pstate is not None:
         tensors.update({f"pruner/{k}": v for k, v in pstate["masks"].items()})
         meta["pruner"] = {k: v for k, v in pstate.items() if k != "masks"}
-    data = st_save(state_tensors(tensors), metadata={_META_KEY: json.dumps(meta)})
+    try:
+        _write(path, st_save(state_tensors(tensors), metadata={_META_KEY: json.dumps(meta)}), position.step)
+    finally:
+        if sharded:
+            dist.barrier()
+
+
+def _write(path: Path, data: bytes, step: int) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-        _test_hook("PRUNEKIT_TEST_KILL_IN_WRITE", position.step)
-    _test_hook("PRUNEKIT_TEST_KILL_AT_STEP", position.step)
+        _test_hook("PRUNEKIT_TEST_KILL_IN_WRITE", step)
+    _test_hook("PRUNEKIT_TEST_KILL_AT_STEP", step)
 
 
 def _test_hook(variable: str, step: int) -> None:
@@ -134,14 +229,13 @@ def restore_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.o
     """
     tensors, meta = load_checkpoint(path)
     group = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
-    model.load_state_dict(group("model/"))
-    optimizer.load_state_dict(_optimizer_join({k: v for k, v in tensors.items() if k.startswith("optimizer/")},
-                                              meta["optimizer"]))
+    _load_states(model, optimizer, group("model/"),
+                 _optimizer_join({k: v for k, v in tensors.items() if k.startswith("optimizer/")}, meta["optimizer"]))
     if pruner is not None:
         if meta["pruner"] is None:
             raise ValueError(f"checkpoint {str(path)!r} holds no Pruner state")
         pruner.load_state_dict({**meta["pruner"], "masks": group("pruner/")})
-    torch.set_rng_state(tensors["rng/torch"])
+    _set_rng_state(path, tensors["rng/torch"])
     return Position(**meta["position"])
 
 
