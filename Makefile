@@ -9,7 +9,7 @@ STAMP := $(VENV)/.prunekit-installed
 EXTRAS := data,onnx,plot,hf,vision,llm,mobile,dev
 OUT ?= runs
 
-.PHONY: demo test bench clean venv
+.PHONY: demo demo-device test bench clean venv
 
 venv: $(STAMP)
 
@@ -27,6 +27,9 @@ $(STAMP): $(PY) pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/prunekit demo --out $(OUT)/demo
+
+demo-device: $(STAMP)
+	$(VENV)/bin/prunekit demo --device --out $(OUT)/demo-device
 
 test: $(STAMP)
 	$(PY) -m pytest -q
