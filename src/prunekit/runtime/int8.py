@@ -20,10 +20,15 @@ Formats (:data:`INT8_FORMATS`):
   int32, and ``y = acc * (w_scale[o] * x_scale[b]) + bias[o]`` is evaluated in
   fp32 with every operation rounded separately: the output equals the fp32
   evaluation of that formula bit for bit, for any thread count. On AVX2 CPUs
-  without VNNI the kernel pairs two kept weights of a row (or two kept columns of
-  a row block) and multiplies the interleaved int16 activations with
-  ``_mm256_madd_epi16`` (exact, 8-bit activations, 16 multiply-adds per
-  instruction); elsewhere plain C computes the same integers. Without the
+  the kernel pairs two kept weights of a row (or two kept columns of a row block)
+  and multiplies the interleaved int16 activations with ``_mm256_madd_epi16``
+  (exact, 8-bit activations; one ``vpdpwssd`` with AVX-VNNI). With AVX-512 VNNI,
+  batch chunks of more than 32 columns hold the activations as ``q + 128`` in
+  uint8 and multiply four kept weights at once with ``vpdpbusd`` (the offset
+  ``128 * sum w`` is subtracted exactly), halving the activation bytes per kept
+  weight; batch 1 uses 16-lane gathers. :func:`available` names the build
+  (``avx512-vnni``, ``avx512``, ``avx2-vnni``, ``avx2``, ``generic``); elsewhere
+  plain C computes the same integers. Without the
   compiled library the same result (bit for bit) comes from torch: the quantized
   product in float64, which is exact for these integers.
 - ``"dense"``: torch's own dense int8 GEMM (fbgemm), not prunekit's. Dynamic
@@ -36,15 +41,12 @@ Formats (:data:`INT8_FORMATS`):
   7 bits there (``reduce_range``: dynamic by fbgemm's own rule, static by a scale
   of ``127 s / 63`` around zero point 64, after clamping to ``+-127 s``).
 
-Cost (this 2-core AMD EPYC Zen 2, AVX2, no VNNI; one thread, BERT-FFN 768x3072 / 3072x768 layers,
-loaded machine, lower quartile of 30 runs): at batch 64 each kept weight costs 4 ``vpmaddwd`` (16
-multiply-adds each, 64 per kept weight), 5 bytes of weight (CSR; 2 for N:M) and 128 bytes of int16
-activations; Zen 2 issues ``vpmaddwd`` on one pipe, so the bound is 16 multiply-adds per cycle, the same
-as its two fp32 FMA pipes: int8 gains here from bytes (weights 5 B vs 8 B, activations 2 B vs 4 B), not
-arithmetic. Measured 2.7-3.2 ns per kept weight (20-24 GMAC/s): at 90% 0.72-0.89 ms vs fbgemm dense
-int8 3.7-7.7 ms and prunekit fp32 0.95-1.8 ms; at 50% and 2:4 it ties fbgemm dense (7.4-8.3 ms). At
-batch 1 the sums are scalar (~2.5 cycles, 5 bytes per kept weight: 0.21-0.25 ms at 90%, slower than
-fbgemm's dense 0.13 ms); row blocks of 8 rows use one ``vpmaddwd`` per kept column (0.09 ms at 90%).
+Cost (2-core AMD EPYC with AVX-512 VNNI, one thread, BERT-FFN 768x3072 / 3072x768 layers, batch 64,
+``csr``, lower quartile of 40-50 runs): the u8 VNNI path runs at ~90-110 GMAC/s of kept weights (0.16 ms
+per layer at 90%, 0.7-0.8 ms at 50%), about twice the 512-bit ``vpdpwssd`` pairs (0.35 / 1.6 ms) and
+2.3-2.8x the AVX2 path on the same CPU; the bound is the activation bytes fetched from L2 for the
+scattered kept columns. Quantizing the input costs 0.01-0.05 ms and is split across threads. At batch 1
+the gathers cost ~1 cycle per kept weight (0.08 ms at 90%).
 
 Modules are for inference (no autograd) on float32 CPU inputs.
 """

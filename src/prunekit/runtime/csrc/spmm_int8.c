@@ -12,18 +12,22 @@
    gives, and what makes _mm256_unpack{lo,hi}_epi16 of two such rows yield b0-7 and b8-15 in order).
    Batch 1: a plain vector of N + 1 values (the last is 0).
 
-   AVX2 path (no VNNI on the target: _mm256_madd_epi16 is the widest exact int multiply-add): two kept
-   weights of one output row (CSR, N:M), or two kept columns of one row block, are a pair; the two
-   activation rows are interleaved with unpacklo/hi and multiplied by the broadcast weight pair with
-   _mm256_madd_epi16 (s16 x s16 -> s32 pair sums, exact), one vpaddd into the accumulators. That is one
-   madd per 16 multiply-adds, with 8-bit (not 7-bit) activations and no saturation. Without __AVX2__
-   (or with PRUNEKIT_I8_GENERIC defined) plain C loops compute the same integers.
+   AVX2 path: two kept weights of one output row (CSR, N:M), or two kept columns of one row block, are a
+   pair; the two activation rows are interleaved with unpacklo/hi and multiplied by the broadcast weight
+   pair with _mm256_madd_epi16 (s16 x s16 -> s32 pair sums, exact) + vpaddd, or one vpdpwssd with AVX-VNNI
+   / AVX-512 VNNI (I8_DPW256). 8-bit (not 7-bit) activations, no saturation. Without __AVX2__ (or with
+   PRUNEKIT_I8_GENERIC defined) plain C loops compute the same integers.
 
-   Per kept weight at batch 64: 4 vpmaddwd + 4 vpunpck + 4 vpaddd + 4 activation loads (32 B each), one
-   weight-pair broadcast per two, 5 bytes of CSR weight (2 for N:M). On Zen 2 vpmaddwd issues on one pipe:
-   16 multiply-adds per cycle at best, as fp32 FMA; int8 saves bytes, not instructions, on such CPUs.
-   Batch 1: scalar int32 dot products (CSR, N:M), one vpmaddwd per kept column for 8-row blocks.
-   AVX-512 VNNI (vpdpwssd / vpdpbusd) is not written: the machine this was built on cannot run it.
+   AVX-512 (BW + VL): the same pairs on 512-bit registers (32 columns per instruction, two accumulator
+   sets); with VNNI the chunks of more than 32 real columns are u8 (see I8_U8): four kept weights per
+   vpdpbusd, 64 bytes of activations per kept weight at 64 columns instead of 128. Batch 1 uses 16-lane
+   gathers instead of scalar sums.
+
+   Per kept weight at batch 64: AVX2 4 vpmaddwd + 4 vpunpck + 4 vpaddd + 4 loads (32 B each); AVX-512
+   VNNI (u8) 1 vpdpbusd + 2 vpunpck + 1 load (64 B), plus one weight-quad broadcast per four. The kernel
+   is bound by activation bytes from L2 (the rows of the kept columns are scattered), which is why u8
+   chunks halve its time. Batch 1: one 16-lane gather + vpdpwssd per 16 kept weights (AVX-512), else
+   scalar int32 dot products; one vpmaddwd per kept column for 8-row blocks.
 
    Overflow: |acc| <= 127 * 127 * N, exact in int32 for N < 133,000 inputs (the Python side checks). */
 #include <stdint.h>
