@@ -98,12 +98,8 @@ def _add_demo(commands: Any) -> None:
 
 
 def _demo(a: Any) -> int:
-    if a.device:
-        from .demo_device import device_demo_command
-
-        out = Path("runs/demo-device") if a.out == Path("runs/demo") else a.out
-        return device_demo_command(out, seed=a.seed, quick=a.quick, progress=a.progress)
-    return demo_command(a.out, seed=a.seed, quick=a.quick, progress=a.progress)
+    out = Path("runs/demo-device") if a.device and a.out == Path("runs/demo") else a.out
+    return demo_command(out, seed=a.seed, quick=a.quick, progress=a.progress, device=a.device)
 
 
 def _add_prune(commands: Any) -> None:

@@ -317,20 +317,27 @@ def format_table(results: dict[str, Any]) -> str:
 # -- command line -----------------------------------------------------------------------------
 
 
-def demo_command(out: Path, *, seed: int = 0, quick: bool = False, progress: bool | None = None) -> int:
-    """:func:`run_demo`, as the ``prunekit demo`` command: the exit code.
+def demo_command(out: Path, *, seed: int = 0, quick: bool = False, progress: bool | None = None,
+                 device: bool = False) -> int:
+    """:func:`run_demo` (or, with ``device=True``, :func:`~prunekit.apps.demo_device.run_device_demo`), as the
+    ``prunekit demo [--device]`` command: the exit code.
 
-    A missing optional dependency prints one line and returns 1; bad input and
+    A missing optional dependency (or phone runtime) prints one line and returns 1; bad input and
     OS errors raise (the command line reports them with exit code 2).
 
     Example:
         >>> demo_command(Path("runs/demo"), quick=True, progress=False)  # doctest: +SKIP
         0
     """
+    name, run = "prunekit demo", run_demo
+    if device:
+        from .demo_device import run_device_demo  # the phone runtimes are optional extras
+
+        name, run = "prunekit demo --device", run_device_demo
     try:
-        run_demo(out, seed=seed, quick=quick, progress=progress)
+        run(out, seed=seed, quick=quick, progress=progress)
     except ImportError as exc:
         # A missing optional dependency; ValueError, TypeError and OSError are reported by cli.main (exit 2).
-        print(f"prunekit demo: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -36,7 +36,7 @@ from .demo import FULL, QUICK, DemoConfig, _check_out, _load_data, _phase_seed, 
 from .models import LeNet5
 
 __all__ = ["DeviceDemoConfig", "DEVICE_FULL", "DEVICE_QUICK", "TFMOT_PUBLISHED", "run_device_demo",
-           "format_device_table", "device_demo_command"]
+           "format_device_table"]
 
 _STRUCTURED_PHASE = 2  # the demo's phases are 0 (dense) and 1 (fine-tune while pruning)
 _SUFFIX = {"executorch": ".pte", "litert": ".tflite"}
@@ -199,20 +199,3 @@ def format_device_table(results: dict[str, Any]) -> str:
     if results["missing_runtimes"]:
         lines.append(f"not installed, skipped: {', '.join(results['missing_runtimes'])}")
     return "\n".join(lines)
-
-
-def device_demo_command(out: Path, *, seed: int = 0, quick: bool = False, progress: bool | None = None) -> int:
-    """:func:`run_device_demo` as ``prunekit demo --device``: the exit code (1 with one line if no runtime).
-
-    Example:
-        >>> device_demo_command(Path("runs/demo-device"), quick=True, progress=False)  # doctest: +SKIP
-        0
-    """
-    import sys
-
-    try:
-        run_device_demo(out, seed=seed, quick=quick, progress=progress)
-    except ImportError as exc:
-        print(f"prunekit demo --device: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
