@@ -25,6 +25,7 @@ from typing import Any, Mapping
 from ...core.schedules import Schedule, schedule_from_dict
 
 __all__ = [
+    "check_mobile_runtimes",
     "RecipeError", "Recipe", "ModelConfig", "DataConfig", "CriterionConfig", "GranularityConfig",
     "ScopeConfig", "TrainingConfig", "ExportConfig", "MobileTarget", "StopWhenConfig", "load_recipe", "parse_recipe",
 ]
@@ -601,3 +602,23 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as exc:
         raise RecipeError(f"recipe {str(path)!r}: not valid YAML (not UTF-8: {exc.reason} at byte "
                           f"{exc.start})") from None
+
+
+def check_mobile_runtimes(export: Any, path: str = "recipe.export") -> None:
+    """Refuse (before anything is written) phone-runtime entries of ``export`` whose runtime is not installed.
+
+    Raises:
+        RecipeError: names the entry's runtime and the pip command that installs it.
+
+    Example:
+        >>> check_mobile_runtimes(ExportConfig())  # no phone files: nothing to check
+    """
+    if not export.mobile:
+        return
+    from ...formats.mobile import EXECUTORCH_INSTALL, LITERT_INSTALL, runtime_available
+
+    for target in export.mobile:
+        if not runtime_available(target.to):
+            command = EXECUTORCH_INSTALL if target.to == "executorch" else LITERT_INSTALL
+            raise RecipeError(f"{path}: {target.format} needs the {target.to} runtime, which is not installed; "
+                              f"install it with: {command}")

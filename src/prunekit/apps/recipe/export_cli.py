@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CALIBRATION_SAMPLES", "FORMATS", "calibration_samples", "check_mobile_runtimes", "export_command",
+__all__ = ["CALIBRATION_SAMPLES", "FORMATS", "calibration_samples", "export_command",
            "export_mobile_file", "export_run"]
 
 FORMATS = ("prunekit", "int8", "onnx", "executorch", "executorch-int8", "litert", "litert-int8")
@@ -67,28 +67,6 @@ def calibration_samples(data: Any, to: str) -> int:
         100
     """
     return min(CALIBRATION_SAMPLES, len(data.X_train)) if to.endswith("-int8") else 0
-
-
-def check_mobile_runtimes(export: Any, path: str = "recipe.export") -> None:
-    """Refuse (before anything is written) phone-runtime entries of ``export`` whose runtime is not installed.
-
-    Raises:
-        RecipeError: names the entry's runtime and the pip command that installs it.
-
-    Example:
-        >>> from prunekit.apps.recipe.config import ExportConfig
-        >>> check_mobile_runtimes(ExportConfig())  # no phone files: nothing to check
-    """
-    if not export.mobile:
-        return
-    from ...formats.mobile import EXECUTORCH_INSTALL, LITERT_INSTALL, runtime_available
-    from .config import RecipeError
-
-    for target in export.mobile:
-        if not runtime_available(target.to):
-            command = EXECUTORCH_INSTALL if target.to == "executorch" else LITERT_INSTALL
-            raise RecipeError(f"{path}: {target.format} needs the {target.to} runtime, which is not installed; "
-                              f"install it with: {command}")
 
 
 def export_command(run_dir: Path | None, recipe: Path | None, to: str, out: Path, runs: Path = Path("runs")) -> int:

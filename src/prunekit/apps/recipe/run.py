@@ -26,8 +26,7 @@ from ..._repro import seeded
 from ...core.criteria import Magnitude
 from ...core.pruner import Pruner
 from .build import Data, build_granularity, build_model, check_compatible, load_data
-from .config import Recipe, RecipeError, load_recipe
-from .export_cli import check_mobile_runtimes
+from .config import Recipe, RecipeError, check_mobile_runtimes, load_recipe
 from .stages import STAGES, Context, run_stage
 
 __all__ = ["RunResult", "prepare", "run_recipe", "run_dir_for", "resolve_run"]
