@@ -98,8 +98,13 @@ def _add_demo(commands: Any) -> None:
 
 
 def _demo(a: Any) -> int:
-    out = Path("runs/demo-device") if a.device and a.out == Path("runs/demo") else a.out
-    return demo_command(out, seed=a.seed, quick=a.quick, progress=a.progress, device=a.device)
+    if a.device:
+        from .demo_device import run_device_demo  # the phone runtimes are optional extras
+
+        out = Path("runs/demo-device") if a.out == Path("runs/demo") else a.out
+        return demo_command(out, seed=a.seed, quick=a.quick, progress=a.progress, run=run_device_demo,
+                            name="prunekit demo --device")
+    return demo_command(a.out, seed=a.seed, quick=a.quick, progress=a.progress)
 
 
 def _add_prune(commands: Any) -> None:

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -318,9 +318,8 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def demo_command(out: Path, *, seed: int = 0, quick: bool = False, progress: bool | None = None,
-                 device: bool = False) -> int:
-    """:func:`run_demo` (or, with ``device=True``, :func:`~prunekit.apps.demo_device.run_device_demo`), as the
-    ``prunekit demo [--device]`` command: the exit code.
+                 run: Callable[..., Any] | None = None, name: str = "prunekit demo") -> int:
+    """``run`` (default :func:`run_demo`; the device demo passes its own) as the command ``name``: the exit code.
 
     A missing optional dependency (or phone runtime) prints one line and returns 1; bad input and
     OS errors raise (the command line reports them with exit code 2).
@@ -329,13 +328,8 @@ def demo_command(out: Path, *, seed: int = 0, quick: bool = False, progress: boo
         >>> demo_command(Path("runs/demo"), quick=True, progress=False)  # doctest: +SKIP
         0
     """
-    name, run = "prunekit demo", run_demo
-    if device:
-        from .demo_device import run_device_demo  # the phone runtimes are optional extras
-
-        name, run = "prunekit demo --device", run_device_demo
     try:
-        run(out, seed=seed, quick=quick, progress=progress)
+        (run or run_demo)(out, seed=seed, quick=quick, progress=progress)
     except ImportError as exc:
         # A missing optional dependency; ValueError, TypeError and OSError are reported by cli.main (exit 2).
         print(f"{name}: error: {exc}", file=sys.stderr)

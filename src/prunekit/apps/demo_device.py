@@ -152,7 +152,7 @@ def _measure(runtime: str, precision: str, models: dict[str, nn.Module], data: A
              reps: int) -> list[dict[str, Any]]:
     """Export dense and pruned to ``runtime`` at ``precision``; size, accuracy and interleaved latency of each."""
     from ..formats.mobile import evaluate_mobile, interleaved_latency, load_mobile
-    from .recipe.export_cli import calibration_samples, export_mobile_file
+    from .recipe.mobile_file import calibration_samples, export_mobile_file
 
     to = runtime + ("-int8" if precision == "int8" else "")
     rows, runs = [], {}

@@ -154,7 +154,7 @@ def export(ctx: Context) -> dict[str, Any]:
 
 def _export_mobile(model: nn.Module, data: Data, to: str, path: Path) -> dict[str, Any]:
     """One phone-runtime file through the ``prunekit export`` code path; its sizes and parity figures."""
-    from .export_cli import calibration_samples, export_mobile_file
+    from .mobile_file import calibration_samples, export_mobile_file
 
     exported = export_mobile_file(model, data, to, path)
     return {"path": path.name, "runtime": exported.runtime, "quantize": exported.quantized,
