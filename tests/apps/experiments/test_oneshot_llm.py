@@ -99,3 +99,21 @@ def test_peak_rss_sees_a_transient_allocation_and_not_an_idle_block():
         pass
     assert big.mib > 64 and idle.mib < 16
     assert big.method == idle.method in ("VmHWM reset", "ru_maxrss delta")
+    assert exp.FULL.second is not None and exp.FULL.second.model == "gemma3"
+    assert exp.FULL.second.levels == (0.5, "2:4") and exp.FULL.second.methods == tuple(METHODS)
+
+
+def test_second_architecture_runs_after_the_first(quick_run):
+    _, out = quick_run
+    results = json.loads((out / "results.json").read_text())
+    second = results["second"]
+    assert "second" not in results["config"] and second["config"]["model"] == "tiny-gemma3"
+    assert second["model"].startswith("tiny random-init Gemma 3") and second["plays"] == results["plays"]
+    rows = {(r["method"], r["level"]): r for r in second["rows"]}
+    assert set(rows) == {("dense", "0"), ("magnitude", "2:4"), ("sparsegpt", "2:4")}
+    for (method, _), row in rows.items():
+        assert math.isfinite(row["perplexity"]["mean"]) and 1 < row["perplexity"]["mean"] < 2 * 30522
+        assert row["sparsity"]["mean"] == pytest.approx(0.0 if method == "dense" else 0.5, abs=1e-3)
+        assert row["layers"] == 14
+    assert results["seconds_all"] == pytest.approx(results["seconds"] + second["seconds"])
+    assert "# One-shot pruning of tiny random-init Gemma 3" in (out / "table.md").read_text()

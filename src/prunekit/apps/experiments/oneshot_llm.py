@@ -50,7 +50,8 @@ from ...methods.oneshot import METHODS, prune_oneshot
 from .. import llm
 from . import aggregate_rows, check_run_args, level_label, write_run_files
 
-__all__ = ["FULL", "LAYERS", "LEVELS", "QUICK", "Config", "peak_rss", "pruned_sparsity", "run", "tiny_llama"]
+__all__ = ["FULL", "LAYERS", "LEVELS", "QUICK", "Config", "peak_rss", "pruned_sparsity", "run", "tiny_gemma3",
+           "tiny_llama"]
 
 NAME = "oneshot-llm"
 LEVELS: tuple[float | str, ...] = (0.3, 0.5, 0.7, "2:4", "4:8")
@@ -68,6 +69,7 @@ class Config:
         levels: sparsities run (fractions, ``"n:m"``).
         methods: pruning methods run (each at every level).
         seeds: seeds run by default (each draws its own calibration windows).
+        second: another architecture run after this one, with its own sizes (its ``second`` is ignored).
     """
 
     model: str
@@ -76,10 +78,15 @@ class Config:
     levels: tuple[float | str, ...]
     methods: tuple[str, ...] = METHODS
     seeds: int = 1
+    second: "Config | None" = None
 
 
-FULL = Config(model="smollm2", calibration=(32, 128), evaluation=(8, 256), levels=LEVELS)
-QUICK = Config(model="tiny-llama", calibration=(8, 64), evaluation=(4, 64), levels=(0.5, "2:4"))
+# Gemma-3-270m: 50% and 2:4 only (each calibrated row costs minutes on 2 cores; the grid's shape is SmolLM2's)
+FULL = Config(model="smollm2", calibration=(32, 128), evaluation=(8, 256), levels=LEVELS,
+              second=Config(model="gemma3", calibration=(32, 128), evaluation=(8, 256), levels=(0.5, "2:4")))
+QUICK = Config(model="tiny-llama", calibration=(8, 64), evaluation=(4, 64), levels=(0.5, "2:4"),
+               second=Config(model="tiny-gemma3", calibration=(4, 32), evaluation=(2, 32), levels=("2:4",),
+                             methods=("magnitude", "sparsegpt")))
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -102,16 +109,42 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> nn.Module:
         return LlamaForCausalLM(config).eval()
 
 
+def tiny_gemma3(vocab_size: int, seed: int = 0) -> nn.Module:
+    """A random-init ``Gemma3ForCausalLM``: 2 blocks (sliding-window, then global attention), hidden 64, 1 KV head.
+
+    Example:
+        >>> lm = tiny_gemma3(100)  # doctest: +SKIP
+        >>> lm.config.layer_types  # doctest: +SKIP
+        ['sliding_attention', 'full_attention']
+    """
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=16,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+                              tie_word_embeddings=True)
+    with seeded(seed):
+        return Gemma3ForCausalLM(config).eval()
+
+
+_TINY = {"tiny-llama": (tiny_llama, "tiny random-init Llama (2 blocks, hidden 64; --quick)"),
+         "tiny-gemma3": (tiny_gemma3, "tiny random-init Gemma 3 (2 blocks, hidden 64; --quick)")}
+
+
 def _load(config: Config, seed: int, progress: bool) -> tuple[nn.Module, Any, str]:
     if config.model == "smollm2":
         model, tokenizer = llm.load_smollm2(progress=progress)
         return model, tokenizer, llm.SMOLLM2.name
+    if config.model == "gemma3":
+        model, tokenizer = llm.load_gemma3(progress=progress)
+        return model, tokenizer, llm.GEMMA3.name
     from transformers import AutoTokenizer
 
     from .oneshot_minilm import model_dir
 
+    build, name = _TINY[config.model]
     tokenizer = AutoTokenizer.from_pretrained(model_dir(), local_files_only=True)
-    return tiny_llama(len(tokenizer), seed), tokenizer, "tiny random-init Llama (2 blocks, hidden 64; --quick)"
+    return build(len(tokenizer), seed), tokenizer, name
 
 
 # -- measurements -----------------------------------------------------------------------------------
@@ -309,8 +342,18 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")  # no display; must precede pyplot's import
     import matplotlib.pyplot as plt
 
+    models = [results] + ([results["second"]] if "second" in results else [])
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.4), squeeze=False)
+    for ax, one in zip(axes[0], models):
+        _plot_model(ax, one)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_model(ax: Any, results: dict[str, Any]) -> None:
     levels = results["levels"]
-    fig, ax = plt.subplots(figsize=(7, 4.4))
     for i, method in enumerate(results["methods"]):
         rows = {r["level"]: r["perplexity"]["mean"] for r in results["rows"] if r["method"] == method}
         # unstructured levels joined by a line; N:M patterns as separate points
@@ -327,10 +370,6 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{results['model']}: one-shot pruning, no retraining", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
 
 
 NOTES = ("prune s: the whole prune_oneshot call (for Wanda and SparseGPT: capturing block inputs, the Gram matrix of "
@@ -385,7 +424,9 @@ def run(out: str | Path, *, quick: bool = False, seeds: Sequence[int] | None = N
     Returns:
         The dict written to ``results.json``: ``rows`` (dense first, then one per method
         and level, each with ``perplexity``, ``seconds``, ``peak_mib``, ``sparsity``, ...
-        as ``{mean, std, values}``), ``config``, ``plays``, ``seeds``, ``seconds``.
+        as ``{mean, std, values}``), ``config``, ``plays``, ``seeds``, ``seconds``; with a
+        second architecture (the full run's Gemma-3-270m), the same for it under ``second``
+        and both models' wall time in ``seconds_all``.
 
     Raises:
         ImportError: a package is missing (the message names it and the pip command).
@@ -396,14 +437,26 @@ def run(out: str | Path, *, quick: bool = False, seeds: Sequence[int] | None = N
         'dense'
     """
     config, seeds, out = check_run_args(NAME, out, quick, seeds, QUICK, FULL)
-    started, load = time.perf_counter(), _load_average()
     show = resolve_progress(progress)
-    model, tokenizer, model_name = _load(config, seeds[0], show)
-    total = len(seeds) * (1 + len(config.methods) * len(config.levels))
-    with progress_bar(show, total=total, desc=NAME, unit="row") as bar:
-        per_seed = [_run_seed(config, seed, model, tokenizer, bar) for seed in seeds]
-    results = _results(per_seed, config, quick, model_name, time.perf_counter() - started, load)
-    table = format_table(results)
+    results = _run_model(config, seeds, quick, show)
+    tables = [format_table(results)]
+    if config.second is not None:
+        del results["config"]["second"]  # it is in results["second"]["config"]
+        results["second"] = _run_model(config.second, seeds, quick, show)
+        tables.append(format_table(results["second"]))
+        results["seconds_all"] = results["seconds"] + results["second"]["seconds"]
+    table = "\n".join(tables)
     write_run_files(out, results, table, _plot)
     print(table)
     return results
+
+
+def _run_model(config: Config, seeds: list[int], quick: bool, show: bool) -> dict[str, Any]:
+    """Every row of one model (its load included in ``seconds``), as :func:`run` returns them."""
+    started, load = time.perf_counter(), _load_average()
+    model, tokenizer, model_name = _load(config, seeds[0], show)
+    total = len(seeds) * (1 + len(config.methods) * len(config.levels))
+    with progress_bar(show, total=total, desc=f"{NAME} {config.model}", unit="row") as bar:
+        per_seed = [_run_seed(config, seed, model, tokenizer, bar) for seed in seeds]
+    del model
+    return _results(per_seed, config, quick, model_name, time.perf_counter() - started, load)
