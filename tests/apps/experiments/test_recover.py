@@ -127,3 +127,10 @@ def test_llm_recovery_keeps_every_pruned_weight_zero(seed):
         else:  # embeddings and norms are not trained
             assert torch.equal(param, before[name]), name
     assert changed  # negative control: the kept weights did train
+
+
+def test_training_plays_all_exist_and_are_disjoint_from_the_measured_ones():
+    from prunekit.apps import llm
+
+    assert set(exp.TRAIN_PLAYS) <= set(llm.play_names())  # a misspelt play would shrink the training text
+    assert not set(exp.TRAIN_PLAYS) & {*llm.CALIBRATION_PLAYS, llm.EVALUATION_PLAY}

@@ -157,7 +157,7 @@ QUICK = Config(
     LLMConfig(model="tiny-llama", levels=(0.5, "2:4"), calibration=(8, 32), evaluation=(4, 64), kl_windows=4,
               train=(16, 32), steps=8, batch_size=4, lr=3e-3, temperature=1.0))
 
-TRAIN_PLAYS = ("othello", "tempest", "romeo_juliet", "julius_caesar", "twelfth_night", "merchant")
+TRAIN_PLAYS = ("othello", "tempest", "romeo_and_juliet", "julius_caesar", "twelfth_night", "merchant_of_venice")
 
 
 # -- training sentences -----------------------------------------------------------------------------
@@ -437,7 +437,7 @@ def _logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def _llm_setup(config: LLMConfig, model: nn.Module, tokenizer: Any, seed: int) -> _LLMSetup:
     split = llm.shakespeare_tokens(tokenizer, calibration=config.calibration, evaluation=config.evaluation, seed=seed)
-    plays = [p for p in TRAIN_PLAYS if p in llm.play_names()]
+    plays = list(TRAIN_PLAYS)  # an unknown name raises in shakespeare_tokens, never silently dropped
     if split.evaluation_play in plays or set(plays) & set(split.calibration_plays):
         raise RuntimeError(f"{NAME}: training plays overlap the calibration or evaluation plays")
     # the same window sampler on other plays; its evaluation part (King Lear) is not used here
@@ -658,7 +658,7 @@ def _part_llm(config: LLMConfig, seed: int, bar: Any, show: bool) -> tuple[list[
     setup = _llm_setup(config, model, tokenizer, seed)
     plays = {"calibration": [llm.play_title(p) for p in setup.split.calibration_plays],
              "evaluation": llm.play_title(setup.split.evaluation_play),
-             "train": [llm.play_title(p) for p in TRAIN_PLAYS if p in llm.play_names()]}
+             "train": [llm.play_title(p) for p in TRAIN_PLAYS]}
     return _llm_rows(config, setup, seed, bar, show), name, plays
 
 
