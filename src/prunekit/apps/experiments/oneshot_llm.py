@@ -19,9 +19,17 @@ Text (:func:`prunekit.apps.llm.shakespeare_tokens`): 32 calibration windows of
 spread over *King Lear*. Nothing is downloaded. Magnitude pruning needs no data
 and is run without calibration (its time is its real cost).
 
+The full run then does the same for a second architecture, **Gemma-3-270m**
+(:func:`prunekit.apps.llm.load_gemma3`: Gemma 3, 18 blocks with sliding-window and
+global attention, hidden size 640, a 262k-token vocabulary; four chunk packages
+of one Q4_K_M GGUF file), at 50% and 2:4 with every method. Its windows start
+with ``<bos>`` as its tokenizer does by default (see
+:func:`prunekit.apps.llm.shakespeare_tokens`); SmolLM2's tokenizer adds none.
+
 ``--quick`` runs the same code on a tiny random-init Llama (2 blocks, hidden
-size 64) with a real tokenizer (all-MiniLM-L6-v2's) on the same plays: seconds,
-for tests; its perplexities mean nothing.
+size 64), then a tiny random-init Gemma 3, with a real tokenizer
+(all-MiniLM-L6-v2's) on the same plays: seconds, for tests; its perplexities
+mean nothing.
 """
 
 from __future__ import annotations
