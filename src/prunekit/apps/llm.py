@@ -513,9 +513,9 @@ def shakespeare_tokens(tokenizer: Any, *, calibration: tuple[int, int] = (32, 12
 
     ``bos``: start every window with the tokenizer's beginning-of-sequence token (the
     window's other ``length - 1`` tokens follow it). ``None`` does what the tokenizer
-    does by default: Gemma's adds ``<bos>`` to every text, and Gemma without it is
-    another model (dense perplexity on *King Lear* 131 without, 39 with, on two windows);
-    SmolLM2's and BERT's tokenizers add none (BERT's ``[CLS]`` is no BOS).
+    does by default: Gemma's adds ``<bos>`` to every text (Gemma is trained with it in
+    front of every text and degrades without it); SmolLM2's and BERT's tokenizers add
+    none (BERT's ``[CLS]`` is no BOS).
 
     Raises:
         ValueError: the evaluation play is among the calibration plays, a play is
