@@ -304,6 +304,11 @@ def test_bos_true_needs_a_bos_token():
         llm.shakespeare_tokens(CharTokenizer(), bos=True)
 
 
+def test_bos_windows_need_room_for_text():
+    with pytest.raises(ValueError, match=r"start with BOS need >= 3 tokens.*calibration 2, evaluation 8"):
+        llm.shakespeare_tokens(BosCharTokenizer(), calibration=(4, 2), evaluation=(2, 8))
+
+
 @needs_shakespeare
 def test_split_rejects_overlapping_plays_and_bad_shapes():
     tok = CharTokenizer()

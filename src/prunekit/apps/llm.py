@@ -531,6 +531,9 @@ def shakespeare_tokens(tokenizer: Any, *, calibration: tuple[int, int] = (32, 12
     n_eval, eval_len = _check_shape("evaluation", evaluation)
     start_id = _bos_id(tokenizer, bos)
     if start_id is not None:
+        if min(cal_len, eval_len) < 3:
+            raise ValueError(f"shakespeare_tokens: windows that start with BOS need >= 3 tokens (BOS and 2 of text), "
+                             f"got calibration {cal_len}, evaluation {eval_len}; pass bos=False for shorter ones")
         split = shakespeare_tokens(tokenizer, calibration=(n_cal, cal_len - 1), evaluation=(n_eval, eval_len - 1),
                                    seed=seed, calibration_plays=calibration_plays, evaluation_play=evaluation_play,
                                    bos=False)
